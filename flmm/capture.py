@@ -1,0 +1,93 @@
+"""Word→image attention capture without S×S matrices (F-LMM §3.1, "attention maps as priors").
+
+F-LMM reads the frozen LMM's attention weights from every layer and head, for the phrase tokens
+(queries) over the image tokens (keys). Asking transformers for ``output_attentions`` forces eager
+attention and materialises a ``[B, H, S, S]`` matrix per layer. Here a custom attention function
+(registered in transformers' ``AttentionInterface``) computes the layer output with stock sdpa and,
+in the same call, the softmax rows of only the requested query positions:
+
+    scores[b, h, q, :] = query[b, h, qpos[b, q]] · key[b, h // G, :]ᵀ · scaling      (full key row)
+    probs = softmax(scores + mask row)            (causal + padding, exactly as the layer sees it)
+    kept  = probs[..., image positions]           → [B, H, Q, N]
+
+The request travels as the ``flmm_capture`` keyword of ``model(...)``, which transformers hands down
+to every attention call of the language model; the vision tower never receives it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "flmm_capture"
+
+
+class AttentionCapture:
+    """One forward's capture request and its results.
+
+    Args:
+        query_index: ``[B, Q]`` long, sequence positions whose attention rows are kept (padded
+            slots may point anywhere; callers ignore them).
+        key_index: ``[B, N]`` long, sequence positions of the image tokens (columns kept).
+
+    After the forward, ``maps[layer]`` is ``[B, H, Q, N]`` float32 softmax probabilities.
+    """
+
+    def __init__(self, query_index: torch.Tensor, key_index: torch.Tensor):
+        self.query_index = query_index
+        self.key_index = key_index
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def stacked(self) -> torch.Tensor:
+        """``[B, L, H, Q, N]``: the captured maps of all layers, in layer order."""
+        return torch.stack([self.maps[i] for i in sorted(self.maps)], dim=1)
+
+    def record(self, layer_idx, query, key, attention_mask, scaling) -> None:
+        """query ``[B, Hq, S, D]`` (post-RoPE), key ``[B, Hkv, S, D]`` (before GQA repeat)."""
+        bsz, n_heads, _, dim = query.shape
+        n_kv = key.shape[1]
+        qi = self.query_index.to(query.device)
+        n_q = qi.shape[1]
+        q = query.gather(2, qi[:, None, :, None].expand(bsz, n_heads, n_q, dim)).float()
+        # grouped-query attention: head h reads kv head h // G (transformers' repeat_kv order)
+        q = q.view(bsz, n_kv, n_heads // n_kv, n_q, dim)
+        scale = scaling if scaling is not None else dim**-0.5
+        scores = (q @ key.float()[:, :, None].transpose(-1, -2)) * scale
+        scores = scores.view(bsz, n_heads, n_q, -1) + self._mask_rows(attention_mask, qi, scores)
+        probs = scores.softmax(dim=-1)
+        ki = self.key_index.to(query.device)
+        self.maps[layer_idx] = probs.gather(3, ki[:, None, None, :].expand(-1, n_heads, n_q, -1))
+
+    @staticmethod
+    def _mask_rows(attention_mask, qi, scores) -> torch.Tensor:
+        """Additive ``[B, 1, Q, S]`` mask rows for the captured queries."""
+        bsz, n_q = qi.shape
+        kv_len = scores.shape[-1]
+        if attention_mask is None:  # sdpa skipped the mask: plain causal, no padding
+            keys = torch.arange(kv_len, device=qi.device)
+            allowed = (keys[None, None, None, :] <= qi[:, None, :, None])
+        else:
+            rows = attention_mask.gather(2, qi[:, None, :, None].expand(bsz, 1, n_q, kv_len))
+            if rows.dtype != torch.bool:
+                return rows.float()
+            allowed = rows
+        zero = torch.zeros((), device=qi.device)
+        return torch.where(allowed, zero, torch.tensor(float("-inf"), device=qi.device))
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """sdpa attention that also fills ``kwargs["flmm_capture"]`` (if given) for this layer."""
+    capture: AttentionCapture | None = kwargs.pop("flmm_capture", None)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if capture is not None:
+        capture.record(module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
+    return out
+
+
+def register() -> str:
+    """Register the capture attention (and its mask builder, sdpa's) with transformers."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, capture_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,93 @@
+"""Prompt layout and phrase → token positions (F-LMM §3.1, grounding the words of a response).
+
+F-LMM places the phrases to ground in the assistant's turn, after the user's turn with the image and
+an instruction:  ``<chat template: image + instruction> {p1}. {p2}. …``. Each phrase's tokens are
+found from its character span with the tokenizer's offset mapping, so any fast tokenizer works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MERGES = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """instruction: the user's text beside the image; merge: how a phrase's token rows combine."""
+
+    instruction: str = "Please briefly describe this image."
+    merge: str = "mean"
+
+    def __post_init__(self):
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+
+
+class PromptLayout:
+    """The fixed prefix of every prompt (chat template up to the assistant's turn), built once."""
+
+    def __init__(self, processor, config: PromptConfig):
+        if not getattr(processor, "chat_template", None):
+            raise ValueError("the processor has no chat template; save one with the checkpoint")
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": config.instruction}],
+            }
+        ]
+        self.prefix = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        self.image_token = processor.image_token
+        if self.prefix.count(self.image_token) != 1:
+            raise ValueError(f"chat template must place one {self.image_token!r}: {self.prefix!r}")
+        self.tokenizer = processor.tokenizer
+
+
+@dataclass
+class Prompt:
+    """text: the full prompt with image tokens expanded; input_ids ``[T]``;
+    phrase_tokens: per phrase, LongTensor of its token positions in input_ids."""
+
+    text: str
+    input_ids: torch.Tensor
+    phrase_tokens: list[torch.Tensor]
+
+
+def answer_text(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """``" p1. p2."`` and each phrase's [start, end) character span in it."""
+    if not phrases:
+        raise ValueError("no phrases to ground")
+    text, spans = "", []
+    for phrase in phrases:
+        phrase = phrase.strip()
+        if not phrase:
+            raise ValueError("empty phrase")
+        text += " "
+        spans.append((len(text), len(text) + len(phrase)))
+        text += phrase + "."
+    return text, spans
+
+
+def tokens_in_span(offsets: list[tuple[int, int]], start: int, end: int) -> torch.Tensor:
+    """Positions of the tokens whose character range overlaps [start, end)."""
+    hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
+    return torch.tensor(hits, dtype=torch.long)
+
+
+def build_prompt(layout: PromptLayout, phrases: list[str], n_image_tokens: int) -> Prompt:
+    """Tokenise ``prefix + answer`` with the image placeholder expanded to ``n_image_tokens``."""
+    answer, spans = answer_text(phrases)
+    prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image_tokens)
+    text = prefix + answer
+    enc = layout.tokenizer(text, return_offsets_mapping=True)
+    phrase_tokens = []
+    for phrase, (start, end) in zip(phrases, spans):
+        positions = tokens_in_span(enc["offset_mapping"], len(prefix) + start, len(prefix) + end)
+        if len(positions) == 0:
+            raise ValueError(f"phrase {phrase!r} maps to no token")
+        phrase_tokens.append(positions)
+    return Prompt(text, torch.tensor(enc["input_ids"], dtype=torch.long), phrase_tokens)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny real models of the real classes, built offline once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava  # noqa: E402
+
+CORPUS = [
+    "the red circle on the left",
+    "a small blue square below the big green triangle",
+    "the yellow star above the purple object",
+    "Please briefly describe this image.",
+    "What colour is the shape on the right?",
+] * 10
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny LLaVA (left padding) saved with save_pretrained, as a llava-hf checkpoint is."""
+    return write_tiny_llava(TinyLlavaConfig(), CORPUS, tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_right_dir(tmp_path_factory):
+    """The same tiny LLaVA with a right-padding tokenizer."""
+    config = TinyLlavaConfig(padding_side="right")
+    return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava_right"))
+
+
+def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB noise."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
