@@ -67,7 +67,7 @@ class AttentionCapture:
         kv_len = scores.shape[-1]
         if attention_mask is None:  # sdpa skipped the mask: plain causal, no padding
             keys = torch.arange(kv_len, device=qi.device)
-            allowed = (keys[None, None, None, :] <= qi[:, None, :, None])
+            allowed = keys[None, None, None, :] <= qi[:, None, :, None]
         else:
             rows = attention_mask.gather(2, qi[:, None, :, None].expand(bsz, 1, n_q, kv_len))
             if rows.dtype != torch.bool:

@@ -43,13 +43,21 @@ class ImageGeometry:
         side = max(height, width)
         return cls(height, width, side, (side - width) // 2, (side - height) // 2)
 
-    def to_original(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[P, 1, h', w']`` logits in the square frame → ``[P, 1, height, width]`` in the original."""
+    def crop(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[P, 1, h', w']`` logits in the square frame → the original image's region, same scale.
+
+        Offsets round down and extents to nearest (F-LMM's unpadding); at least one pixel is kept.
+        """
         hs, ws = logits.shape[-2:]
-        y0, y1 = round(self.top * hs / self.side), round((self.top + self.height) * hs / self.side)
-        x0, x1 = round(self.left * ws / self.side), round((self.left + self.width) * ws / self.side)
-        crop = logits[..., y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
-        return F.interpolate(crop.float(), size=(self.height, self.width), mode="bilinear")
+        y0, x0 = int(self.top * hs / self.side), int(self.left * ws / self.side)
+        h = max(1, int(self.height * hs / self.side + 0.5))
+        w = max(1, int(self.width * ws / self.side + 0.5))
+        return logits[..., y0 : y0 + h, x0 : x0 + w]
+
+    def to_original(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[P, 1, h', w']`` logits in the square frame → ``[P, 1, height, width]`` (original)."""
+        crop = self.crop(logits).float()
+        return F.interpolate(crop, size=(self.height, self.width), mode="bilinear")
 
 
 @dataclass
@@ -88,7 +96,9 @@ class FrozenLlava(nn.Module):
         super().__init__()
         strategy = model.config.vision_feature_select_strategy
         if strategy != "default":
-            raise ValueError(f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)")
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)"
+            )
         if not getattr(processor.tokenizer, "is_fast", True):
             raise ValueError("a fast tokenizer (tokenizer.json) is needed for offset mappings")
         self.model = model.eval().requires_grad_(False)
@@ -111,7 +121,7 @@ class FrozenLlava(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        prompt: PromptConfig = PromptConfig(),
+        prompt: PromptConfig | None = None,
         trust_remote_code: bool = False,
     ) -> FrozenLlava:
         """Load a llava-hf hub id or local directory, frozen, in ``dtype`` on ``device``."""
@@ -119,7 +129,7 @@ class FrozenLlava(nn.Module):
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
         ).to(device)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, prompt)
+        return cls(model, processor, prompt or PromptConfig())
 
     @property
     def device(self) -> torch.device:
@@ -141,13 +151,18 @@ class FrozenLlava(nn.Module):
         ip = self.processor.image_processor
         mean = torch.tensor([round(255 * m) for m in ip.image_mean], dtype=torch.uint8)
         square = mean.view(1, 1, 3).expand(geometry.side, geometry.side, 3).clone()
-        square[geometry.top : geometry.top + geometry.height, geometry.left : geometry.left + geometry.width] = image
+        square[
+            geometry.top : geometry.top + geometry.height,
+            geometry.left : geometry.left + geometry.width,
+        ] = image
         return ip(images=square.permute(2, 0, 1), return_tensors="pt")["pixel_values"][0]
 
     def forward(self, samples: list[LMMSample]) -> LMMOutput:
         """One prefill over a padded batch of prepared samples."""
         tok = self.processor.tokenizer
-        batch = collate(samples, tok.pad_token_id, tok.padding_side, self.model.config.image_token_id)
+        batch = collate(
+            samples, tok.pad_token_id, tok.padding_side, self.model.config.image_token_id
+        )
         cap = capture.AttentionCapture(batch["query_index"], batch["image_index"])
         recorder = HiddenRecorder(self.model.model.language_model, batch["query_index"])
         with recorder:

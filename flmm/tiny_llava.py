@@ -41,19 +41,19 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyLlavaConfig:
-    """Sizes of a tiny LLaVA. Grid = (image_size / patch_size)² image tokens."""
+    """Sizes of a tiny LLaVA (variants live in ``flmm.build``). Grid = (image/patch)² tokens."""
 
-    image_size: int = 56
-    patch_size: int = 14
-    vision_hidden: int = 32
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 128
-    vocab_size: int = 400
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab_size: int
     max_positions: int = 2048
     padding_side: str = "left"
     seed: int = 0

@@ -1,14 +1,16 @@
 """Shared fixtures: tiny real models of the real classes, built offline once per session."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava  # noqa: E402
+from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.tiny_llava import write_tiny_llava
 
 CORPUS = [
     "the red circle on the left",
@@ -22,13 +24,14 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A tiny LLaVA (left padding) saved with save_pretrained, as a llava-hf checkpoint is."""
-    return write_tiny_llava(TinyLlavaConfig(), CORPUS, tmp_path_factory.mktemp("tiny_llava"))
+    config = TINY_LLAVA_VARIANTS["tiny"]
+    return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_right_dir(tmp_path_factory):
     """The same tiny LLaVA with a right-padding tokenizer."""
-    config = TinyLlavaConfig(padding_side="right")
+    config = dataclasses.replace(TINY_LLAVA_VARIANTS["tiny"], padding_side="right")
     return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava_right"))
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import random_image
 from transformers import LlavaForConditionalGeneration
 
-from conftest import random_image
 from flmm.lmm import FrozenLlava, collate
 
 PHRASES = [
@@ -107,4 +107,6 @@ def test_unpadded_single_sample_uses_the_causal_path(tiny_llava_dir):
         eager = _stock(tiny_llava_dir, "eager")(**inputs, output_attentions=True)
     q_pos, k_pos = batch["query_index"][0], batch["image_index"][0]
     for layer, attn in enumerate(eager.attentions):
-        torch.testing.assert_close(out.token_maps[0, layer], attn[0][:, q_pos][:, :, k_pos], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.token_maps[0, layer], attn[0][:, q_pos][:, :, k_pos], atol=1e-5, rtol=0
+        )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_image
+
 from flmm.lmm import FrozenLlava, ImageGeometry
 from flmm.prompt import PromptConfig, answer_text
 
@@ -29,7 +29,9 @@ def test_phrase_tokens_decode_back_to_the_phrases_in_the_assistant_turn(tiny_lla
     assert text.index("ASSISTANT:") < text.index("the red circle. a small blue square.")
     for phrase, tokens in zip(phrases, sample.phrase_tokens):
         assert tok.decode(sample.input_ids[tokens]).strip() == phrase
-    assert all(int(a[-1]) < int(b[0]) for a, b in zip(sample.phrase_tokens, sample.phrase_tokens[1:]))
+    assert all(
+        int(a[-1]) < int(b[0]) for a, b in zip(sample.phrase_tokens, sample.phrase_tokens[1:])
+    )
 
 
 def test_bad_phrases_are_rejected():
@@ -44,7 +46,9 @@ def test_bad_phrases_are_rejected():
 def test_pixels_are_the_mean_padded_centred_square(tiny_llava_dir):
     lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
     ip = lmm.processor.image_processor
-    image = torch.full((20, 56, 3), 255, dtype=torch.uint8)  # white band, mean-colour bars above/below
+    image = torch.full(
+        (20, 56, 3), 255, dtype=torch.uint8
+    )  # white band, mean-colour bars above/below
     pixels = lmm.prepare(image, ["the red circle"]).pixel_values
     assert pixels.shape == (3, 56, 56)
     mean = torch.tensor([round(255 * m) / 255 for m in ip.image_mean])

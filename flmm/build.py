@@ -1,0 +1,314 @@
+"""Variant registry and builders for every model part of F-LMM.
+
+All hyperparameters live here, one frozen dataclass per part and a small dict of named variants
+(after segment-anything's ``build_sam.py``). Builders take a config, construct the modules from
+their classes (constructor injection) and load checkpoints with an explicit key/shape check.
+
+Sections:
+  * SAM (paper, Method: "Visual Grounding with Mask Head", the Mask Refiner): the frozen SAM
+    image encoder and the trainable SAM prompt encoder + mask decoder used by the refiner.
+  * Heads: the U-Net mask decoder + refiner, sized from the frozen LMM; the whole F-LMM.
+  * Tiny LLaVA: LLaVA-format checkpoints of the real classes at test sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from flmm.heads import FLMMHeads, load_heads
+from flmm.lmm import FrozenLlava
+from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
+from flmm.model import FLMM
+from flmm.refiner import SamRefiner
+from flmm.sam import SamImageEncoder
+from flmm.tiny_llava import TinyLlavaConfig
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (shared by every section)
+# --------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``torch.save`` file (weights only), on CPU."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_state_dict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming every missing, unexpected and shape-mismatched key."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} != model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"checkpoint does not match {type(module).__name__}:\n"
+            f"  missing keys ({len(missing)}): {missing}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+            f"  shape mismatches ({len(mismatched)}): {mismatched}"
+        )
+
+
+def load_checkpoint(module: torch.nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``module`` after checking that keys and shapes match exactly."""
+    state_dict = read_state_dict(path)
+    check_state_dict(module, state_dict)
+    module.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# SAM (paper: Mask Refiner)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Hyperparameters of one SAM variant. Defaults are the values shared by vit_h/l/b."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    encoder_window_size: int = 14
+    encoder_mlp_ratio: float = 4.0
+    encoder_norm_eps: float = 1e-6
+    encoder_use_rel_pos: bool = True
+    img_size: int = 1024  # S: side of SAM's square input frame
+    vit_patch_size: int = 16
+    prompt_embed_dim: int = 256  # C: channels of image embedding and prompt tokens
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @property
+    def image_embedding_size(self) -> int:
+        """Side of the image embedding grid, S / patch (64 for real SAM)."""
+        return self.img_size // self.vit_patch_size
+
+
+SAM_VARIANTS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(
+        encoder_embed_dim=1280,
+        encoder_depth=32,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(7, 15, 23, 31),
+    ),
+    "vit_l": SamConfig(
+        encoder_embed_dim=1024,
+        encoder_depth=24,
+        encoder_num_heads=16,
+        encoder_global_attn_indexes=(5, 11, 17, 23),
+    ),
+    "vit_b": SamConfig(
+        encoder_embed_dim=768,
+        encoder_depth=12,
+        encoder_num_heads=12,
+        encoder_global_attn_indexes=(2, 5, 8, 11),
+    ),
+    # For tests: real classes, 128 px input, 8x8 embedding grid; builds and runs in milliseconds.
+    "tiny": SamConfig(
+        encoder_embed_dim=32,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        encoder_window_size=4,
+        img_size=128,
+        prompt_embed_dim=32,
+        # 16 as in real SAM: the mask path's first LayerNorm2d has mask_in_chans // 4 channels,
+        # and over a single channel it outputs zeros (no dense prompt, no gradient).
+        mask_in_chans=16,
+        decoder_mlp_dim=64,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=32,
+    ),
+}
+
+
+def sam_config(name: str) -> SamConfig:
+    """Return the SAM variant ``name``; KeyError lists the known variants."""
+    if name not in SAM_VARIANTS:
+        raise KeyError(f"unknown SAM variant {name!r}; known variants: {sorted(SAM_VARIANTS)}")
+    return SAM_VARIANTS[name]
+
+
+def _sam_image_encoder(cfg: SamConfig) -> ImageEncoderViT:
+    return ImageEncoderViT(
+        depth=cfg.encoder_depth,
+        embed_dim=cfg.encoder_embed_dim,
+        img_size=cfg.img_size,
+        mlp_ratio=cfg.encoder_mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=cfg.encoder_norm_eps),
+        num_heads=cfg.encoder_num_heads,
+        patch_size=cfg.vit_patch_size,
+        qkv_bias=True,
+        use_rel_pos=cfg.encoder_use_rel_pos,
+        global_attn_indexes=cfg.encoder_global_attn_indexes,
+        window_size=cfg.encoder_window_size,
+        out_chans=cfg.prompt_embed_dim,
+    )
+
+
+def _sam_prompt_encoder(cfg: SamConfig) -> PromptEncoder:
+    grid = cfg.image_embedding_size
+    return PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(cfg.img_size, cfg.img_size),
+        mask_in_chans=cfg.mask_in_chans,
+    )
+
+
+def _sam_mask_decoder(cfg: SamConfig) -> MaskDecoder:
+    transformer = TwoWayTransformer(
+        depth=cfg.decoder_depth,
+        embedding_dim=cfg.prompt_embed_dim,
+        mlp_dim=cfg.decoder_mlp_dim,
+        num_heads=cfg.decoder_num_heads,
+    )
+    return MaskDecoder(
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        transformer=transformer,
+        transformer_dim=cfg.prompt_embed_dim,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
+
+
+def build_sam(config: SamConfig, checkpoint: str | Path | None = None) -> Sam:
+    """Build SAM from its parts; load ``checkpoint`` (.safetensors or torch.save) if given.
+
+    The checkpoint's keys and shapes must match the model exactly (an official SAM ``.pth``
+    does); otherwise a ValueError lists the offending keys. Returned in eval mode.
+    """
+    sam = Sam(
+        image_encoder=_sam_image_encoder(config),
+        prompt_encoder=_sam_prompt_encoder(config),
+        mask_decoder=_sam_mask_decoder(config),
+        pixel_mean=list(config.pixel_mean),
+        pixel_std=list(config.pixel_std),
+    )
+    if checkpoint is not None:
+        load_checkpoint(sam, checkpoint)
+    return sam.eval()
+
+
+def build_image_encoder(sam: Sam) -> SamImageEncoder:
+    """The frozen image half of ``sam`` (shares its modules)."""
+    return SamImageEncoder(sam)
+
+
+def build_refiner(sam: Sam, num_layers: int, hidden_size: int) -> SamRefiner:
+    """The trainable refiner on ``sam``'s prompt encoder and mask decoder (shares the modules).
+
+    num_layers, hidden_size: L and D of the LMM hidden states fed as text prompts.
+    """
+    return SamRefiner(
+        prompt_encoder=sam.prompt_encoder,
+        mask_decoder=sam.mask_decoder,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        image_size=sam.image_encoder.img_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Heads (paper: Mask Decoder + Mask Refiner) and the assembled F-LMM
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """The trainable heads for an LMM with L layers, H heads per layer and hidden size D."""
+
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    unet_base_channels: int = 64
+    unet_upsample_to: int = 64  # attention grids are upsampled to at least this side
+
+    @classmethod
+    def for_lmm(cls, lmm: FrozenLlava) -> HeadsConfig:
+        return cls(lmm.num_layers, lmm.num_heads, lmm.hidden_size)
+
+
+def build_heads(config: HeadsConfig, sam: Sam) -> FLMMHeads:
+    """U-Net over L·H attention channels + refiner on ``sam``'s prompt encoder / mask decoder."""
+    unet = UNetMaskDecoder(
+        in_channels=config.num_layers * config.num_heads,
+        base_channels=config.unet_base_channels,
+        upsample_to=config.unet_upsample_to,
+    )
+    return FLMMHeads(unet, build_refiner(sam, config.num_layers, config.hidden_size))
+
+
+def build_flmm(lmm: FrozenLlava, sam: Sam, heads_checkpoint: str | Path | None = None) -> FLMM:
+    """The whole model: frozen ``lmm``, frozen SAM image encoder, heads (loaded if given).
+
+    Without a heads checkpoint the refiner starts from ``sam``'s own prompt encoder and mask
+    decoder and the U-Net from random init, as F-LMM's training does.
+    """
+    heads = build_heads(HeadsConfig.for_lmm(lmm), sam)
+    if heads_checkpoint is not None:
+        load_heads(heads, heads_checkpoint)
+    return FLMM(lmm, build_image_encoder(sam), heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny LLaVA checkpoints (real classes; written by flmm.tiny_llava.write_tiny_llava)
+# --------------------------------------------------------------------------------------------
+
+TINY_LLAVA_VARIANTS: dict[str, TinyLlavaConfig] = {
+    # Unit tests: 4×4 image-token grid, 2 layers × 4 heads (GQA 2 kv heads), hidden 64.
+    "tiny": TinyLlavaConfig(
+        image_size=56,
+        patch_size=14,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=64,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        text_intermediate=128,
+        vocab_size=400,
+    ),
+    # LLaVA-1.5's sequence shape (24×24 = 576 image tokens) at CPU size, for capture benchmarks.
+    "bench-576": TinyLlavaConfig(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=1024,
+        text_layers=8,
+        text_heads=16,
+        text_kv_heads=16,
+        text_intermediate=2816,
+        vocab_size=400,
+    ),
+}

@@ -1,0 +1,82 @@
+"""The trainable part of F-LMM (§3.2–3.3): the U-Net mask head and the SAM-based refiner.
+
+``FLMMHeads`` is only a container, so that one state dict holds everything that is trained:
+
+    mask_decoder.*                 U-Net over the stacked attention maps
+    refiner.text_layer_weights     [L] mixing weights over the LMM layers' hidden states
+    refiner.text_proj.{weight,bias}  hidden size D → SAM prompt dim
+    refiner.prompt_encoder.*       SAM prompt encoder
+    refiner.mask_decoder.*         SAM mask decoder
+
+Checkpoints are safetensors with exactly these keys (checked with their shapes on load); F-LMM's
+released ``.pth`` head checkpoints are converted on the fly (see ``flmm.convert``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from flmm.mask_decoder import MaskDecoder
+from flmm.refiner import SamRefiner
+
+
+class FLMMHeads(nn.Module):
+    """U-Net mask decoder + SAM refiner, the parameters F-LMM trains."""
+
+    def __init__(self, mask_decoder: MaskDecoder, refiner: SamRefiner):
+        super().__init__()
+        self.mask_decoder = mask_decoder
+        self.refiner = refiner
+
+
+def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a heads checkpoint: our ``.safetensors``, or F-LMM's ``.pth`` converted to our keys."""
+    from flmm.build import read_state_dict
+    from flmm.convert import convert_flmm_state_dict
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_state_dict(path)
+    return convert_flmm_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def load_heads(heads: FLMMHeads, path: str | Path) -> None:
+    """Load a heads checkpoint into ``heads``; every key and shape must match exactly."""
+    from flmm.build import check_state_dict
+
+    state_dict = heads_state_dict(path)
+    check_state_dict(heads, state_dict)
+    heads.load_state_dict(state_dict, strict=True)
+
+
+def save_heads(heads: FLMMHeads, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the heads' state dict as safetensors."""
+    return save_tensors(heads.state_dict(), path, metadata)
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as safetensors via a temp name and a rename (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    tmp.replace(path)
+    return path
+
+
+def heads_dims(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The LMM dimensions a heads state dict was trained for: in_channels (L·H), L, D, prompt dim."""
+    conv = state_dict["mask_decoder.encoder.0.convs.0.conv.weight"]
+    proj = state_dict["refiner.text_proj.weight"]
+    return {
+        "in_channels": conv.shape[1],
+        "num_layers": state_dict["refiner.text_layer_weights"].shape[0],
+        "hidden_size": proj.shape[1],
+        "prompt_dim": proj.shape[0],
+    }

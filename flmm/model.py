@@ -1,0 +1,108 @@
+"""F-LMM end to end (§3): frozen LMM → attention maps → U-Net → SAM refiner, and its training loss.
+
+Data path for a batch of B images with P_b phrases each:
+
+    LMM prefill (batched)        → attention [P_b, L·H, h, w], hidden [n_tok, L, D] per phrase
+    SAM image encoder (batched)  → embedding [1, C, He, We] per image, shared by its phrases
+    U-Net (all ΣP_b at once)     → logits [P_b, 1, h', w'] in the square frame
+      crop to the image region   → ``unet`` [P_b, 1, hc, wc]; resized → ``coarse`` [P_b, 1, H, W]
+    SAM refiner (per image)      → ``refined`` [P_b, 1, H, W] in the original frame
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flmm.heads import FLMMHeads
+from flmm.lmm import FrozenLlava, LMMSample
+from flmm.losses import mask_losses
+from flmm.sam import SamImageEncoder
+
+
+@dataclass
+class GroundingInput:
+    """One image prepared for both frozen encoders (CPU tensors).
+
+    lmm: the LMM's sample (pixels, prompt ids, phrase tokens, geometry);
+    sam_pixels ``[1, 3, S, S]`` in SAM's input frame; sam_input_size (h1, w1) before padding.
+    """
+
+    lmm: LMMSample
+    sam_pixels: torch.Tensor
+    sam_input_size: tuple[int, int]
+
+
+@dataclass
+class Grounding:
+    """Mask logits of one image's P phrases.
+
+    unet ``[P, 1, hc, wc]``: U-Net logits cropped to the image region (U-Net scale);
+    coarse ``[P, 1, H, W]``: the same, resized to the original frame;
+    refined ``[P, 1, H, W]``: SAM-refined logits, original frame.
+    """
+
+    unet: torch.Tensor
+    coarse: torch.Tensor
+    refined: torch.Tensor
+
+
+class FLMM(nn.Module):
+    """Frozen LMM + frozen SAM image encoder + trainable heads."""
+
+    def __init__(self, lmm: FrozenLlava, image_encoder: SamImageEncoder, heads: FLMMHeads):
+        super().__init__()
+        self.lmm = lmm
+        self.image_encoder = image_encoder
+        self.heads = heads
+
+    def prepare(self, image: torch.Tensor, phrases: list[str]) -> GroundingInput:
+        """image ``[H, W, 3]`` uint8 RGB; phrases to ground in it."""
+        sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
+        return GroundingInput(self.lmm.prepare(image, phrases), sam_pixels.cpu(), input_size)
+
+    def encode(self, inputs: list[GroundingInput]):
+        """The frozen part: one LMM prefill and one SAM encoding for the whole batch."""
+        lmm_out = self.lmm([x.lmm for x in inputs])
+        pixels = torch.cat([x.sam_pixels for x in inputs]).to(self.image_encoder.pixel_mean.device)
+        return lmm_out, self.image_encoder(pixels)
+
+    def forward(self, inputs: list[GroundingInput]) -> list[Grounding]:
+        lmm_out, embeddings = self.encode(inputs)
+        return self.decode(inputs, lmm_out.attention, lmm_out.hidden, embeddings)
+
+    def decode(self, inputs, attention, hidden, embeddings) -> list[Grounding]:
+        """The trainable part, from the frozen encoders' outputs.
+
+        attention: per image ``[P, L·H, h, w]``; hidden: per image, per phrase ``[n_tok, L, D]``;
+        embeddings ``[B, C, He, We]``.
+        """
+        device = embeddings.device
+        counts = [a.shape[0] for a in attention]
+        unet_all = self.heads.mask_decoder(torch.cat(attention).to(device))
+        results = []
+        for b, (x, unet) in enumerate(zip(inputs, unet_all.split(counts))):
+            geometry = x.lmm.geometry
+            cropped = geometry.crop(unet)
+            coarse = geometry.to_original(unet)
+            refined = self.heads.refiner(
+                embeddings[b : b + 1],
+                coarse,
+                [h.to(device, torch.float32) for h in hidden[b]],
+                x.sam_input_size,
+                (geometry.height, geometry.width),
+            )
+            results.append(Grounding(cropped, coarse, refined))
+        return results
+
+
+def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """F-LMM's loss over a batch: BCE + Dice on U-Net and refined logits, averaged over images.
+
+    masks: per image ``[P, H, W]`` ground truth in {0, 1}, original frame. The U-Net terms compare
+    the cropped U-Net logits with the ground truth resized (nearest) to their size.
+    """
+    parts = [mask_losses(o.unet, o.refined, m.to(o.refined.device)) for o, m in zip(outputs, masks)]
+    return {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
