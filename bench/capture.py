@@ -1,0 +1,155 @@
+"""Benchmark: our attention capture vs eager ``output_attentions`` (the F-LMM way), same inputs.
+
+    python bench/capture.py [--variant bench-576] [--batch 4] [--repeats 3] [--json PATH]
+
+Builds a LLaVA-format checkpoint of the given tiny variant (random weights; 576 image tokens for
+``bench-576``), then measures each side in its own process: median forward time, peak resident
+memory above the loaded model (VmHWM reset through /proc/self/clear_refs), and the attention bytes
+each side holds per sample (eager: every layer's [H, S, S]; capture: [L, H, Q, N]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flmm.build import TINY_LLAVA_VARIANTS  # noqa: E402
+from flmm.lmm import FrozenLlava, collate  # noqa: E402
+from flmm.tiny_llava import write_tiny_llava  # noqa: E402
+
+PHRASES = ["the small red circle on the left", "the big blue square", "the green triangle"]
+CORPUS = [*PHRASES, "Please briefly describe this image."] * 10
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def run_side(side: str, path: str, batch: int, repeats: int) -> dict:
+    """Time one side's forward over a batch of ``batch`` samples; returns measurements."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    lmm = FrozenLlava.from_pretrained(path)
+    if side == "eager":
+        lmm.model.set_attn_implementation("eager")
+    images = [torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8) for _ in range(batch)]
+    samples = [lmm.prepare(img, PHRASES) for img in images]
+    tok = lmm.processor.tokenizer
+    inputs = collate(samples, tok.pad_token_id, tok.padding_side, lmm.model.config.image_token_id)
+
+    def forward() -> int:
+        with torch.inference_mode():
+            if side == "capture":
+                return lmm(samples).token_maps.nbytes
+            out = lmm.model.model(
+                **{k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")},
+                pixel_values=inputs["pixel_values"],
+                output_attentions=True,
+                use_cache=False,
+            )
+            return sum(a.nbytes for a in out.attentions)
+
+    forward()  # warm-up
+    times, kept = [], 0
+    base = _status_kib("VmRSS")
+    _reset_peak()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        kept = forward()
+        times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") - base
+    return {
+        "time_s": statistics.median(times),
+        "peak_above_model_mib": peak / 1024,
+        "attn_bytes_per_sample": kept / batch,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "image_tokens": int(inputs["image_index"].shape[1]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--variant", default="bench-576", choices=sorted(TINY_LLAVA_VARIANTS))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--side", choices=["capture", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:  # worker process
+        print(json.dumps(run_side(args.side, args.model, args.batch, args.repeats)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_llava(TINY_LLAVA_VARIANTS[args.variant], CORPUS, Path(tmp) / "llava")
+        res = {side: _worker(side, model, args) for side in ("capture", "eager")}
+    cap, eager = res["capture"], res["eager"]
+    summary = {
+        "time_ratio_eager_over_capture": eager["time_s"] / cap["time_s"],
+        "peak_mem_ratio_eager_over_capture": eager["peak_above_model_mib"]
+        / max(cap["peak_above_model_mib"], 1e-9),
+        "attn_bytes_ratio_eager_over_capture": eager["attn_bytes_per_sample"]
+        / cap["attn_bytes_per_sample"],
+        "image_tokens": cap["image_tokens"],
+        "batch": args.batch,
+        "variant": args.variant,
+        "capture": cap,
+        "eager": eager,
+    }
+    print(
+        f"variant {args.variant}, batch {args.batch}, seq {cap['seq_len']}, "
+        f"{cap['image_tokens']} image tokens, median of {args.repeats}"
+    )
+    print("| side | time s | peak above model MiB | attention kept per sample MB |")
+    print("|---|---|---|---|")
+    for side in ("capture", "eager"):
+        r = res[side]
+        print(
+            f"| {side} | {r['time_s']:.2f} | {r['peak_above_model_mib']:.0f} | "
+            f"{r['attn_bytes_per_sample'] / 1e6:.1f} |"
+        )
+    print(
+        f"eager/capture: time {summary['time_ratio_eager_over_capture']:.2f}×, peak memory "
+        f"{summary['peak_mem_ratio_eager_over_capture']:.2f}×, attention bytes "
+        f"{summary['attn_bytes_ratio_eager_over_capture']:.1f}×"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+def _worker(side: str, model: Path, args) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--model",
+        str(model),
+        "--batch",
+        str(args.batch),
+        "--repeats",
+        str(args.repeats),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
