@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flmm.build import TINY_LLAVA_VARIANTS  # noqa: E402
-from flmm.lmm import FrozenLlava, collate  # noqa: E402
-from flmm.tiny_llava import write_tiny_llava  # noqa: E402
+from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.lmm import FrozenLlava, collate
+from flmm.tiny_llava import write_tiny_llava
 
 PHRASES = ["the small red circle on the left", "the big blue square", "the green triangle"]
 CORPUS = [*PHRASES, "Please briefly describe this image."] * 10

@@ -23,9 +23,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config  # noqa: E402
-from flmm.lmm import FrozenLlava  # noqa: E402
-from flmm.tiny_llava import write_tiny_llava  # noqa: E402
+from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
+from flmm.lmm import FrozenLlava
+from flmm.tiny_llava import write_tiny_llava
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]], dtype=np.float32)
