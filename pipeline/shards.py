@@ -1,6 +1,6 @@
 """WebDataset shards of the project's input format (see ``schemas/INPUT_FORMAT.md``).
 
-Writing: toy-world scenes (``pipeline.toy_scenes``) become ``{split}-{000000..}.tar`` shards, one
+Writing: toy-world scenes (``toyworld.scenes``) become ``{split}-{000000..}.tar`` shards, one
 sample per scene: ``<key>.png`` (lossless) + ``<key>.json`` (phrases, objects with COCO RLE masks,
 width, height). Reading: a small webdataset iterator for tests and tools; the Ray reader is
 separate.
@@ -20,7 +20,7 @@ import pycocotools.mask as mask_utils
 import webdataset as wds
 from PIL import Image
 
-from pipeline.toy_scenes import Scene, SceneConfig, make_scene, scene_seed
+from toyworld.scenes import Scene, SceneConfig, make_scene, scene_seed
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.shards import decode_rle, read_samples, write_toy_shards
-from pipeline.toy_scenes import (
+from toyworld.scenes import (
     COLOURS,
     POSITIONS,
     SHAPES,
