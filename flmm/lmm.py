@@ -141,21 +141,9 @@ class FrozenLlava(nn.Module):
 
     def prepare(self, image: torch.Tensor, phrases: list[str]) -> LMMSample:
         """image ``[H, W, 3]`` uint8 RGB (original frame); phrases non-empty strings."""
-        geometry = ImageGeometry.of(image.shape[0], image.shape[1])
-        pixel_values = self._pixels(image, geometry)
+        pixel_values, geometry = llava_pixels(self.processor.image_processor, image)
         prompt = build_prompt(self.layout, phrases, self.grid[0] * self.grid[1])
         return LMMSample(pixel_values, prompt.input_ids, prompt.phrase_tokens, geometry)
-
-    def _pixels(self, image: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
-        """Pad to the centred square with the mean colour, then the processor's resize/normalise."""
-        ip = self.processor.image_processor
-        mean = torch.tensor([round(255 * m) for m in ip.image_mean], dtype=torch.uint8)
-        square = mean.view(1, 1, 3).expand(geometry.side, geometry.side, 3).clone()
-        square[
-            geometry.top : geometry.top + geometry.height,
-            geometry.left : geometry.left + geometry.width,
-        ] = image
-        return ip(images=square.permute(2, 0, 1), return_tensors="pt")["pixel_values"][0]
 
     def forward(self, samples: list[LMMSample]) -> LMMOutput:
         """One prefill over a padded batch of prepared samples."""
@@ -192,6 +180,21 @@ class FrozenLlava(nn.Module):
             merged.append(m / m.sum(dim=-1, keepdim=True).clamp(min=1e-12))
         out = torch.stack(merged)  # [P, L, H, N]
         return out.flatten(1, 2).unflatten(-1, self.grid)
+
+
+def llava_pixels(image_processor, image: torch.Tensor) -> tuple[torch.Tensor, ImageGeometry]:
+    """LLaVA-1.5 preprocessing of ``[H, W, 3]`` uint8 RGB → pixel_values ``[3, S, S]``, geometry.
+
+    Pads to the centred square with the processor's mean colour, then the processor's own
+    resize / rescale / normalise.
+    """
+    geometry = ImageGeometry.of(image.shape[0], image.shape[1])
+    mean = torch.tensor([round(255 * m) for m in image_processor.image_mean], dtype=torch.uint8)
+    square = mean.view(1, 1, 3).expand(geometry.side, geometry.side, 3).clone()
+    top, left = geometry.top, geometry.left
+    square[top : top + geometry.height, left : left + geometry.width] = image
+    pixels = image_processor(images=square.permute(2, 0, 1), return_tensors="pt")["pixel_values"]
+    return pixels[0], geometry
 
 
 def _phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
