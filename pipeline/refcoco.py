@@ -39,7 +39,7 @@ import pycocotools.mask as mask_utils
 import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import IMAGE_EXTENSIONS, _move_into_place
+from pipeline.shards import IMAGE_EXTENSIONS, move_into_place
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
@@ -318,7 +318,7 @@ def write_split(
         for path in written:
             path.unlink()
         written = []
-    stats.shards = _move_into_place(written, out_dir, tmp_dir)
+    stats.shards = move_into_place(written, out_dir, tmp_dir)
     for stale in set(out_dir.glob(f"{prefix}-*.tar")) - set(stats.shards):
         stale.unlink()
     (out_dir / f"{prefix}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))

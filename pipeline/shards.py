@@ -107,10 +107,10 @@ def write_toy_shards(
                     "json": json.dumps(scene_metadata(scene)).encode("utf-8"),
                 }
             )
-    return _move_into_place(sorted(tmp_dir.glob("*.tar")), out_dir, tmp_dir)
+    return move_into_place(sorted(tmp_dir.glob("*.tar")), out_dir, tmp_dir)
 
 
-def _move_into_place(paths: list[Path], out_dir: Path, tmp_dir: Path) -> list[Path]:
+def move_into_place(paths: list[Path], out_dir: Path, tmp_dir: Path) -> list[Path]:
     """Rename each finished shard from ``tmp_dir`` into ``out_dir`` and remove ``tmp_dir``."""
     final = []
     for path in paths:
