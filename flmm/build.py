@@ -146,6 +146,21 @@ SAM_VARIANTS: dict[str, SamConfig] = {
         decoder_num_heads=2,
         iou_head_hidden_dim=32,
     ),
+    # Toy world (toyworld/sam.py pretrains it; shipped at models/toy/sam.safetensors): scenes are
+    # 96-256 px, so a 256 px frame keeps them at scale; 16x16 embedding, 64x64 low-res masks.
+    "toy": SamConfig(
+        encoder_embed_dim=96,
+        encoder_depth=6,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(5,),
+        encoder_window_size=8,
+        img_size=256,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=128,
+    ),
 }
 
 
@@ -310,5 +325,22 @@ TINY_LLAVA_VARIANTS: dict[str, TinyLlavaConfig] = {
         text_kv_heads=16,
         text_intermediate=2816,
         vocab_size=400,
+    ),
+    # Toy world (toyworld/lmm.py pretrains it; shipped at models/toy/llava): 8x8 image tokens
+    # (112 px / patch 14), 4 layers x 4 heads = 16 attention channels, every world word one
+    # token. Sized by measurement: ~0.33 s per step of 16 on one shared CPU core; Llama hidden
+    # 192 costs 1.7x that, a 12x12 grid (168 px) 2.1x.
+    "toy": TinyLlavaConfig(
+        image_size=112,
+        patch_size=14,
+        vision_hidden=128,
+        vision_layers=4,
+        vision_heads=4,
+        text_hidden=128,
+        text_layers=4,
+        text_heads=4,
+        text_kv_heads=4,
+        text_intermediate=384,
+        vocab_size=320,
     ),
 }
