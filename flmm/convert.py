@@ -169,7 +169,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from flmm.build import HeadsConfig, build_heads, build_sam, check_state_dict, sam_config
+    from flmm.build import (
+        HeadsConfig,
+        build_heads,
+        build_sam,
+        check_state_dict,
+        read_state_dict,
+        sam_config,
+    )
     from flmm.heads import heads_dims, save_tensors
 
     parser = argparse.ArgumentParser(prog="python -m flmm.convert", description=main.__doc__)
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lmm-heads", type=int, default=None, help="attention heads per layer")
     args = parser.parse_args(argv)
 
-    result = convert_flmm_checkpoint(torch.load(args.src, map_location="cpu", weights_only=True))
+    result = convert_flmm_checkpoint(read_state_dict(args.src))
     dims = heads_dims(result.state_dict)
     num_heads = args.lmm_heads or dims["in_channels"] // dims["num_layers"]
     config = HeadsConfig(dims["num_layers"], num_heads, dims["hidden_size"])

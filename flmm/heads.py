@@ -38,10 +38,8 @@ def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from flmm.build import read_state_dict
     from flmm.convert import convert_flmm_state_dict
 
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_state_dict(path)
-    return convert_flmm_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state_dict = read_state_dict(path)
+    return state_dict if Path(path).suffix == ".safetensors" else convert_flmm_state_dict(state_dict)
 
 
 def load_heads(heads: FLMMHeads, path: str | Path) -> None:
