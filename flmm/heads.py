@@ -14,14 +14,30 @@ released ``.pth`` head checkpoints are converted on the fly (see ``flmm.convert`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from flmm.lmm import ImageGeometry
 from flmm.mask_decoder import MaskDecoder
 from flmm.refiner import SamRefiner
+
+
+@dataclass
+class Grounding:
+    """Mask logits of one image's P phrases.
+
+    unet ``[P, 1, hc, wc]``: U-Net logits cropped to the image region (U-Net scale);
+    coarse ``[P, 1, H, W]``: the same, resized to the original frame;
+    refined ``[P, 1, H, W]``: SAM-refined logits, original frame.
+    """
+
+    unet: torch.Tensor
+    coarse: torch.Tensor
+    refined: torch.Tensor
 
 
 class FLMMHeads(nn.Module):
@@ -32,6 +48,38 @@ class FLMMHeads(nn.Module):
         self.mask_decoder = mask_decoder
         self.refiner = refiner
 
+    def forward(
+        self,
+        attention: list[torch.Tensor],
+        hidden: list[list[torch.Tensor]],
+        embeddings: torch.Tensor,
+        geometries: list[ImageGeometry],
+        sam_input_sizes: list[tuple[int, int]],
+    ) -> list[Grounding]:
+        """Everything trainable, from the frozen encoders' outputs for B images.
+
+        attention: per image ``[P, L·H, h, w]``; hidden: per image, per phrase ``[n_tok, L, D]``;
+        embeddings ``[B, C, He, We]`` (SAM image embeddings); geometries: where each image sits
+        in the LMM's square frame; sam_input_sizes: (h1, w1) of each image in SAM's input frame.
+        Being the module's ``forward``, it is what DDP wraps when the heads are trained.
+        """
+        device = embeddings.device
+        counts = [a.shape[0] for a in attention]
+        unet_all = self.mask_decoder(torch.cat(attention).to(device))
+        results = []
+        for b, unet in enumerate(unet_all.split(counts)):
+            geometry = geometries[b]
+            coarse = geometry.to_original(unet)
+            refined = self.refiner(
+                embeddings[b : b + 1],
+                coarse,
+                [h.to(device, torch.float32) for h in hidden[b]],
+                sam_input_sizes[b],
+                (geometry.height, geometry.width),
+            )
+            results.append(Grounding(geometry.crop(unet), coarse, refined))
+        return results
+
 
 def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a heads checkpoint: our ``.safetensors``, or F-LMM's ``.pth`` converted to our keys."""
@@ -39,7 +87,9 @@ def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from flmm.convert import convert_flmm_state_dict
 
     state_dict = read_state_dict(path)
-    return state_dict if Path(path).suffix == ".safetensors" else convert_flmm_state_dict(state_dict)
+    return (
+        state_dict if Path(path).suffix == ".safetensors" else convert_flmm_state_dict(state_dict)
+    )
 
 
 def load_heads(heads: FLMMHeads, path: str | Path) -> None:

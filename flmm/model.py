@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flmm.heads import FLMMHeads
+from flmm.heads import FLMMHeads, Grounding
 from flmm.lmm import FrozenLlava, LMMSample
 from flmm.losses import mask_losses
 from flmm.sam import SamImageEncoder
@@ -33,20 +33,6 @@ class GroundingInput:
     lmm: LMMSample
     sam_pixels: torch.Tensor
     sam_input_size: tuple[int, int]
-
-
-@dataclass
-class Grounding:
-    """Mask logits of one image's P phrases.
-
-    unet ``[P, 1, hc, wc]``: U-Net logits cropped to the image region (U-Net scale);
-    coarse ``[P, 1, H, W]``: the same, resized to the original frame;
-    refined ``[P, 1, H, W]``: SAM-refined logits, original frame.
-    """
-
-    unet: torch.Tensor
-    coarse: torch.Tensor
-    refined: torch.Tensor
 
 
 class FLMM(nn.Module):
@@ -79,23 +65,10 @@ class FLMM(nn.Module):
         attention: per image ``[P, L·H, h, w]``; hidden: per image, per phrase ``[n_tok, L, D]``;
         embeddings ``[B, C, He, We]``.
         """
-        device = embeddings.device
-        counts = [a.shape[0] for a in attention]
-        unet_all = self.heads.mask_decoder(torch.cat(attention).to(device))
-        results = []
-        for b, (x, unet) in enumerate(zip(inputs, unet_all.split(counts))):
-            geometry = x.lmm.geometry
-            cropped = geometry.crop(unet)
-            coarse = geometry.to_original(unet)
-            refined = self.heads.refiner(
-                embeddings[b : b + 1],
-                coarse,
-                [h.to(device, torch.float32) for h in hidden[b]],
-                x.sam_input_size,
-                (geometry.height, geometry.width),
-            )
-            results.append(Grounding(cropped, coarse, refined))
-        return results
+        geometries = [x.lmm.geometry for x in inputs]
+        return self.heads(
+            attention, hidden, embeddings, geometries, [x.sam_input_size for x in inputs]
+        )
 
 
 def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
