@@ -326,12 +326,11 @@ TINY_LLAVA_VARIANTS: dict[str, TinyLlavaConfig] = {
         text_intermediate=2816,
         vocab_size=400,
     ),
-    # Toy world (toyworld/lmm.py pretrains it; shipped at models/toy/llava): 8x8 image tokens
-    # (112 px / patch 14), 4 layers x 4 heads = 16 attention channels, every world word one
-    # token. Sized by measurement: ~0.33 s per step of 16 on one shared CPU core; Llama hidden
-    # 192 costs 1.7x that, a 12x12 grid (168 px) 2.1x.
+    # Toy world (toyworld/lmm.py pretrains it; shipped at models/toy/llava): 12x12 image tokens
+    # (168 px / patch 14; an 8x8 grid left small objects a cell or less), 4 layers x 4 heads =
+    # 16 attention channels, every world word one token.
     "toy": TinyLlavaConfig(
-        image_size=112,
+        image_size=168,
         patch_size=14,
         vision_hidden=128,
         vision_layers=4,

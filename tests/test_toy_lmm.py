@@ -1,0 +1,190 @@
+"""The toy LMM: the shipped checkpoint loads like a llava-hf one and sees the scene; the question
+generator is deterministic and truthful; the pretraining recipe trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.lmm import FrozenLlava
+from flmm.prompt import PromptConfig
+from flmm.tiny_llava import write_tiny_llava
+from toyworld.lmm import (
+    RECORD,
+    Recipe,
+    ToyData,
+    answer_loss,
+    attention_lift,
+    cell_labels,
+    corpus,
+    eval_examples,
+    generate_answers,
+    grid_cover,
+    n_image_tokens,
+    pretrain,
+)
+from toyworld.scenes import make_scene, position_tags, scene_seed
+from toyworld.vqa import KINDS, SCENE_CONFIG, WHERE, answer_options, ask
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "llava"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: torch's intra-op threads only add latency (and stall on shared cores)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return FrozenLlava.from_pretrained(str(SHIPPED))
+
+
+def test_shipped_toy_lmm_is_an_fp16_llava_checkpoint_of_the_toy_variant(shipped):
+    with safe_open(str(SHIPPED / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        assert {f.get_slice(name).get_dtype() for name in names} == {"F16"}
+    variant = TINY_LLAVA_VARIANTS["toy"]
+    side = variant.image_size // variant.patch_size
+    assert shipped.grid == (side, side)
+    assert (shipped.num_layers, shipped.num_heads) == (variant.text_layers, variant.text_heads)
+    scene = make_scene(scene_seed(0, 10**9))
+    phrases = [obj.expressions[0] for obj in scene.objects]
+    with torch.inference_mode():
+        out = shipped([shipped.prepare(torch.from_numpy(scene.image), phrases)])
+    assert out.attention[0].shape == (len(phrases), shipped.in_channels, side, side)
+    torch.testing.assert_close(out.attention[0].sum(dim=(-2, -1)), torch.ones(len(phrases), 16))
+
+
+def test_shipped_toy_lmm_phrase_attention_falls_on_the_phrase_object(shipped):
+    """The property the F-LMM heads rely on; a random-weight control scores 1.0 (uniform)."""
+    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], 0, SCENE_CONFIG)
+    assert attention_lift(shipped, data, n_scenes=10)["best_channel"] >= 2.0
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "colour",
+        pytest.param(
+            "shape",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap: the vision tower tells shapes apart (stage-1 probe ~72% on "
+                "object cells) but the VQA stage does not learn to answer shape questions within "
+                "its CPU budget (held-out accuracy = chance)",
+            ),
+        ),
+    ],
+)
+def test_shipped_toy_lmm_answers_held_out_questions_well_above_chance(shipped, kind):
+    seed = json.loads((SHIPPED / RECORD).read_text())["recipe"]["seed"]
+    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], seed, SCENE_CONFIG)
+    examples = eval_examples(data, kind, 20)  # held-out scene indices: never trained on
+    answers = generate_answers(shipped.model, data, examples, max_new=6)
+    accuracy = np.mean([a[:1] == [e.question.answer] for e, a in zip(examples, answers)])
+    assert accuracy >= 2 / len(answer_options(kind))
+
+
+def test_cell_labels_name_the_object_covering_each_token_cell():
+    grid = (12, 12)
+    colours = [name for name, _ in SCENE_CONFIG.colours]
+    for index in range(20):
+        scene = make_scene(scene_seed(5, index))
+        labels = cell_labels(scene, grid, SCENE_CONFIG)
+        covers = torch.stack([grid_cover(o.mask, grid) for o in scene.objects])  # [O, h, w]
+        for y in range(grid[0]):
+            for x in range(grid[1]):
+                best = int(covers[:, y, x].argmax())
+                if covers[best, y, x] < 0.25:
+                    assert labels[0, y, x] == len(colours)  # "nothing"
+                else:
+                    obj = scene.objects[best]
+                    assert colours[labels[0, y, x]] == obj.colour
+                    assert SCENE_CONFIG.shapes[labels[1, y, x]] == obj.shape
+
+
+def _owner(scene, name):
+    (obj,) = [o for o in scene.objects if name in o.expressions]
+    return obj
+
+
+def test_questions_are_deterministic_and_their_answers_match_the_scene():
+    for index in range(60):
+        scene = make_scene(scene_seed(3, index))
+        tags = position_tags([o.centre for o in scene.objects], *scene.image.shape[:2], 0.12)
+        for kind in KINDS:
+            question = ask(scene, kind, np.random.default_rng(index))
+            assert question == ask(scene, kind, np.random.default_rng(index))
+            if question is None:
+                assert kind == "position"
+                continue
+            text, answer = question.instruction, question.answer
+            if kind in ("colour", "shape", "size", "position"):
+                name = text.split(" is ", 1)[1].rstrip("?")
+                obj = _owner(scene, name)
+                assert answer not in name.split()
+                if kind == "position":
+                    assert [WHERE[t] for t in tags[scene.objects.index(obj)]] == [answer]
+                else:
+                    assert getattr(obj, kind) == answer
+            elif kind == "count":
+                assert answer == ("two", "three", "four")[len(scene.objects) - 2]
+            elif kind == "existence":
+                colour, shape = text.rstrip("?").split()[-2:]
+                present = any((o.colour, o.shape) == (colour, shape) for o in scene.objects)
+                assert answer == ("yes" if present else "no")
+            else:
+                owners = [_owner(scene, phrase) for phrase in question.phrases]
+                assert sorted(map(id, owners)) == sorted(map(id, scene.objects))
+            assert kind == "describe" or answer in answer_options(kind)
+
+
+@pytest.fixture(scope="module")
+def tiny_toy(tmp_path_factory):
+    out = write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus(), tmp_path_factory.mktemp("toy"))
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    return model, ToyData(processor, n_image_tokens(model), seed=0, scenes=SCENE_CONFIG)
+
+
+def test_training_sequences_are_the_grounding_prompt_with_labels_on_the_answer(tiny_toy):
+    model, data = tiny_toy
+    scene = data.scene(0)
+    question = ask(scene, "describe", np.random.default_rng(0))
+    example = data.example(0, question, data.pixels(scene))
+    lmm = FrozenLlava(model, data.processor, PromptConfig())  # the default grounding prompt
+    grounding = lmm.prepare(torch.from_numpy(scene.image), list(question.phrases))
+    tokenizer = data.processor.tokenizer
+    assert torch.equal(example.input_ids[:-1], grounding.input_ids)
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert example.start == int(grounding.phrase_tokens[0][0])
+    batch = data.training_batch(0, Recipe(batch=3))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        answer = tokenizer.decode(labels[labels != -100])
+        assert answer.endswith(".</s>") and "ASSISTANT" not in answer
+        assert tokenizer.decode(ids).endswith(answer)
+
+
+def test_a_few_pretraining_steps_lower_the_answer_loss_on_a_fixed_batch(tiny_toy):
+    model, data = tiny_toy
+    recipe = Recipe(steps=8, batch=4, lr=1e-2, warmup=1, log_every=100)
+    fixed = data.training_batch(1000, recipe)  # a batch the steps never see
+    labels = fixed.pop("labels")
+    with torch.no_grad():
+        before = answer_loss(model(**fixed).logits, labels).item()
+    losses = pretrain(model, data, recipe, log=lambda line: None)
+    with torch.no_grad():
+        after = answer_loss(model(**fixed).logits, labels).item()
+    assert len(losses) == recipe.steps
+    assert after < 0.7 * before

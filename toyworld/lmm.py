@@ -1,0 +1,589 @@
+"""The toy LMM: a tiny LLaVA pretrained (every weight, vision tower included) on toy-world text.
+
+Recipe (``python -m toyworld.lmm --out models/toy/llava``):
+
+1. a BPE tokenizer trained on ``corpus()`` (every word the scene generator and the questions can
+   produce, the chat template's words and the grounding instruction) and a randomly initialised
+   ``TINY_LLAVA_VARIANTS["toy"]`` (``flmm.tiny_llava.write_tiny_llava``);
+2. next-token training on the answers of ``toyworld.vqa`` questions about freshly generated
+   scenes: half ``describe`` (phrases in the assistant turn, laid out exactly as grounding lays
+   them out), half short-answer questions. Loss only on the answer tokens and a final EOS;
+3. saved in fp16 with ``save_pretrained`` (plus ``toy_world.json``, the recipe and its results);
+   then frozen forever: the F-LMM heads are trained on its phrase→image attention;
+4. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
+   and how much of each phrase's attention falls on its object (``attention_lift``).
+
+Scene ``i`` of training is ``make_scene(scene_seed(seed, i))``; everything follows from ``seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.lmm import FrozenLlava, ImageGeometry, llava_pixels
+from flmm.prompt import PromptConfig, PromptLayout, build_prompt
+from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava
+from toyworld.scenes import (
+    POSITIONS,
+    Scene,
+    SceneConfig,
+    candidate_expressions,
+    make_scene,
+    scene_seed,
+)
+from toyworld.vqa import (
+    DESCRIBE,
+    KINDS,
+    NUMBER_WORDS,
+    SCENE_CONFIG,
+    TEMPLATES,
+    WHERE,
+    Question,
+    answer_options,
+    ask,
+    existence_instruction,
+    sample_question,
+)
+
+EVAL_START = 1_000_000  # held-out scenes are indices >= this (training uses 0 … steps·batch)
+VISION_START = 100_000_000  # the vision stage's scenes
+RECORD = "toy_world.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Pretraining hyperparameters. lr follows a linear warm-up then a cosine to ``min_lr_ratio``.
+
+    Measured on a CPU core shared with other jobs: batch 8 (2400 steps) never localised objects
+    (attention lift 1.1), batch 16-32 did (lift ~5); two intra-op threads ran a step 18x slower
+    than one when the other core was busy, hence ``threads=1``.
+    """
+
+    vision_steps: int = 1500
+    vision_batch: int = 32
+    vision_lr: float = 2e-3
+    steps: int = 1000
+    batch: int = 24
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    describe_fraction: float = 0.5
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 50
+
+
+# --------------------------------------------------------------------------------------------
+# Text: tokenizer corpus and prompts
+# --------------------------------------------------------------------------------------------
+
+
+def corpus(scenes: SceneConfig = SCENE_CONFIG) -> list[str]:
+    """Every expression and question the world can produce, every answer, the chat words."""
+    sizes = [name for name, _ in scenes.size_fractions]
+    colours = [name for name, _ in scenes.colours]
+    lines = [PromptConfig().instruction, "USER: <image>\n ASSISTANT:", TEMPLATES["count"]]
+    lines += [" ".join(NUMBER_WORDS), " ".join(WHERE.values()), "yes no"]
+    for size in sizes:
+        for colour in colours:
+            for shape in scenes.shapes:
+                for _, text in candidate_expressions(size, colour, shape, list(POSITIONS)):
+                    lines.append(f"{text}.")
+                    lines += [TEMPLATES[k].format(text) for k in ("colour", "shape", "size")]
+                lines.append(existence_instruction(colour, shape))
+    return lines
+
+
+class Encoder:
+    """Question → (input_ids ``[T]``, answer start) in the grounding layout, + EOS at the end.
+
+    The prompt is ``build_prompt(PromptLayout(processor, PromptConfig(instruction)), phrases)``,
+    exactly what ``FrozenLlava.prepare`` builds; input_ids[start:] are the answer tokens.
+    """
+
+    def __init__(self, processor, n_image_tokens: int):
+        self.processor = processor
+        self.n_image_tokens = n_image_tokens
+        self.eos = torch.tensor([processor.tokenizer.eos_token_id])
+        self.layouts: dict[str, PromptLayout] = {}
+
+    def __call__(self, question: Question) -> tuple[torch.Tensor, int]:
+        instruction = question.instruction
+        if instruction not in self.layouts:
+            config = PromptConfig(instruction=instruction)
+            self.layouts[instruction] = PromptLayout(self.processor, config)
+        prompt = build_prompt(
+            self.layouts[instruction], list(question.phrases), self.n_image_tokens
+        )
+        return torch.cat([prompt.input_ids, self.eos]), int(prompt.phrase_tokens[0][0])
+
+
+def n_image_tokens(model: LlavaForConditionalGeneration) -> int:
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One training / eval example: pixel_values ``[3, S, S]``, input_ids ``[T]`` (answer + EOS
+    from ``start`` on), the question and the scene index it was asked about."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    start: int
+    question: Question
+    index: int
+
+
+def pad_batch(examples: list[Example], pad_id: int, with_answer: bool) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids / attention_mask / position_ids (from the mask, as
+    ``flmm.lmm.collate``) ``[B, T]``, pixel_values ``[B, 3, S, S]``; with the answer: labels
+    ``[B, T]`` (-100 except the answer and EOS), without: the prompt only, for ``generate``."""
+    rows = [e.input_ids if with_answer else e.input_ids[: e.start] for e in examples]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for b, (row, example) in enumerate(zip(rows, examples)):
+        offset = length - len(row)
+        ids[b, offset:], mask[b, offset:] = row, 1
+        labels[b, offset + example.start :] = row[example.start :]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "pixel_values": torch.stack([e.pixel_values for e in examples]),
+    }
+    if with_answer:
+        batch["labels"] = labels
+    return batch
+
+
+class ToyData:
+    """Examples of the toy world for one processor: scene ``index`` of ``seed`` and a question.
+
+    Preprocessing runs single-threaded: torch's intra-op threads only add latency to these tiny
+    tensors (and stall badly when the cores are shared).
+    """
+
+    def __init__(self, processor, n_image_tokens: int, seed: int, scenes: SceneConfig):
+        self.processor = processor
+        self.encode = Encoder(processor, n_image_tokens)
+        self.seed = seed
+        self.scenes = scenes
+
+    def scene(self, index: int) -> Scene:
+        return make_scene(scene_seed(self.seed, index), self.scenes)
+
+    def pixels(self, scene: Scene) -> torch.Tensor:
+        with _threads(1):
+            return llava_pixels(self.processor.image_processor, torch.from_numpy(scene.image))[0]
+
+    def example(self, index: int, question: Question, pixels: torch.Tensor) -> Example:
+        ids, start = self.encode(question)
+        return Example(pixels, ids, start, question, index)
+
+    def training_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Scenes ``step·batch …`` with a question each (half ``describe``), padded."""
+        examples = []
+        for index in range(step * recipe.batch, (step + 1) * recipe.batch):
+            scene = self.scene(index)
+            rng = np.random.default_rng([self.seed, index])
+            question = sample_question(scene, rng, recipe.describe_fraction, self.scenes)
+            examples.append(self.example(index, question, self.pixels(scene)))
+        return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
+
+
+class _threads:
+    """``with _threads(n):`` torch intra-op threads set to ``n`` inside the block."""
+
+    def __init__(self, n: int):
+        self.n, self.saved = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the vision tower learns what is where (the role CLIP pretraining plays for LLaVA)
+# --------------------------------------------------------------------------------------------
+
+
+def cell_labels(scene: Scene, grid: tuple[int, int], scenes: SceneConfig) -> torch.Tensor:
+    """Per token-grid cell (LLaVA square frame): ``[3, h, w]`` long — colour, shape and size
+    index of the object covering most of the cell (at least a quarter of it), else the last
+    index of each vocabulary ("nothing")."""
+    colours = [name for name, _ in scenes.colours]
+    sizes = [name for name, _ in scenes.size_fractions]
+    nothing = torch.tensor([len(colours), len(scenes.shapes), len(sizes)])
+    labels = nothing[:, None, None].expand(3, *grid).clone()
+    cover = torch.stack([grid_cover(obj.mask, grid) for obj in scene.objects])  # [O, h, w]
+    best, which = cover.max(dim=0)
+    for o, obj in enumerate(scene.objects):
+        cells = (which == o) & (best >= 0.25)
+        values = (colours.index(obj.colour), scenes.shapes.index(obj.shape), sizes.index(obj.size))
+        for row, value in enumerate(values):
+            labels[row][cells] = value
+    return labels
+
+
+def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """The patch features the language model is fed from (``vision_feature_layer``, CLS dropped):
+    pixels ``[B, 3, S, S]`` → ``[B, h·w, D_vision]``."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    data: ToyData,
+    recipe: Recipe,
+    log: Callable[[str], None] = print,
+) -> tuple[torch.nn.Linear, list[float]]:
+    """Train the vision tower for ``recipe.vision_steps`` steps to label every grid cell with
+    the colour, shape and size of the object on it (a linear probe head, discarded afterwards).
+
+    Scenes come from indices ``VISION_START …``, disjoint from the VQA stage's and the held-out
+    ones. Returns the probe and the loss per step.
+    """
+    grid, heads = _probe_layout(model, data.scenes)
+    tower = model.model.vision_tower.train().requires_grad_(True)
+    probe = torch.nn.Linear(model.config.vision_config.hidden_size, sum(heads))
+    params = [*tower.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+    warmup = max(1, recipe.vision_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, Recipe(steps=recipe.vision_steps, warmup=warmup))
+    )
+    losses, start = [], time.perf_counter()
+    for step in range(recipe.vision_steps):
+        pixels, labels = [], []
+        for i in range(recipe.vision_batch):
+            scene = data.scene(VISION_START + step * recipe.vision_batch + i)
+            pixels.append(data.pixels(scene))
+            labels.append(cell_labels(scene, grid, data.scenes))
+        logits = probe(vision_features(model, torch.stack(pixels)))  # [B, h·w, ΣC]
+        targets = torch.stack(labels).flatten(2)  # [B, 3, h·w]
+        loss = sum(
+            F.cross_entropy(part.transpose(1, 2), targets[:, k])
+            for k, part in enumerate(logits.split(heads, dim=-1))
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.vision_steps:
+            recent = np.mean(losses[-recipe.log_every :])
+            per_step = (time.perf_counter() - start) / (step + 1)
+            log(f"vision step {step + 1:5d}  loss {recent:.4f}  {per_step:.3f} s/step")
+    return probe, losses
+
+
+def _probe_layout(model, scenes: SceneConfig) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """The token grid and the probe's class counts (colour, shape, size, each + "nothing")."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    counts = (len(scenes.colours), len(scenes.shapes), len(scenes.size_fractions))
+    return (side, side), tuple(n + 1 for n in counts)
+
+
+def probe_accuracy(
+    model: LlavaForConditionalGeneration, probe: torch.nn.Linear, data: ToyData, n_scenes: int
+) -> dict[str, float]:
+    """Held-out accuracy of the stage-1 probe on the cells that an object covers, per attribute."""
+    grid, heads = _probe_layout(model, data.scenes)
+    right, total = torch.zeros(3), 0
+    with torch.inference_mode():
+        for index in range(EVAL_START, EVAL_START + n_scenes):
+            scene = data.scene(index)
+            labels = cell_labels(scene, grid, data.scenes).flatten(1)  # [3, h·w]
+            logits = probe(vision_features(model, data.pixels(scene)[None]))[0]
+            guesses = torch.stack([p.argmax(-1) for p in logits.split(heads, dim=-1)])
+            on_object = labels[0] < heads[0] - 1
+            right += (guesses == labels)[:, on_object].sum(-1)
+            total += int(on_object.sum())
+    return dict(zip(("colour", "shape", "size"), (right / max(1, total)).tolist()))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: visual question answering, every weight
+# --------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """Linear warm-up to 1, then a cosine down to ``min_lr_ratio`` at the last step."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine
+
+
+def optimizer_for(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases), as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.95))
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, averaged over each answer's tokens, then over the questions.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` (-100 outside the answers). Per-question means give a
+    one-word answer the weight of a whole description; a token mean would let descriptions (about
+    six times longer) drown the short answers, whose every token depends on the image.
+    """
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return (nll.sum(-1) / (targets != -100).sum(-1).clamp(min=1)).mean()
+
+
+def pretrain(
+    model: LlavaForConditionalGeneration,
+    data: ToyData,
+    recipe: Recipe,
+    log: Callable[[str], None] = print,
+) -> list[float]:
+    """Train every weight of ``model`` for ``recipe.steps`` steps; returns the loss per step."""
+    torch.manual_seed(recipe.seed)
+    model.train().requires_grad_(True)
+    optimizer = optimizer_for(model, recipe)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
+    losses, start = [], time.perf_counter()
+    for step in range(recipe.steps):
+        batch = data.training_batch(step, recipe)
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+            recent = np.mean(losses[-recipe.log_every :])
+            per_step = (time.perf_counter() - start) / (step + 1)
+            log(f"step {step + 1:5d}  loss {recent:.4f}  {per_step:.3f} s/step")
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def eval_examples(data: ToyData, kind: str, n: int) -> list[Example]:
+    """``n`` questions of ``kind`` on held-out scenes ``EVAL_START, EVAL_START + 1, …`` (scenes
+    that have no question of ``kind`` are skipped)."""
+    examples, index = [], EVAL_START
+    while len(examples) < n:
+        scene = data.scene(index)
+        rng = np.random.default_rng([data.seed, index, KINDS.index(kind)])
+        question = ask(scene, kind, rng, data.scenes)
+        if question is not None:
+            examples.append(data.example(index, question, data.pixels(scene)))
+        index += 1
+    return examples
+
+
+def generate_answers(
+    model: LlavaForConditionalGeneration, data: ToyData, examples: list[Example], max_new: int
+) -> list[list[str]]:
+    """Greedy answers, each split into its phrases (``" p1. p2."`` → ``["p1", "p2"]``)."""
+    tokenizer = data.processor.tokenizer
+    batch = pad_batch(examples, tokenizer.pad_token_id, with_answer=False)
+    batch.pop("position_ids")  # generate derives positions from the mask
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [[p.strip() for p in text.split(".") if p.strip()] for text in texts]
+
+
+def score(question: Question, scene: Scene, phrases: list[str]) -> float:
+    """1 for a right short answer; for ``describe``, the fraction of the generated phrases that
+    are unique expressions of objects of the scene (0 for no phrase)."""
+    if question.kind != DESCRIBE:
+        return float(phrases[:1] == [question.answer])
+    valid = set(scene.phrases)
+    return sum(p in valid for p in phrases) / len(phrases) if phrases else 0.0
+
+
+def evaluate(
+    model: LlavaForConditionalGeneration, data: ToyData, n: int, batch: int = 50
+) -> dict[str, dict[str, float]]:
+    """Per kind: held-out accuracy (``describe``: see ``score``), count and chance."""
+    model.eval()
+    table = {}
+    for kind in KINDS:
+        examples = eval_examples(data, kind, n)
+        max_new = 40 if kind == DESCRIBE else 6
+        scores = []
+        for i in range(0, n, batch):
+            chunk = examples[i : i + batch]
+            for example, phrases in zip(chunk, generate_answers(model, data, chunk, max_new)):
+                scores.append(score(example.question, data.scene(example.index), phrases))
+        chance = 0.0 if kind == DESCRIBE else 1 / len(answer_options(kind, data.scenes))
+        table[kind] = {"accuracy": float(np.mean(scores)), "n": len(scores), "chance": chance}
+    return table
+
+
+def attention_lift(lmm: FrozenLlava, data: ToyData, n_scenes: int) -> dict[str, float]:
+    """How strongly phrase→image attention falls on the phrase's object, on held-out scenes.
+
+    For every object phrase of a ``describe`` prompt and every layer·head channel: the attention
+    mass on the object's mask (fraction of each grid cell covered) divided by the mask's share of
+    the grid (what uniform attention would give). Returns the mean lift over channels and the
+    mean lift of the best channel.
+    """
+    lifts = []
+    for index in range(EVAL_START, EVAL_START + n_scenes):
+        scene = data.scene(index)
+        objects = list(scene.objects)
+        phrases = [obj.expressions[0] for obj in objects]
+        with torch.inference_mode():
+            out = lmm([lmm.prepare(torch.from_numpy(scene.image), phrases)])
+        for obj, maps in zip(objects, out.attention[0]):  # maps [L·H, h, w]
+            cover = grid_cover(obj.mask, maps.shape[-2:])
+            lifts.append((maps * cover).sum(dim=(-2, -1)) / cover.mean())
+    lift = torch.stack(lifts).mean(dim=0)  # [L·H]
+    return {"mean_channel": float(lift.mean()), "best_channel": float(lift.max())}
+
+
+def grid_cover(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each token-grid cell ``[h, w]`` covered by a bool ``[H, W]`` mask (original
+    frame), after LLaVA's centred square padding."""
+    g = ImageGeometry.of(*mask.shape)
+    square = torch.zeros((g.side, g.side))
+    square[g.top : g.top + g.height, g.left : g.left + g.width] = torch.from_numpy(mask).float()
+    return F.adaptive_avg_pool2d(square[None, None], grid)[0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Build, save, control
+# --------------------------------------------------------------------------------------------
+
+
+def toy_config(seed: int) -> TinyLlavaConfig:
+    return dataclasses.replace(TINY_LLAVA_VARIANTS["toy"], seed=seed)
+
+
+def write_control(out_dir: str | Path, seed: int = 0) -> Path:
+    """The toy LMM's config and tokenizer with random weights (never trained), for controls."""
+    return write_tiny_llava(toy_config(seed), corpus(), out_dir)
+
+
+def build_toy_lmm(
+    out_dir: str | Path,
+    recipe: Recipe = Recipe(),
+    n_eval: int = 200,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Initialise, pretrain, save (fp16) and evaluate the toy LMM in ``out_dir``; returns the
+    record also written to ``out_dir/toy_world.json``."""
+    torch.set_num_threads(recipe.threads)
+    out_dir = Path(out_dir)
+    config = toy_config(recipe.seed)
+    write_tiny_llava(config, corpus(), out_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out_dir)
+    data = ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+    start = time.perf_counter()
+    probe, vision_losses = pretrain_vision(model, data, recipe, log)
+    probe_eval = probe_accuracy(model, probe, data, n_scenes=100)
+    log(f"vision probe, held-out object cells: {probe_eval}")
+    losses = pretrain(model, data, recipe, log)
+    train_s = time.perf_counter() - start
+    model.half().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    lmm = FrozenLlava.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
+    record = {
+        "recipe": dataclasses.asdict(recipe),
+        "variant": dataclasses.asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_vision_loss": float(np.mean(vision_losses[-recipe.log_every :])),
+        "vision_probe_accuracy": probe_eval,
+        "final_loss": float(np.mean(losses[-recipe.log_every :])),
+        "train_seconds": round(train_s, 1),
+        "eval_scene_start": EVAL_START,
+        "eval": evaluate(lmm.model, data, n_eval),
+        "attention_lift": attention_lift(lmm, data, n_scenes=50),
+        "torch": torch.__version__,
+    }
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def format_table(record: dict) -> str:
+    lines = [f"{'kind':<10} {'accuracy':>8} {'chance':>7} {'n':>5}"]
+    for kind, row in record["eval"].items():
+        lines.append(f"{kind:<10} {row['accuracy']:8.3f} {row['chance']:7.3f} {row['n']:5d}")
+    lift = record["attention_lift"]
+    lines.append(
+        f"attention lift on the object: best channel {lift['best_channel']:.2f}, "
+        f"mean channel {lift['mean_channel']:.2f} (uniform = 1)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory (LLaVA format)")
+    parser.add_argument("--vision-steps", type=int, default=Recipe.vision_steps)
+    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument("--batch", type=int, default=Recipe.batch)
+    parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--threads", type=int, default=Recipe.threads)
+    parser.add_argument("--eval-questions", type=int, default=200, help="per question kind")
+    args = parser.parse_args(argv)
+    recipe = Recipe(
+        vision_steps=args.vision_steps,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    start = time.perf_counter()
+    record = build_toy_lmm(args.out, recipe, args.eval_questions)
+    print(format_table(record))
+    print(
+        f"trained {record['train_seconds']:.0f} s (vision stage loss "
+        f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}), "
+        f"total {time.perf_counter() - start:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
