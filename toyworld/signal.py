@@ -135,8 +135,10 @@ def main() -> None:
         control = write_control(Path(tmp) / "control", args.seed)
         results["random_init"] = signal(str(control), args.train, args.test, args.epochs, args.seed)
     for name, r in results.items():
-        print(f"{name:12s} held-out mIoU {r['miou']:.3f}  ({r['train_phrases']} train / "
-              f"{r['test_phrases']} test phrases, {r['total_s']:.0f}s)")
+        print(
+            f"{name:12s} held-out mIoU {r['miou']:.3f}  ({r['train_phrases']} train / "
+            f"{r['test_phrases']} test phrases, {r['total_s']:.0f}s)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
