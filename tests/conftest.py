@@ -39,3 +39,24 @@ def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     """``[H, W, 3]`` uint8 RGB noise."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 real cores here; 4 logical CPUs so that a
+    model actor, read tasks and decode tasks can run side by side)."""
+    import ray
+
+    if ray.is_initialized():  # another fixture already started it
+        yield ray
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,233 @@
+"""Decode and validate samples on CPU: raw bytes → RGB pixels + phrases, or an error row.
+
+The parsing functions are shared by every job that reads the input format
+(``schemas/INPUT_FORMAT.md``): ``decode_image`` (any PIL mode → uint8 ``[H, W, 3]`` RGB),
+``parse_text`` (``<key>.json`` / ``<key>.txt`` → meta dict), ``phrases_of`` (what to ground) and
+``objects_of`` (training targets: one mask per phrase). Each raises ``SampleError`` whose
+``kind`` is one of ``ERROR_KINDS``.
+
+``decode_batch`` is the pipeline stage: ``RAW_SCHEMA`` rows in, ``DECODED_SCHEMA`` rows out, a
+per-row try/except turning a bad sample into an error row, so that it never fails its shard.
+The heavy columns (image and text bytes) are dropped here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.shards import IMAGE_EXTENSIONS, decode_rle
+
+ERROR_KINDS = {
+    "missing_image": "the sample has no .jpg/.jpeg/.png/.webp file",
+    "multiple_images": "the sample has more than one image file",
+    "empty_image": "the image file has zero bytes",
+    "corrupt_image": "the image does not decode (or is too large to decode safely)",
+    "missing_text": "the sample has neither .json nor .txt",
+    "bad_text": "the text is not UTF-8 / not a JSON object / phrases not a list of strings",
+    "no_phrases": "the phrase list is empty, or a phrase is blank",
+    "caption_only": "only a caption: phrase extraction from captions is a later issue",
+    "bad_objects": "objects / masks do not match the image (training and evaluation only)",
+    "model_error": "the model raised on this sample",
+    "internal_error": "an unexpected exception while decoding (a bug: see the message)",
+}
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),  # "" for a shard-level row (see pipeline.sources)
+        ("n_samples", pa.int64()),
+        ("status", pa.string()),  # "ok" | "error" | "shard"
+        ("error_kind", pa.string()),  # "" when ok
+        ("error", pa.string()),  # "" when ok
+        ("pixels", pa.large_binary()),  # uint8 [height, width, 3] RGB, C order; b"" unless ok
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("phrases", pa.list_(pa.string())),
+        ("shard_error", pa.string()),
+        ("read_s", pa.float64()),
+        ("decode_s", pa.float64()),
+    ]
+)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``kind`` is a key of ``ERROR_KINDS``."""
+
+    def __init__(self, kind: str, message: str):
+        assert kind in ERROR_KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Image file bytes → uint8 ``[H, W, 3]`` RGB in the stored pixel frame (EXIF orientation
+    is not applied, as in COCO). 16-bit greyscale is scaled to 8 bits; images with alpha (RGBA,
+    LA, palette with transparency) are composited over white, as transformers' ``convert_rgb``
+    does for LLaVA; CMYK, palette, greyscale, 1-bit etc. convert through PIL. The first frame of
+    an animation is used."""
+    if not data:
+        raise SampleError("empty_image", "image file has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return _to_rgb(image)
+    except SampleError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+        raise SampleError("corrupt_image", f"{type(error).__name__}: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _high_bit_depth_grey(np.asarray(image))
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _high_bit_depth_grey(values: np.ndarray) -> np.ndarray:
+    """Greyscale with more than 8 bits (PIL modes ``I;16*`` and ``I``) → RGB uint8. ``I`` is
+    treated as 8-bit data when its maximum is below 256, as 16-bit otherwise."""
+    values = values.astype(np.int64)
+    if values.max(initial=0) > 255:
+        values = np.clip(values, 0, 65535) * 255 // 65535
+    grey = values.astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Text: phrases and objects
+# --------------------------------------------------------------------------------------------
+
+
+def parse_text(data: bytes, ext: str) -> dict:
+    """``<key>.json`` (a JSON object) or ``<key>.txt`` (a caption) → meta dict."""
+    if not ext:
+        raise SampleError("missing_text", "sample has neither .json nor .txt")
+    try:
+        text = data.decode("utf-8")
+        meta = json.loads(text) if ext == "json" else {"caption": text}
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SampleError("bad_text", f"{ext}: {error}") from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_text", f"json is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def phrases_of(meta: dict) -> list[str]:
+    """The phrases to ground: ``meta["phrases"]`` as given (non-empty strings, at least one).
+    A caption alone is an error for now (phrase extraction from captions is a later issue)."""
+    if "phrases" not in meta:
+        if isinstance(meta.get("caption"), str):
+            raise SampleError(
+                "caption_only",
+                "caption without phrases: phrase extraction from captions is not implemented "
+                "yet (a later issue); give `phrases`",
+            )
+        raise SampleError("missing_text", "json has neither `phrases` nor `caption`")
+    phrases = meta["phrases"]
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
+        raise SampleError("bad_text", "`phrases` must be a list of strings")
+    if not phrases:
+        raise SampleError("no_phrases", "`phrases` is empty")
+    if any(not p.strip() for p in phrases):
+        raise SampleError("no_phrases", "`phrases` holds a blank phrase")
+    return phrases
+
+
+def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarray]:
+    """Training / evaluation targets: every object's expressions, in object order, and the mask
+    of the object each came from, bool ``[P, height, width]`` in the original frame."""
+    objects = meta.get("objects")
+    if not isinstance(objects, list) or not objects:
+        raise SampleError("bad_objects", "`objects` missing or empty")
+    phrases, masks = [], []
+    try:
+        for obj in objects:
+            mask = decode_rle(obj["mask"])
+            if mask.shape != (height, width):
+                raise SampleError(
+                    "bad_objects", f"mask size {list(mask.shape)} != image {[height, width]}"
+                )
+            for expression in obj["expressions"]:
+                phrases.append(str(expression))
+                masks.append(mask)
+    except SampleError:
+        raise
+    except Exception as error:  # noqa: BLE001 - malformed JSON structures of any kind
+        raise SampleError("bad_objects", f"{type(error).__name__}: {error}") from None
+    if not phrases:
+        raise SampleError("bad_objects", "objects have no expressions")
+    return phrases, np.stack(masks)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stage
+# --------------------------------------------------------------------------------------------
+
+
+def decode_sample(image: bytes, image_ext: str, text: bytes, text_ext: str, exts: str):
+    """One sample's raw files → (uint8 ``[H, W, 3]`` RGB, phrases); raises SampleError.
+    Text is checked first: it is cheap, and a sample without phrases is not worth decoding."""
+    names = exts.split(",") if exts else []
+    n_images = sum(names.count(e) for e in IMAGE_EXTENSIONS)
+    if not image_ext:
+        raise SampleError("missing_image", f"no image among files {names}")
+    if n_images > 1:
+        raise SampleError("multiple_images", f"{n_images} image files: {names}")
+    phrases = phrases_of(parse_text(text, text_ext))
+    return decode_image(image), phrases
+
+
+def decode_batch(batch: pa.Table, chunk: int = 16) -> Iterator[pa.Table]:
+    """Pipeline stage: ``RAW_SCHEMA`` → ``DECODED_SCHEMA``, one row per row, never raising;
+    yields ``chunk`` rows at a time so that a whole shard is never held decoded."""
+    for start in range(0, batch.num_rows, chunk):
+        rows = batch.slice(start, chunk).to_pylist()
+        yield pa.Table.from_pylist([_decode_row(row) for row in rows], DECODED_SCHEMA)
+
+
+def _decode_row(row: dict) -> dict:
+    start = time.perf_counter()
+    out = {name: row[name] for name in ("shard", "key", "n_samples", "shard_error", "read_s")}
+    out.update(status="ok", error_kind="", error="", pixels=b"", height=0, width=0, phrases=[])
+    if not row["key"]:
+        out["status"] = "shard"
+    else:
+        try:
+            args = (row[c] for c in ("image", "image_ext", "text", "text_ext", "exts"))
+            pixels, phrases = decode_sample(*args)
+            height, width = pixels.shape[:2]
+            out.update(pixels=pixels.tobytes(), height=height, width=width, phrases=phrases)
+        except SampleError as error:
+            out.update(status="error", error_kind=error.kind, error=str(error))
+        except Exception as error:  # noqa: BLE001 - a bug on one sample must not fail a shard
+            out.update(status="error", error_kind="internal_error", error=repr(error))
+    out["decode_s"] = time.perf_counter() - start
+    return out
+
+
+def pixels_of(row: dict) -> np.ndarray:
+    """The uint8 ``[height, width, 3]`` image of an ok ``DECODED_SCHEMA`` row."""
+    shape = (row["height"], row["width"], 3)
+    return np.frombuffer(row["pixels"], dtype=np.uint8).reshape(shape)

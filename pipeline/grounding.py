@@ -1,0 +1,133 @@
+"""The model stage: a Ray actor holding one F-LMM, grounding decoded samples in batches.
+
+``GroundingActor`` is a callable class for ``Dataset.map_batches``: built once per actor from a
+``ModelSpec`` (on the GPU Ray gives it, else CPU), called on ``DECODED_SCHEMA`` batches, returning
+``RESULT_SCHEMA`` rows: one per sample, the phrase annotations as parallel lists. Error and
+shard-level rows pass through unchanged. A batch the model raises on is retried sample by
+sample, so one bad sample becomes a ``model_error`` row and the rest of the batch is kept.
+
+Postprocessing (``annotate_logits``): mask = sigmoid(refined) > threshold in the original image
+frame, as COCO RLE; bbox = the mask's tight box, XYWH pixels (zeros for an empty mask); score =
+the mean probability over the mask's pixels (0 for an empty mask), a confidence in [threshold, 1].
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pycocotools.mask as mask_utils
+import ray
+import torch
+
+from pipeline.decode import pixels_of
+from pipeline.spec import ModelSpec
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("n_samples", pa.int64()),
+        ("status", pa.string()),  # "ok" | "error" | "shard"
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("phrases", pa.list_(pa.string())),  # parallel lists, one entry per phrase
+        ("counts", pa.list_(pa.string())),  # COCO RLE counts of a [height, width] mask
+        ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
+        ("scores", pa.list_(pa.float32())),
+        ("shard_error", pa.string()),
+        ("read_s", pa.float64()),
+        ("decode_s", pa.float64()),
+        ("model_s", pa.float64()),  # this sample's share of its batch's model time
+    ]
+)
+
+PASSED_THROUGH = ("shard", "key", "n_samples", "status", "error_kind", "error", "height", "width")
+PASSED_THROUGH += ("phrases", "shard_error", "read_s", "decode_s")
+
+
+def annotate_logits(logits: torch.Tensor, threshold: float = 0.5):
+    """logits ``[P, 1, H, W]`` (original frame) → RLE counts (P str), bboxes float32 ``[P, 4]``
+    XYWH pixels, scores float32 ``[P]`` (mean probability inside each mask)."""
+    prob = torch.sigmoid(logits[:, 0].float()).cpu()
+    masks = prob > threshold
+    stacked = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))  # [H, W, P]
+    rles = mask_utils.encode(stacked)
+    bboxes = mask_utils.toBbox(rles).astype(np.float32).reshape(-1, 4)
+    area = masks.flatten(1).sum(1)
+    scores = (prob * masks).flatten(1).sum(1) / area.clamp(min=1)
+    counts = [rle["counts"].decode("ascii") for rle in rles]
+    return counts, bboxes, scores.numpy().astype(np.float32)
+
+
+def _in_ray_actor() -> bool:
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+class GroundingActor:
+    """One F-LMM per actor. Resources (``num_gpus``, pool size, batch size) are declared where
+    the stage is added, in ``pipeline.annotate``."""
+
+    def __init__(self, spec: ModelSpec, threshold: float = 0.5):
+        if spec.resolved_device().type == "cpu" and _in_ray_actor():
+            # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
+            # each op wait on the slowest thread (10x slower on a loaded 2-core machine).
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            torch.set_num_threads(max(1, round(cpus)))
+        self.model = spec.build()
+        self.threshold = threshold
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        ok = [row for row in rows if row["status"] == "ok"]
+        start = time.perf_counter()
+        outcomes = self._ground(ok)
+        share = (time.perf_counter() - start) / max(1, len(ok))
+        out = []
+        for row in rows:
+            result = {name: row[name] for name in PASSED_THROUGH}
+            result.update(counts=[], bboxes=[], scores=[], model_s=0.0)
+            if row["status"] == "ok":
+                result["model_s"] = share
+                outcome = outcomes[row["key"]]
+                if isinstance(outcome, Exception):
+                    error = f"{type(outcome).__name__}: {outcome}"
+                    result.update(status="error", error_kind="model_error", error=error)
+                else:
+                    result.update(outcome)
+            out.append(result)
+        return pa.Table.from_pylist(out, RESULT_SCHEMA)
+
+    def _ground(self, rows: list[dict]) -> dict[str, dict | Exception]:
+        """key → annotations, or the exception the model raised on that sample alone."""
+        if not rows:
+            return {}
+        keys = [row["key"] for row in rows]
+        try:
+            return dict(zip(keys, self._forward(rows)))
+        except Exception as error:  # noqa: BLE001 - isolate the failing sample(s) below
+            if len(rows) == 1:
+                return {keys[0]: error}
+        return {row["key"]: self._forward_or_error(row) for row in rows}
+
+    def _forward_or_error(self, row: dict) -> dict | Exception:
+        try:
+            return self._forward([row])[0]
+        except Exception as error:  # noqa: BLE001 - becomes a model_error row
+            return error
+
+    def _forward(self, rows: list[dict]) -> list[dict]:
+        with torch.inference_mode():
+            inputs = [
+                self.model.prepare(torch.from_numpy(pixels_of(r).copy()), r["phrases"])
+                for r in rows
+            ]
+            groundings = self.model(inputs)
+        out = []
+        for grounding in groundings:
+            counts, bboxes, scores = annotate_logits(grounding.refined, self.threshold)
+            out.append({"counts": counts, "bboxes": bboxes.tolist(), "scores": scores.tolist()})
+        return out

@@ -1,0 +1,123 @@
+"""Per-shard outputs of the annotation job, on any filesystem pyarrow knows.
+
+    DIR/annotations/<shard>.parquet   ANNOTATIONS_SCHEMA, one row per grounded phrase
+    DIR/samples/<shard>.parquet       SAMPLES_SCHEMA, one row per input sample
+    DIR/_done/<shard>.json            written last: counts, errors by kind, timings, versions
+    DIR/preview.png
+
+Every file is written under a hidden temp name in its folder and then moved into place, so a
+reader never sees a partial file; a shard counts as finished only once its done marker exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
+
+ANNOTATIONS, SAMPLES, DONE = "annotations", "samples", "_done"
+
+
+class OutputDir:
+    """The output folder ``uri`` (local path or ``s3://...``-style URI)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        local = uri if "://" in uri else posixpath.abspath(uri)
+        self.fs, self.root = pafs.FileSystem.from_uri(local)
+
+    def path(self, folder: str, name: str) -> str:
+        return posixpath.join(self.root, folder, name)
+
+    def is_done(self, shard: str) -> bool:
+        info = self.fs.get_file_info(self.path(DONE, f"{shard}.json"))
+        return info.type == pafs.FileType.File
+
+    def clear_done(self, shard: str) -> None:
+        if self.is_done(shard):
+            self.fs.delete_file(self.path(DONE, f"{shard}.json"))
+
+    def read_done(self, shard: str) -> dict:
+        with self.fs.open_input_stream(self.path(DONE, f"{shard}.json")) as f:
+            return json.loads(f.read())
+
+    def read_table(self, folder: str, shard: str) -> pa.Table:
+        return pq.read_table(self.path(folder, f"{shard}.parquet"), filesystem=self.fs)
+
+    def write_shard(
+        self, shard: str, annotations: pa.Table, samples: pa.Table, done: dict, n_input: int
+    ) -> None:
+        """Both tables, then the done marker, each to a temp name first; refuses (ValueError)
+        unless ``samples`` holds each of the shard's ``n_input`` keys exactly once."""
+        check_samples(samples, n_input)
+        self.write_bytes(ANNOTATIONS, f"{shard}.parquet", _parquet_bytes(annotations))
+        self.write_bytes(SAMPLES, f"{shard}.parquet", _parquet_bytes(samples))
+        self.write_bytes(DONE, f"{shard}.json", json.dumps(done, indent=1).encode())
+
+    def write_bytes(self, folder: str, name: str, data: bytes) -> str:
+        """Write ``data`` to ``folder/name`` via ``folder/.name.tmp-<random>`` and a move."""
+        directory = posixpath.join(self.root, folder) if folder else self.root
+        self.fs.create_dir(directory, recursive=True)
+        final = posixpath.join(directory, name)
+        tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+        return final
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def check_samples(samples: pa.Table, n_expected: int) -> None:
+    """Every input key exactly once: ``n_expected`` rows with distinct keys, or ValueError."""
+    keys = samples["key"].to_pylist()
+    if len(keys) != n_expected or len(set(keys)) != n_expected:
+        raise ValueError(
+            f"samples table has {len(keys)} rows, {len(set(keys))} distinct keys; "
+            f"the shard has {n_expected} samples"
+        )
+
+
+def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa.Table]:
+    """``RESULT_SCHEMA`` rows of one shard (sorted by key here) → (annotations, samples)."""
+    annotations: list[dict] = []
+    samples: list[dict] = []
+    for row in sorted(rows, key=lambda r: r["key"]):
+        ok = row["status"] == "ok"
+        error = None if ok else f"{row['error_kind']}: {row['error']}"
+        n = len(row["counts"]) if ok else 0
+        samples.append(
+            {"key": row["key"], "shard": shard, "status": row["status"], "error": error,
+             "n_annotations": n}
+        )  # fmt: skip
+        for i in range(n):
+            annotations.append(_annotation(shard, row, i, model))
+    return (
+        pa.Table.from_pylist(annotations, ANNOTATIONS_SCHEMA),
+        pa.Table.from_pylist(samples, SAMPLES_SCHEMA),
+    )
+
+
+def _annotation(shard: str, row: dict, i: int, model: str) -> dict:
+    return {
+        "key": row["key"],
+        "shard": shard,
+        "phrase": row["phrases"][i],
+        "mask": {"size": [row["height"], row["width"]], "counts": row["counts"][i]},
+        "bbox": row["bboxes"][i],
+        "score": row["scores"][i],
+        "width": row["width"],
+        "height": row["height"],
+        "model": model,
+    }

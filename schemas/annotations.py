@@ -1,0 +1,60 @@
+"""Arrow schemas of the annotation job's output (documented in ``schemas/ANNOTATIONS.md``).
+
+Writers take these schemas as they are; nothing is inferred from data. ``SCHEMA_VERSION`` goes
+up whenever a column is added, removed or changes meaning; it is stored in each schema's
+metadata (``flmm.schema_version``) and in every shard's done marker.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+def _list(item: pa.DataType) -> pa.ListType:
+    """A list type as Parquet stores it (item field named ``element``), so that a table read
+    back from Parquet has exactly the declared schema."""
+    return pa.list_(pa.field("element", item))
+
+
+# COCO RLE as pycocotools writes it: size [h, w], counts the compressed string (ASCII).
+RLE_TYPE = pa.struct(
+    [
+        pa.field("size", _list(pa.int32()), nullable=False),
+        pa.field("counts", pa.string(), nullable=False),
+    ]
+)
+
+
+def _metadata(name: str) -> dict[bytes, bytes]:
+    return {b"flmm.schema": name.encode(), b"flmm.schema_version": str(SCHEMA_VERSION).encode()}
+
+
+# One row per grounded phrase.
+ANNOTATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("phrase", pa.string(), nullable=False),
+        pa.field("mask", RLE_TYPE, nullable=False),
+        pa.field("bbox", _list(pa.float32()), nullable=False),  # XYWH, original pixels
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+    ],
+    metadata=_metadata("annotations"),
+)
+
+# One row per input sample.
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string(), nullable=True),  # "<kind>: <message>", null when ok
+        pa.field("n_annotations", pa.int32(), nullable=False),
+    ],
+    metadata=_metadata("samples"),
+)

@@ -1,0 +1,219 @@
+"""The annotation job end to end on the session's local Ray: tiny real models (random weights),
+real shards with bad samples, real Parquet. The contract of issue 5: every input key exactly
+once, error rows of the right kind, annotations matching the phrases, declared schemas, done
+markers, skip on rerun, --overwrite, no duplicates after an interruption or a killed actor."""
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from annotate_inputs import (
+    MIXED,
+    MIXED_EXPECTED,
+    write_good_shards,
+    write_mixed_shard,
+    write_tar,
+    write_truncated_shard,
+)
+from PIL import Image
+
+from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.decode import decode_image
+from pipeline.shards import IMAGE_EXTENSIONS, decode_rle
+from pipeline.sources import iter_tar_samples
+from pipeline.spec import ModelSpec
+from pipeline.writer import OutputDir
+from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_llava_dir):
+    return ModelSpec(str(tiny_llava_dir), "tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """mixed-000000 (every bad-sample kind + odd image modes), good-00000{0,1}, a truncated tar
+    and an empty one."""
+    directory = tmp_path_factory.mktemp("shards")
+    write_mixed_shard(directory / "mixed-000000.tar")
+    write_tar(directory / "empty-000000.tar", {})
+    write_good_shards(directory, 2, 2)
+    write_truncated_shard(directory / "trunc-000000.tar")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, inputs, spec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("annotate") / "out"
+    config = AnnotateConfig((str(inputs),), str(out), spec, batch_size=3)
+    return config, run_annotation(config)
+
+
+def input_keys(path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in tar.getmembers()))
+
+
+def samples_keys(out) -> Counter:
+    """How often each key appears across every samples file of ``out``."""
+    tables = [pq.read_table(p) for p in sorted((out / "samples").glob("*.parquet"))]
+    return Counter(k for t in tables for k in t.column("key").to_pylist())
+
+
+def test_every_key_exactly_once_with_the_right_status_and_error_kind(first_run, inputs):
+    config, summary = first_run
+    out = OutputDir(config.output)
+    assert sorted(summary.done) == ["empty-000000", "good-000000", "good-000001", "mixed-000000"]
+    assert list(summary.failed) == ["trunc-000000"] and not out.is_done("trunc-000000")
+    assert "ReadError" in summary.failed["trunc-000000"]
+    samples = pq.read_table(out.path("samples", "mixed-000000.parquet")).to_pylist()
+    assert sorted(r["key"] for r in samples) == sorted(MIXED)
+    for row in samples:
+        status, kind = MIXED_EXPECTED[row["key"]]
+        assert row["status"] == status
+        assert (row["error"] or "").split(":")[0] == (kind or ""), row
+    for shard in summary.done:
+        keys = pq.read_table(out.path("samples", f"{shard}.parquet")).column("key").to_pylist()
+        assert sorted(keys) == sorted(input_keys(inputs / f"{shard}.tar"))
+    assert summary.samples == len(MIXED) + 4 and summary.errors == 8
+
+
+def test_annotations_match_the_phrases_and_masks_fit_the_images(first_run, inputs, spec):
+    config, summary = first_run
+    out = OutputDir(config.output)
+    for shard in summary.done:
+        annotations = pq.read_table(out.path("annotations", f"{shard}.parquet"))
+        samples = pq.read_table(out.path("samples", f"{shard}.parquet")).to_pylist()
+        assert annotations.schema.equals(ANNOTATIONS_SCHEMA, check_metadata=True)
+        by_key: dict[str, list[dict]] = {}
+        for row in annotations.to_pylist():
+            by_key.setdefault(row["key"], []).append(row)
+        files_by_key = {k: f for k, f, _ in iter_tar_samples(str(inputs / f"{shard}.tar"))}
+        for sample in samples:
+            rows = by_key.get(sample["key"], [])
+            assert len(rows) == sample["n_annotations"]
+            if sample["status"] != "ok":
+                assert not rows
+                continue
+            files = files_by_key[sample["key"]]
+            image = next(files[e] for e in IMAGE_EXTENSIONS if e in files)
+            height, width = decode_image(image).shape[:2]
+            assert [r["phrase"] for r in rows] == json.loads(files["json"])["phrases"]
+            for r in rows:
+                assert (r["width"], r["height"], r["shard"]) == (width, height, shard)
+                assert decode_rle(r["mask"]).shape == (height, width)
+                x, y, w, h = r["bbox"]
+                assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+                assert 0.0 <= r["score"] <= 1.0
+                assert r["model"] == spec.model_id() == f"{spec.lmm} + heads:random"
+
+
+def test_16_bit_greyscale_rgba_cmyk_and_palette_images_are_annotated(first_run):
+    config, _ = first_run
+    samples = pq.read_table(OutputDir(config.output).path("samples", "mixed-000000.parquet"))
+    ok = {r["key"] for r in samples.to_pylist() if r["status"] == "ok"}
+    assert ok == {"good_rgb", "good_16bit", "good_grey", "good_rgba", "good_cmyk", "good_palette"}
+    image = MIXED["good_grey"][0]["png"]
+    assert decode_image(image).shape == (21, 33, 3)
+
+
+def test_schemas_done_markers_and_preview(first_run):
+    config, summary = first_run
+    out = OutputDir(config.output)
+    for shard in summary.done:
+        schema = pq.read_schema(out.path("samples", f"{shard}.parquet"))
+        assert schema.equals(SAMPLES_SCHEMA, check_metadata=True)
+        done = out.read_done(shard)
+        assert done["schema_version"] == 1 and done["duplicate_rows_dropped"] == 0
+        assert done["ok"] + done["errors"] == done["samples"]
+        assert set(done["versions"]) >= {"torch", "ray", "pyarrow", "flmm-pipeline"}
+    kinds = out.read_done("mixed-000000")["errors_by_kind"]
+    assert kinds == dict(Counter(k for s, k in MIXED_EXPECTED.values() if s == "error"))
+    preview = Image.open(os.path.join(config.output, "preview.png"))
+    assert preview.mode == "RGB" and preview.width >= 200
+    assert "annotate: shards 4 done, 0 skipped, 1 failed" in summary.line()
+    assert out.read_done("empty-000000")["samples"] == 0
+
+
+def test_a_rerun_skips_done_shards_without_touching_them(first_run, inputs):
+    config, first = first_run
+    done_inputs = tuple(str(inputs / f"{name}.tar") for name in first.done)
+    markers = {n: OutputDir(config.output).read_done(n) for n in first.done}
+    again = run_annotation(AnnotateConfig(done_inputs, config.output, config.model))
+    assert sorted(again.skipped) == sorted(first.done) and not again.done and not again.failed
+    assert {n: OutputDir(config.output).read_done(n) for n in first.done} == markers
+
+
+def test_overwrite_redoes_done_shards(ray_session, inputs, spec, tmp_path):
+    shard = str(inputs / "good-000000.tar")
+    config = AnnotateConfig((shard,), str(tmp_path / "out"), spec, batch_size=2)
+    assert run_annotation(config).done == ["good-000000"]
+    before = OutputDir(config.output).read_done("good-000000")
+    time.sleep(1.1)  # finished_at has one-second resolution
+    again = run_annotation(AnnotateConfig((shard,), config.output, spec, overwrite=True))
+    assert again.done == ["good-000000"] and not again.skipped
+    after = OutputDir(config.output).read_done("good-000000")
+    assert after["finished_at"] > before["finished_at"]
+    assert samples_keys(tmp_path / "out") == Counter(input_keys(shard))
+
+
+class DriverDied(Exception):
+    """Raised from the progress callback: the driver dies right after writing one shard."""
+
+
+def test_an_interrupted_run_resumes_without_duplicates(ray_session, spec, tmp_path):
+    paths = write_good_shards(tmp_path / "in", 3, 2)
+    config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1)
+
+    def die(name, done):
+        raise DriverDied(name)
+
+    with pytest.raises(DriverDied) as died:
+        run_annotation(config, on_shard=die)
+    assert len(list((tmp_path / "out" / "_done").glob("*.json"))) == 1
+    resumed = run_annotation(config)
+    assert resumed.skipped == [died.value.args[0]] and len(resumed.done) == 2
+    expected = Counter(k for p in paths for k in input_keys(p))
+    assert samples_keys(tmp_path / "out") == expected and set(expected.values()) == {1}
+
+
+def grounding_actors() -> dict[str, dict]:
+    """The GCS actor table's GroundingActor entries (pid, state, restarts) of this Ray."""
+    from ray._private import state
+
+    return {i: a for i, a in state.actors().items() if "GroundingActor" in a["ActorClassName"]}
+
+
+def test_a_killed_actor_is_restarted_and_every_key_still_appears_once(ray_session, spec, tmp_path):
+    paths = write_good_shards(tmp_path / "in", 4, 3)
+    config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1)
+    killed: dict[str, int] = {}
+
+    def kill_actor_once(name, done):
+        if killed:
+            return
+        alive = {i: a for i, a in grounding_actors().items() if a["State"] == "ALIVE"}
+        actor_id, actor = next(iter(alive.items()))
+        os.kill(actor["Pid"], signal.SIGKILL)  # as the OOM killer or a lost node would
+        killed[actor_id] = len(list((tmp_path / "out" / "_done").glob("*.json")))
+
+    summary = run_annotation(config, on_shard=kill_actor_once)
+    (actor_id, done_when_killed) = next(iter(killed.items()))
+    assert done_when_killed < 4  # killed mid-run, with shards still to do
+    assert grounding_actors()[actor_id]["NumRestarts"] >= 1
+    assert len(summary.done) == 4 and not summary.failed
+    expected = Counter(k for p in paths for k in input_keys(p))
+    assert samples_keys(tmp_path / "out") == expected and set(expected.values()) == {1}
+    for name in summary.done:
+        assert OutputDir(config.output).read_done(name)["duplicate_rows_dropped"] == 0
+
+
+def test_image_extensions_match_the_input_format():
+    assert IMAGE_EXTENSIONS == ("jpg", "jpeg", "png", "webp")
