@@ -79,9 +79,12 @@ def write_toy_shards(
     seed: int,
     config: SceneConfig | None = None,
     split_name: str = "train",
+    first_index: int = 0,
 ) -> list[Path]:
     """Write ``n_scenes`` toy scenes as ``out_dir/{split_name}-{000000..}.tar``; return the paths.
 
+    The scenes are indices ``first_index, first_index + 1, …`` (held-out sets start at the toy
+    world's evaluation offset, 1_000_000, disjoint from every training set).
     Scene ``index`` has key ``f"{split_name}_{index:08d}"`` and seed ``scene_seed(seed, index)``,
     so the shards are a pure function of the arguments (tar mtimes are fixed at 0). Shards are
     written to a hidden temp folder in ``out_dir`` and renamed into place when all are done.
@@ -98,7 +101,7 @@ def write_toy_shards(
     tmp_dir.mkdir(parents=True)
     pattern = str(tmp_dir / f"{split_name}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=scenes_per_shard, verbose=0, mtime=0.0) as sink:
-        for index in range(n_scenes):
+        for index in range(first_index, first_index + n_scenes):
             scene = make_scene(scene_seed(seed, index), config)
             sink.write(
                 {

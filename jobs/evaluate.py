@@ -1,0 +1,114 @@
+"""Evaluate F-LMM heads on eval shards: cIoU / gIoU of the U-Net and refined masks → metrics.json.
+
+    python jobs/evaluate.py --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
+        --sam-checkpoint sam_vit_l.pth --heads heads.safetensors \
+        --shards shards/refcoco [--shards testA=other/dir] [--protocol standard|flmm|both]
+
+--shards takes `[name=]path` (a directory of .tar shards or one .tar) and may repeat; unnamed shards
+are grouped by split name (`refcoco_unc-val-000000.tar` → `refcoco_unc-val`). Writes
+`{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}` (fractions) to --output,
+per-set counts and skipped samples (with reasons) beside it as `*.stats.json`, and prints a table
+(×100). Protocols: standard = each expression its own query; flmm = first expression per object,
+all objects of an image in one sequence. See pipeline/evaluate.py.
+
+With no arguments it evaluates the shipped toy heads (models/toy/heads.safetensors, with the toy
+LMM and toy SAM) on the toy world's held-out scenes, written once to ./out/toy_shards/val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.evaluate import (
+    PROTOCOLS,
+    TOY_HEADS,
+    TOY_LMM,
+    TOY_SAM,
+    EvalConfig,
+    eval_sets,
+    evaluate,
+    markdown_table,
+    metrics_json,
+    toy_val_shards,
+)
+from pipeline.spec import DTYPES, ModelSpec
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--shards", action="append", help="[name=]dir or .tar (repeatable; default: toy)"
+    )
+    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: toy LMM)")
+    p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, tiny, toy")
+    p.add_argument("--sam-checkpoint", help="SAM weights (.pth or .safetensors)")
+    p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
+    p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both"])
+    p.add_argument("--output", type=Path, default=Path("out/evaluate/metrics.json"))
+    return p.parse_args(argv)
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The models to load; without --lmm, the shipped toy LMM, toy SAM and toy heads."""
+    if args.lmm is None:
+        args.lmm, args.sam = str(TOY_LMM), args.sam or "toy"
+        args.sam_checkpoint = args.sam_checkpoint or (str(TOY_SAM) if args.sam == "toy" else None)
+        if args.heads is None and not TOY_HEADS.is_file():
+            sys.exit(
+                f"error: the toy heads {TOY_HEADS} do not exist yet: they are trained by the "
+                "training job (issue 4, jobs/train.py) and shipped when done; train them or pass "
+                "--heads"
+            )
+        args.heads = args.heads or str(TOY_HEADS)
+    if args.heads is None:
+        sys.exit("error: give --heads (a heads checkpoint to evaluate)")
+    if not Path(args.heads).is_file():
+        sys.exit(f"error: heads checkpoint {args.heads} not found")
+    return ModelSpec(
+        args.lmm, args.sam or "vit_l", args.sam_checkpoint, args.heads, args.dtype, args.device
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        model = model_spec(args)
+        specs = args.shards or [str(toy_val_shards(Path("out/toy_shards/val")))]
+        config = EvalConfig(
+            sets=tuple(eval_sets(specs)),
+            model=model,
+            protocols=PROTOCOLS if args.protocol == "both" else (args.protocol,),
+            batch_size=args.batch_size,
+            limit=args.limit,
+            output=args.output,
+        )
+        start = time.perf_counter()
+        results = evaluate(config)
+    except (ValueError, KeyError) as error:  # bad --shards or --sam, heads that do not fit, ...
+        sys.exit(f"error: {error}")
+    print(markdown_table(metrics_json(results)))
+    for name, r in results.items():
+        if r.skipped.total():
+            print(f"{name}: skipped {r.skipped.total()} sample(s): {r.skipped.describe()}")
+    samples = sum(r.samples for r in results.values())
+    skipped = sum(r.skipped.total() for r in results.values())
+    queries = sum(r.queries for r in results.values())
+    print(
+        f"evaluated {samples} samples ({skipped} skipped), {queries} queries in "
+        f"{time.perf_counter() - start:.1f}s → {args.output}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Evaluation of F-LMM heads on eval shards: cIoU / gIoU of the U-Net and the refined masks.
+
+Data path for one eval set (shards of ``schemas/INPUT_FORMAT.md`` with ``objects``):
+
+    tar samples → decode + validate on CPU → EvalSample (image, expressions, GT masks [N, H, W])
+                                           ↘ SkipSample(reason): counted per reason, never a crash
+    batch of B images → queries of every protocol (one LMM sequence each, below)
+      → one LMM prefill over all sequences, one SAM encoding per image (shared by its sequences)
+      → heads → logits [P, 1, H, W] (original frame) → sigmoid > 0.5 → MaskIoU per protocol/output
+
+Protocols (how an image's objects become LMM sequences):
+  * ``standard``: every expression of every object is its own query, alone in its own sequence;
+    n = number of expressions.
+  * ``flmm`` (F-LMM's): the first expression of each object, all objects of the image in one
+    sequence; n = number of objects.
+
+The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
+the other jobs run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from flmm.metrics import MaskIoU
+from flmm.model import FLMM, GroundingInput
+from pipeline.decode import SampleError, decode_image, objects_of, parse_text
+from pipeline.shards import IMAGE_EXTENSIONS
+from pipeline.spec import ModelSpec
+
+PROTOCOLS = ("standard", "flmm")
+OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding.refined
+
+
+# --------------------------------------------------------------------------------------------
+# Eval sets and samples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A named list of ``.tar`` shards, read in order."""
+
+    name: str
+    paths: tuple[Path, ...]
+
+
+def split_name(shard: Path) -> str:
+    """``val-000003.tar`` → ``val``; ``refcoco_unc-testA-000000.tar`` → ``refcoco_unc-testA``."""
+    stem = shard.name.removesuffix(".tar")
+    prefix, _, number = stem.rpartition("-")
+    return prefix if prefix and number.isdigit() else stem
+
+
+def eval_sets(specs: Iterable[str]) -> list[EvalSet]:
+    """Parse ``--shards`` values: ``[name=]path``, path a ``.tar`` file or a directory of them.
+
+    Without a name, shards are grouped by split name (``split_name``), so a directory written by
+    ``jobs/prepare_refcoco.py`` gives one set per split. Sets with the same name are merged.
+    """
+    groups: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, sep, path_text = spec.rpartition("=")
+        path = Path(path_text if sep else spec)
+        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        if not shards or not all(p.is_file() for p in shards):
+            raise ValueError(f"--shards {spec}: no .tar shards at {path}")
+        for shard in shards:
+            paths = groups.setdefault(name if sep else split_name(shard), [])
+            if shard not in paths:
+                paths.append(shard)
+    return [EvalSet(name, tuple(paths)) for name, paths in groups.items()]
+
+
+@dataclass
+class EvalSample:
+    """One image with its referred objects.
+
+    image ``[H, W, 3]`` uint8 RGB, original frame; expressions: per object, its expressions
+    (non-empty); masks ``[N, H, W]`` bool ground truth of the N objects, original frame.
+    """
+
+    key: str
+    image: np.ndarray
+    expressions: list[list[str]]
+    masks: np.ndarray
+
+
+class SkipSample(Exception):
+    """A sample that cannot be evaluated; the message is the reason (counted per reason)."""
+
+
+def decode_sample(raw: dict) -> EvalSample:
+    """A raw webdataset sample (bytes per extension) → EvalSample, or SkipSample(reason).
+
+    Decoding and validation are the other jobs' (``pipeline.decode``); the reason is the
+    ``SampleError`` kind (``decode.ERROR_KINDS``).
+    """
+    try:
+        images = [e for e in IMAGE_EXTENSIONS if e in raw]
+        if not images:
+            raise SampleError("missing_image", "no image")
+        rgb = decode_image(raw[images[0]])
+        text_ext = next((e for e in ("json", "txt") if e in raw), "")
+        meta = parse_text(raw.get(text_ext, b""), text_ext)
+        objects = meta.get("objects")
+        if not isinstance(objects, list) or not objects:
+            raise SampleError("bad_objects", "no objects")
+        expressions, masks = [], []
+        for obj in objects:  # validated one by one to keep the grouping by object
+            phrases, mask = objects_of({"objects": [obj]}, *rgb.shape[:2])
+            expressions.append(phrases)
+            masks.append(mask[0])
+    except SampleError as error:
+        raise SkipSample(error.kind) from error
+    return EvalSample(raw["__key__"], rgb, expressions, np.stack(masks))
+
+
+@dataclass
+class Skipped:
+    """Skipped samples per reason, with the first few keys of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, key: str, reason: str) -> None:
+        self.counts[reason] += 1
+        keys = self.examples.setdefault(reason, [])
+        if len(keys) < 5:
+            keys.append(key)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
+            for reason, n in sorted(self.counts.items())
+        )
+
+
+def iter_samples(paths: Iterable[Path], skipped: Skipped, limit: int | None = None):
+    """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
+    bad samples go to ``skipped``."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(p) for p in paths]), wds.tarfile_to_samples()
+    )
+    for n, raw in enumerate(pipeline):
+        if limit is not None and n >= limit:
+            return
+        try:
+            yield decode_sample(raw)
+        except SkipSample as reason:
+            skipped.add(raw.get("__key__", "?"), str(reason))
+
+
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# Queries and grounding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One LMM sequence: ``phrases`` of image ``image`` (index in the batch), each referring to
+    the object ``objects[i]`` of that image, scored under ``protocol``."""
+
+    protocol: str
+    image: int
+    phrases: tuple[str, ...]
+    objects: tuple[int, ...]
+
+
+def sequences(expressions: list[list[str]], protocol: str, image: int = 0) -> list[Sequence]:
+    """The LMM sequences of one image's objects (``expressions`` per object) under ``protocol``."""
+    if protocol == "standard":
+        return [
+            Sequence(protocol, image, (phrase,), (k,))
+            for k, phrases in enumerate(expressions)
+            for phrase in phrases
+        ]
+    if protocol == "flmm":
+        firsts = tuple(phrases[0] for phrases in expressions)
+        return [Sequence(protocol, image, firsts, tuple(range(len(expressions))))]
+    raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
+
+
+def ground(model: FLMM, images: list[np.ndarray], seqs: list[Sequence]):
+    """Logits of every sequence's phrases: one LMM prefill over ``seqs``, one SAM encoding per
+    image (shared by that image's sequences). Returns ``model.decode``'s Groundings, in order."""
+    tensors = [torch.from_numpy(image) for image in images]
+    sam = [model.image_encoder.preprocess(t) for t in tensors]  # (pixels [1,3,S,S], (h1, w1))
+    inputs = [
+        GroundingInput(model.lmm.prepare(tensors[s.image], list(s.phrases)), *sam[s.image])
+        for s in seqs
+    ]
+    lmm_out = model.lmm([x.lmm for x in inputs])
+    device = model.image_encoder.pixel_mean.device
+    embeddings = model.image_encoder(torch.cat([pixels for pixels, _ in sam]).to(device))
+    per_sequence = embeddings[torch.tensor([s.image for s in seqs], device=device)]
+    return model.decode(inputs, lmm_out.attention, lmm_out.hidden, per_sequence)
+
+
+def masks_of(logits: torch.Tensor) -> torch.Tensor:
+    """``[P, 1, H, W]`` logits → ``[P, H, W]`` bool masks, sigmoid > 0.5."""
+    return logits[:, 0].float().sigmoid() > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetResult:
+    """Accumulators and counts of one eval set."""
+
+    metrics: dict[str, dict[str, MaskIoU]]  # protocol → output → accumulator
+    skipped: Skipped = field(default_factory=Skipped)
+    samples: int = 0  # evaluated (valid) samples
+    queries: int = 0  # phrases grounded, all protocols
+    seconds: float = 0.0
+
+
+def evaluate_set(
+    model: FLMM,
+    eval_set: EvalSet,
+    protocols: tuple[str, ...],
+    batch_size: int,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+    log_every: float = 10.0,
+) -> SetResult:
+    """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images."""
+    result = SetResult({p: {o: MaskIoU() for o in OUTPUTS} for p in protocols})
+    start = last_log = time.perf_counter()
+    for batch in batched(iter_samples(eval_set.paths, result.skipped, limit), batch_size):
+        seqs = [
+            s
+            for b, x in enumerate(batch)
+            for p in protocols
+            for s in sequences(x.expressions, p, b)
+        ]
+        with torch.inference_mode():
+            groundings = ground(model, [x.image for x in batch], seqs)
+        for seq, grounding in zip(seqs, groundings):
+            gt = torch.from_numpy(batch[seq.image].masks[list(seq.objects)])
+            result.metrics[seq.protocol]["unet"].update(masks_of(grounding.coarse), gt)
+            result.metrics[seq.protocol]["refined"].update(masks_of(grounding.refined), gt)
+        result.samples += len(batch)
+        result.queries += sum(len(s.phrases) for s in seqs)
+        if time.perf_counter() - last_log >= log_every:
+            last_log = time.perf_counter()
+            log(f"  {eval_set.name}: {progress(result, last_log - start)}")
+    result.seconds = time.perf_counter() - start
+    log(f"  {eval_set.name}: done, {progress(result, result.seconds)}")
+    return result
+
+
+def progress(result: SetResult, seconds: float) -> str:
+    return (
+        f"{result.samples} samples, {result.queries} queries, "
+        f"{result.skipped.total()} skipped, {seconds:.0f}s"
+    )
+
+
+def metrics_json(results: dict[str, SetResult]) -> dict:
+    """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``."""
+    return {
+        f"{name}/{protocol}": {output: acc.result() for output, acc in outputs.items()}
+        for name, result in results.items()
+        for protocol, outputs in result.metrics.items()
+    }
+
+
+def stats_json(results: dict[str, SetResult]) -> dict:
+    """Per set: samples evaluated, queries, seconds, and skipped samples per reason."""
+    return {
+        name: {
+            "samples": r.samples,
+            "queries": r.queries,
+            "seconds": round(r.seconds, 3),
+            "skipped": dict(r.skipped.counts),
+            "skipped_examples": r.skipped.examples,
+        }
+        for name, r in results.items()
+    }
+
+
+def write_json(data: dict, path: Path) -> Path:
+    """Write ``data`` as indented JSON via a temp name and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def markdown_table(metrics: dict) -> str:
+    """The metrics as a markdown table, values ×100 with one decimal as papers print them."""
+    lines = [
+        "| eval set | protocol | n | U-Net cIoU | U-Net gIoU | refined cIoU | refined gIoU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, outputs in metrics.items():
+        name, _, protocol = key.rpartition("/")
+        values = [outputs[o][m] for o in OUTPUTS for m in ("ciou", "giou")]
+        cells = " | ".join(f"{100 * v:.1f}" if math.isfinite(v) else "-" for v in values)
+        lines.append(f"| {name} | {protocol} | {outputs['unet']['n']} | {cells} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Config, model, toy defaults, entry
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_LMM = REPO / "models" / "toy" / "llava"
+TOY_SAM = REPO / "models" / "toy" / "sam.safetensors"
+TOY_HEADS = REPO / "models" / "toy" / "heads.safetensors"
+TOY_EVAL_START = 1_000_000  # held-out toy scenes: indices from here on (toyworld.lmm.EVAL_START)
+TOY_VAL_SCENES = 100  # ~300 objects, ~1800 expressions; ~4 min on one CPU core
+TOY_SCENES_PER_SHARD = 100
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    sets: tuple[EvalSet, ...]
+    model: ModelSpec
+    protocols: tuple[str, ...] = PROTOCOLS
+    batch_size: int = 8
+    limit: int | None = None
+    output: Path = Path("out/evaluate/metrics.json")
+
+
+def toy_val_shards(cache: Path, n_scenes: int = TOY_VAL_SCENES) -> Path:
+    """The toy world's held-out scenes (seed 0, indices ``TOY_EVAL_START …``) as ``val`` shards in
+    ``cache``, written once; reused when already there."""
+    from pipeline.shards import write_toy_shards
+
+    n_shards = math.ceil(n_scenes / TOY_SCENES_PER_SHARD)
+    expected = [cache / f"val-{i:06d}.tar" for i in range(n_shards)]
+    if not all(p.is_file() for p in expected):
+        write_toy_shards(
+            cache,
+            n_scenes,
+            TOY_SCENES_PER_SHARD,
+            seed=0,
+            split_name="val",
+            first_index=TOY_EVAL_START,
+        )
+    return cache
+
+
+def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, SetResult]:
+    """Load the model once, evaluate every set; write ``metrics.json`` and ``*.stats.json``."""
+    model = config.model.build()
+    results = {}
+    for eval_set in config.sets:
+        protocols = ", ".join(config.protocols)
+        log(f"{eval_set.name}: {len(eval_set.paths)} shard(s), protocols {protocols}")
+        results[eval_set.name] = evaluate_set(
+            model, eval_set, config.protocols, config.batch_size, config.limit, log
+        )
+    write_json(metrics_json(results), config.output)
+    write_json(stats_json(results), config.output.with_suffix(".stats.json"))
+    return results

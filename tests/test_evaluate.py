@@ -1,0 +1,205 @@
+"""jobs/evaluate.py: metrics of real (tiny) models on real shards, checked against a direct run."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import jobs.evaluate as job
+from flmm.build import build_flmm, build_sam, sam_config
+from flmm.heads import save_heads
+from flmm.lmm import FrozenLlava
+from flmm.metrics import MaskIoU
+from pipeline.evaluate import (
+    EvalSet,
+    Sequence,
+    eval_sets,
+    sequences,
+    split_name,
+    toy_val_shards,
+)
+from pipeline.shards import decode_rle, png_bytes, read_samples, write_toy_shards
+from toyworld.scenes import SceneConfig, make_scene, scene_seed
+
+# Small scenes with few objects keep the query count (and the U-Net's cost) low.
+SCENES = SceneConfig(min_side=48, max_side=72, min_objects=2, max_objects=2)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llava_dir, tmp_path_factory):
+    """Paths of a tiny LLaVA, a tiny SAM's weights and random heads saved for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the U-Net dominates; one thread is fastest on a shared CPU
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("eval_models")
+    sam = build_sam(sam_config("tiny"))
+    save_file(sam.state_dict(), str(out / "sam.safetensors"))
+    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    heads = build_flmm(lmm, sam).heads
+    # A positive U-Net bias makes the random heads predict non-trivial masks (not all empty).
+    last_conv = [m for m in heads.mask_decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    last_conv.bias.data.fill_(0.5)
+    save_heads(heads, out / "heads.safetensors")
+    yield {
+        "lmm": str(tiny_llava_dir),
+        "sam": out / "sam.safetensors",
+        "heads": out / "heads.safetensors",
+    }
+    torch.set_num_threads(threads)
+
+
+def _write_tar(path: Path, samples: list[dict]) -> Path:
+    """A shard written by hand: each sample is ``{"__key__": key, ext: bytes, ...}``."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _bad_shard(directory: Path) -> Path:
+    """One good toy sample between an undecodable image and a sample without objects."""
+    good = next(read_samples(write_toy_shards(directory / "src", 1, 1, seed=9, config=SCENES)))
+    meta = json.dumps(good["meta"]).encode()
+    directory.mkdir(exist_ok=True)
+    return _write_tar(
+        directory / "bad-000000.tar",
+        [
+            {"__key__": "broken", "png": b"not a png", "json": meta},
+            {"__key__": "good", "png": png_bytes(good["image"]), "json": meta},
+            {"__key__": "empty", "png": png_bytes(good["image"]), "json": b'{"objects": []}'},
+        ],
+    )
+
+
+def _direct_metrics(models: dict, shards: list[Path]) -> dict:
+    """The metrics computed without the job: the model run one image and one sequence at a
+    time through ``FLMM.forward``, masks sigmoid > 0.5, MaskIoU."""
+    lmm = FrozenLlava.from_pretrained(models["lmm"])
+    model = build_flmm(lmm, build_sam(sam_config("tiny"), models["sam"]), models["heads"])
+    acc = {(p, o): MaskIoU() for p in ("standard", "flmm") for o in ("unet", "refined")}
+    for sample in read_samples(shards):
+        image = torch.from_numpy(sample["image"].copy())
+        objects = sample["meta"]["objects"]
+        queries = [("standard", [e], [k]) for k, o in enumerate(objects) for e in o["expressions"]]
+        queries.append(("flmm", [o["expressions"][0] for o in objects], list(range(len(objects)))))
+        for protocol, phrases, index in queries:
+            with torch.inference_mode():
+                (out,) = model([model.prepare(image, phrases)])
+            gt = np.stack([decode_rle(objects[k]["mask"]) for k in index])
+            acc[protocol, "unet"].update(out.coarse[:, 0].sigmoid() > 0.5, gt)
+            acc[protocol, "refined"].update(out.refined[:, 0].sigmoid() > 0.5, gt)
+    return {
+        f"toy/{p}": {o: acc[p, o].result() for o in ("unet", "refined")}
+        for p in ("standard", "flmm")
+    }
+
+
+def test_sequences_follow_each_protocol():
+    expressions = [["the red circle", "the circle"], ["the blue square"]]
+    assert sequences(expressions, "standard", image=3) == [
+        Sequence("standard", 3, ("the red circle",), (0,)),
+        Sequence("standard", 3, ("the circle",), (0,)),
+        Sequence("standard", 3, ("the blue square",), (1,)),
+    ]
+    assert sequences(expressions, "flmm") == [
+        Sequence("flmm", 0, ("the red circle", "the blue square"), (0, 1))
+    ]
+
+
+def test_shards_are_grouped_by_split_unless_named(tmp_path):
+    for name in ("refcoco_unc-val-000000", "refcoco_unc-val-000001", "refcoco_unc-testA-000000"):
+        (tmp_path / f"{name}.tar").write_bytes(b"")
+    assert split_name(Path("val-000003.tar")) == "val"
+    assert eval_sets([str(tmp_path)]) == [
+        EvalSet("refcoco_unc-testA", (tmp_path / "refcoco_unc-testA-000000.tar",)),
+        EvalSet("refcoco_unc-val", tuple(sorted(tmp_path.glob("refcoco_unc-val-*.tar")))),
+    ]
+    named = eval_sets([f"all={tmp_path}"])
+    assert [s.name for s in named] == ["all"] and len(named[0].paths) == 3
+    with pytest.raises(ValueError, match="no .tar shards"):
+        eval_sets([str(tmp_path / "missing")])
+
+
+def test_toy_val_shards_hold_the_held_out_scenes(tmp_path):
+    (path,) = toy_val_shards(tmp_path, n_scenes=2).glob("*.tar")
+    samples = list(read_samples([path]))
+    assert [s["key"] for s in samples] == ["val_01000000", "val_01000001"]
+    np.testing.assert_array_equal(samples[1]["image"], make_scene(scene_seed(0, 1_000_001)).image)
+
+
+def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
+    models, tmp_path, capsys
+):
+    toy = write_toy_shards(tmp_path / "toy", 2, 1, seed=1, config=SCENES, split_name="val")
+    bad = _bad_shard(tmp_path / "bad")
+    output = tmp_path / "metrics.json"
+    flags = {
+        "--lmm": models["lmm"],
+        "--sam": "tiny",
+        "--sam-checkpoint": models["sam"],
+        "--heads": models["heads"],
+        "--batch-size": 2,
+        "--output": output,
+        "--device": "cpu",
+    }
+    argv = [str(v) for flag_value in flags.items() for v in flag_value]
+    job.main([*argv, "--shards", f"toy={tmp_path / 'toy'}", "--shards", str(bad)])
+    metrics = json.loads(output.read_text())
+
+    assert set(metrics) == {"toy/standard", "toy/flmm", "bad/standard", "bad/flmm"}
+    for value in metrics.values():
+        assert set(value) == {"unet", "refined"}
+        for result in value.values():
+            assert set(result) == {"ciou", "giou", "n"}
+            assert 0.0 <= result["ciou"] <= 1.0 and 0.0 <= result["giou"] <= 1.0
+    objects = [o for s in read_samples(toy) for o in s["meta"]["objects"]]
+    assert metrics["toy/standard"]["unet"]["n"] == sum(len(o["expressions"]) for o in objects)
+    assert metrics["toy/flmm"]["refined"]["n"] == len(objects) == 4
+    assert metrics["bad/flmm"]["unet"]["n"] == 2  # only the good sample's two objects
+
+    direct = _direct_metrics(models, toy)
+    assert 0.0 < direct["toy/standard"]["unet"]["giou"] < 1.0  # non-trivial masks
+    for key, outputs in direct.items():
+        for name, result in outputs.items():
+            assert metrics[key][name] == pytest.approx(result, abs=1e-9), (key, name)
+
+    stdout = capsys.readouterr().out
+    assert "| toy | standard |" in stdout and "| bad | flmm |" in stdout
+    assert "bad: skipped 2 sample(s)" in stdout
+    assert "corrupt_image: 1 (e.g. broken)" in stdout and "bad_objects: 1 (e.g. empty)" in stdout
+    stats = json.loads((tmp_path / "metrics.stats.json").read_text())
+    assert stats["bad"]["skipped"] == {"corrupt_image": 1, "bad_objects": 1}
+    assert stats["bad"]["samples"] == 1 and stats["toy"]["samples"] == 2
+
+
+def test_no_arguments_without_toy_heads_says_they_are_not_trained_yet(monkeypatch, tmp_path):
+    monkeypatch.setattr(job, "TOY_HEADS", tmp_path / "heads.safetensors")
+    with pytest.raises(SystemExit, match="toy heads .* do not exist yet"):
+        job.main([])
+
+
+def test_no_arguments_evaluate_toy_heads_on_held_out_toy_shards(models, monkeypatch, tmp_path):
+    """The default path: toy LMM + toy SAM + toy heads (random ones here, the real ones are not
+    shipped yet), held-out shards generated into ./out/toy_shards/val, ./out/evaluate/metrics.json.
+    ``--limit 1`` keeps it to one scene."""
+    sam = build_sam(sam_config("toy"), job.TOY_SAM)
+    heads = build_flmm(FrozenLlava.from_pretrained(str(job.TOY_LMM)), sam).heads
+    monkeypatch.setattr(job, "TOY_HEADS", save_heads(heads, tmp_path / "toy_heads.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    job.main(["--limit", "1"])
+    metrics = json.loads((tmp_path / "out" / "evaluate" / "metrics.json").read_text())
+    sample = next(read_samples([tmp_path / "out" / "toy_shards" / "val" / "val-000000.tar"]))
+    assert sample["key"] == "val_01000000"
+    objects = sample["meta"]["objects"]
+    assert metrics["val/flmm"]["refined"]["n"] == len(objects)
+    assert metrics["val/standard"]["unet"]["n"] == sum(len(o["expressions"]) for o in objects)
