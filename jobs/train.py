@@ -1,0 +1,152 @@
+"""Train F-LMM's heads on WebDataset shards with Ray Train (frozen LMM + SAM in Ray Data actors).
+
+    python jobs/train.py --shards 'data/refcoco-train-{000000..000199}.tar' \
+        --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
+        --sam-checkpoint sam_vit_l_0b3195.pth --workers 4 --gpus-per-worker 1 \
+        --encode-actors 4 --encode-gpus 1 --epochs 8 --output heads.safetensors
+
+    ray job submit --working-dir . -- python jobs/train.py ...   # the same, on a cluster
+
+With no arguments it trains the toy world's heads: toy training shards (written once to
+out/toy/train/), toy LMM + toy SAM from models/toy/, heads to out/train/heads.safetensors.
+Rerunning the same command (same --name and --storage) resumes from the latest checkpoint; a
+finished run is not trained again, its heads are exported. Each worker logs its step metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flmm.optim import OptimConfig
+from pipeline.spec import DTYPES, ModelSpec
+from pipeline.train import TrainJob, fit_heads
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "models" / "toy"
+TOY_TRAIN = Path("out/toy/train")  # toy-world training shards, written on first use
+TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED = 1000, 100, 0
+TOY_EPOCHS, TOY_LR = 4, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shards", action="append", help="shard dir, .tar, brace pattern or URI")
+    p.add_argument("--output", default="out/train/heads.safetensors", help="final heads file")
+    p.add_argument("--storage", default="out/train/runs", help="Ray Train storage (checkpoints)")
+    p.add_argument("--name", default="flmm-heads", help="run name (same name + storage: resume)")
+    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: toy LMM)")
+    p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
+    p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
+    p.add_argument("--init-heads", help="start from these heads instead of SAM + random U-Net")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
+    p.add_argument("--epochs", type=int, default=None, help=f"default 1 (toy: {TOY_EPOCHS})")
+    p.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
+    p.add_argument("--lr", type=float, help=f"default {OptimConfig.lr} (toy: {TOY_LR})")
+    p.add_argument("--workers", type=int, default=1, help="DDP workers")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--encode-actors", type=int, default=1, help="frozen LMM + SAM actors")
+    p.add_argument("--encode-gpus", type=float, default=0.0, help="GPUs per frozen actor")
+    p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per frozen actor")
+    p.add_argument("--encode-batch", type=int, default=8, help="images per frozen forward")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps")
+    p.add_argument("--log-every", type=int, default=10, help="steps")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, running Ray, or new)")
+    p.add_argument("--num-cpus", type=int, help="start a local Ray with this many CPUs")
+    p.add_argument("--summary", help="also write the run summary here (JSON)")
+    return p.parse_args(argv)
+
+
+def toy_defaults(args: argparse.Namespace) -> None:
+    """Fill what is unset with the toy world: training shards, toy LMM, toy SAM."""
+    if args.shards is None:
+        args.shards = [str(toy_train_shards(TOY_TRAIN))]
+        args.epochs = args.epochs or TOY_EPOCHS
+        args.lr = args.lr or TOY_LR
+    if args.lmm is None:
+        args.lmm = str(TOY / "llava")
+        args.sam = args.sam or "toy"
+        args.sam_checkpoint = args.sam_checkpoint or str(TOY / "sam.safetensors")
+    args.epochs = args.epochs or 1
+    args.lr = args.lr or OptimConfig.lr
+    args.sam = args.sam or "vit_l"
+
+
+def toy_train_shards(directory: Path) -> Path:
+    """The toy world's training shards in ``directory``, written once (deterministic)."""
+    n_shards = -(-TOY_TRAIN_SCENES // TOY_SCENES_PER_SHARD)
+    if len(list(directory.glob("train-*.tar"))) != n_shards:
+        from pipeline.shards import write_toy_shards
+
+        print(f"writing {TOY_TRAIN_SCENES} toy-world training scenes to {directory}/")
+        write_toy_shards(directory, TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED)
+    return directory
+
+
+def job_of(args: argparse.Namespace) -> TrainJob:
+    spec = ModelSpec(
+        lmm=args.lmm,
+        sam_variant=args.sam,
+        sam_checkpoint=args.sam_checkpoint,
+        heads=args.init_heads,
+        dtype=args.dtype,
+        device="auto",
+    )
+    return TrainJob(
+        shards=tuple(args.shards),
+        spec=spec,
+        output=args.output,
+        storage=args.storage,
+        name=args.name,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        encode_actors=args.encode_actors,
+        encode_gpus=args.encode_gpus,
+        encode_cpus=args.encode_cpus,
+        encode_batch=args.encode_batch,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        optim=OptimConfig(lr=args.lr),
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    toy_defaults(args)
+    import ray
+
+    if not ray.is_initialized():
+        # --num-cpus asks for a new local Ray (never joins a running one)
+        address = args.address or ("local" if args.num_cpus else None)
+        ray.init(address=address, num_cpus=args.num_cpus if address in (None, "local") else None)
+    try:
+        summary = fit_heads(job_of(args))
+    except ValueError as error:  # bad inputs: no shards, too few samples, missing paths
+        sys.exit(f"error: {error}")
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    metrics = summary["metrics"] or {}
+    print(
+        f"trained {summary['steps']}/{summary['total_steps']} steps on {summary['samples']} "
+        f"samples ({summary['unusable_samples']} unusable) in {summary['seconds']:.0f}s; "
+        f"final loss {metrics.get('loss', float('nan')):.4f}; heads → {summary['output']}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The frozen stage of head training: shards → decoded training samples → ``ImageFeatures``.
+
+    from_items(shards) → read_shard (pipeline.sources) → training_samples (CPU) → EncodeActor
+    (frozen LMM + SAM image encoder, GPU when given) → rows {shard, key, features: bytes}
+
+The same reader and parsers as the annotation job. A training sample grounds one expression per
+annotated object (drawn afresh every time the stream is read, i.e. every epoch), all objects of
+an image in one sequence, each with its object's mask as target — F-LMM's training layout.
+Samples that cannot be used (bad image, no objects, …) are dropped here and counted by
+``count_training_samples``; they never fail a shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from pipeline.decode import SampleError, decode_image, objects_of, parse_text
+from pipeline.features import ImageFeatures
+from pipeline.sources import read_shard
+from pipeline.spec import ModelSpec
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("status", pa.string()),  # "ok" | "error"
+        ("error", pa.string()),
+        ("pixels", pa.large_binary()),  # uint8 [height, width, 3] RGB
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("phrases", pa.list_(pa.string())),  # one expression per object
+        ("masks", pa.large_binary()),  # uint8 [P, height, width], 0/1
+    ]
+)
+FEATURE_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("key", pa.string()), ("features", pa.large_binary())]
+)
+
+
+def training_sample(row: dict, rng: np.random.Generator) -> dict:
+    """A ``RAW_SCHEMA`` row → a ``SAMPLE_SCHEMA`` row (status "error" with the reason if the
+    sample is unusable for training)."""
+    out = {"shard": row["shard"], "key": row["key"], "status": "ok", "error": ""}
+    out.update(pixels=b"", height=0, width=0, phrases=[], masks=b"")
+    try:
+        if row["shard_error"] or not row["key"]:
+            raise SampleError("internal_error", row["shard_error"] or "empty shard")
+        if not row["image_ext"]:
+            raise SampleError("missing_image", "sample has no image")
+        pixels = decode_image(row["image"])
+        height, width = pixels.shape[:2]
+        meta = parse_text(row["text"], row["text_ext"])
+        expressions, masks = objects_of(meta, height, width)  # validated, flat over objects
+        counts = [len(obj["expressions"]) for obj in meta["objects"]]
+        starts = np.cumsum([0, *counts[:-1]])
+        picks = [int(s + rng.integers(n)) for s, n in zip(starts, counts) if n]
+        out.update(pixels=pixels.tobytes(), height=height, width=width)
+        out["phrases"] = [expressions[i] for i in picks]
+        out["masks"] = masks[picks].astype(np.uint8).tobytes()
+    except SampleError as error:
+        out.update(status="error", error=f"{error.kind}: {error}")
+    return out
+
+
+def training_samples(batch: pa.Table) -> pa.Table:
+    """Pipeline stage: raw rows → training samples; unusable ones are dropped (see module)."""
+    rng = np.random.default_rng()
+    rows = [training_sample(row, rng) for row in batch.to_pylist()]
+    return pa.Table.from_pylist([r for r in rows if r["status"] == "ok"], SAMPLE_SCHEMA)
+
+
+class EncodeActor:
+    """Holds the frozen LMM and SAM image encoder (``spec.build()``; the heads are not used) and
+    runs one batched LMM prefill + SAM encoding per batch of images."""
+
+    def __init__(self, spec: ModelSpec):
+        self.model = spec.build()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        with torch.inference_mode():
+            inputs = []
+            for row in rows:
+                image = np.frombuffer(row["pixels"], np.uint8).reshape(
+                    row["height"], row["width"], 3
+                )
+                inputs.append(self.model.prepare(torch.from_numpy(image.copy()), row["phrases"]))
+            lmm_out, embeddings = self.model.encode(inputs)
+        out = []
+        for b, row in enumerate(rows):
+            shape = (len(row["phrases"]), row["height"], row["width"])
+            masks = torch.from_numpy(np.frombuffer(row["masks"], np.uint8).reshape(shape).copy())
+            features = ImageFeatures(
+                attention=lmm_out.attention[b],
+                hidden=lmm_out.hidden[b],
+                embedding=embeddings[b],
+                masks=masks,
+                sam_input_size=inputs[b].sam_input_size,
+            )
+            out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})
+        return pa.Table.from_pylist(out, FEATURE_SCHEMA)
+
+
+READ_CPUS = 0.25  # read + decode tasks are light; whole CPUs would starve a small node
+
+
+def _raw(uris: dict[str, str]) -> ray.data.Dataset:
+    items = [{"uri": uri, "shard": name} for name, uri in uris.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+
+
+def count_training_samples(uris: dict[str, str]) -> tuple[int, int]:
+    """(usable, unusable) samples in the shards: one cheap pass that reads and decodes."""
+
+    def tally(batch: pa.Table) -> pa.Table:
+        rows = [training_sample(row, np.random.default_rng(0)) for row in batch.to_pylist()]
+        return pa.table({"ok": [r["status"] == "ok" for r in rows]})
+
+    counted = _raw(uris).map_batches(
+        tally, batch_size=16, batch_format="pyarrow", num_cpus=READ_CPUS
+    )
+    flags = counted.to_pandas()["ok"]
+    return int(flags.sum()), int((~flags).sum())
+
+
+def features_dataset(
+    uris: dict[str, str],
+    spec: ModelSpec,
+    batch_size: int,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+) -> ray.data.Dataset:
+    """The stream the trainer's workers split: rows ``FEATURE_SCHEMA``, one per usable image.
+
+    uris: shard name → URI (``pipeline.sources.resolve_shards`` + ``shard_name``).
+    """
+    samples = _raw(uris).map_batches(
+        training_samples, batch_size=16, batch_format="pyarrow", num_cpus=READ_CPUS
+    )
+    return samples.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=actors,
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )

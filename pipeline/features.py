@@ -1,0 +1,62 @@
+"""What the frozen stage hands the head trainer: one image's encoder outputs as one bytes value.
+
+The frozen LMM and SAM image encoder run in Ray Data actors; the trainer's workers only run the
+heads. Between them travels, per image, a safetensors blob (ragged per-phrase tensors need no
+Arrow tensor extension, and the bytes are the same on every node):
+
+    attention  [P, L·H, h, w]   phrase→image attention maps (float16)
+    hidden_<i> [n_tok_i, L, D]  hidden states of phrase i's tokens, every layer (float16)
+    embedding  [C, He, We]      SAM image embedding (float16)
+    masks      [P, H, W]        ground-truth masks, original frame (uint8 0/1)
+    sam_input  [2]              (h1, w1): the image's size inside SAM's input frame (int64)
+
+The LMM's square-frame geometry follows from (H, W) (``ImageGeometry.of``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load, save
+
+from flmm.lmm import ImageGeometry
+
+
+@dataclass
+class ImageFeatures:
+    """One image's frozen-encoder outputs and targets (CPU tensors; shapes in the module doc)."""
+
+    attention: torch.Tensor
+    hidden: list[torch.Tensor]
+    embedding: torch.Tensor
+    masks: torch.Tensor
+    sam_input_size: tuple[int, int]
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry.of(*self.masks.shape[-2:])
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "attention": self.attention.to(torch.float16),
+            "embedding": self.embedding.to(torch.float16),
+            "masks": self.masks.to(torch.uint8),
+            "sam_input": torch.tensor(self.sam_input_size, dtype=torch.int64),
+        }
+        for i, h in enumerate(self.hidden):
+            tensors[f"hidden_{i}"] = h.to(torch.float16)
+        return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ImageFeatures:
+        tensors = load(blob)
+        n = tensors["attention"].shape[0]
+        h1, w1 = tensors["sam_input"].tolist()
+        return cls(
+            attention=tensors["attention"],
+            hidden=[tensors[f"hidden_{i}"] for i in range(n)],
+            embedding=tensors["embedding"],
+            masks=tensors["masks"],
+            sam_input_size=(h1, w1),
+        )

@@ -1,0 +1,310 @@
+"""Head training on Ray Train: the worker loop (heads only, DDP) and its checkpoints.
+
+The frozen encoders run upstream in Ray Data actors (``pipeline.encode``); every worker of the
+``TorchTrainer`` receives ``ImageFeatures`` blobs from its split of that stream and trains the
+F-LMM heads — U-Net, text layer weights / projection, SAM prompt encoder + mask decoder — with
+F-LMM's loss and recipe (``flmm.optim``).
+
+Every worker runs exactly ``steps_per_epoch`` steps per epoch (the stream is split equally and a
+worker stops at that count), so DDP's collectives always pair up. A checkpoint directory holds
+
+    heads.safetensors   the heads' state dict (``flmm.heads.save_heads``)
+    trainer.pt          optimizer + schedule state and the global step (``weights_only`` loadable)
+
+and is reported through ``ray.train.report``. A worker that restarts after a failure, or a rerun
+of the same run (same name and storage path), resumes from the latest one; within an epoch it
+skips the batches already trained on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flmm.build import HeadsConfig, build_heads, build_sam, sam_config
+from flmm.heads import FLMMHeads, load_heads, save_heads
+from flmm.model import grounding_loss
+from flmm.optim import OptimConfig, build_optimizer, step
+from pipeline.features import ImageFeatures
+from pipeline.spec import ModelSpec
+
+HEADS_FILE = "heads.safetensors"
+STATE_FILE = "trainer.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a worker needs. ``batch_size``: images per worker per step."""
+
+    heads: HeadsConfig
+    sam_variant: str
+    sam_checkpoint: str | None
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    init_heads: str | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def build_trainable_heads(config: TrainConfig) -> FLMMHeads:
+    """Heads on SAM's pretrained prompt encoder / mask decoder (its image encoder is not kept),
+    a seeded random U-Net, or ``init_heads`` when given."""
+    torch.manual_seed(config.seed)
+    sam = build_sam(sam_config(config.sam_variant), config.sam_checkpoint)
+    heads = build_heads(config.heads, sam)
+    if config.init_heads:
+        load_heads(heads, config.init_heads)
+    return heads.train()
+
+
+def train_on_batch(
+    model: torch.nn.Module, features: list[ImageFeatures], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Heads forward over one batch of images and F-LMM's loss parts (BCE + Dice, U-Net and
+    refined). ``model`` is ``FLMMHeads`` or its DDP wrapper."""
+    outputs = model(
+        [f.attention.float() for f in features],
+        [[h.float() for h in f.hidden] for f in features],
+        torch.stack([f.embedding for f in features]).to(device, torch.float32),
+        [f.geometry for f in features],
+        [f.sam_input_size for f in features],
+    )
+    return grounding_loss(outputs, [f.masks.float() for f in features])
+
+
+def save_checkpoint(directory: Path, heads: FLMMHeads, optim, schedule, global_step: int) -> None:
+    save_heads(heads, directory / HEADS_FILE, {"step": str(global_step)})
+    state = {"optimizer": optim.state_dict(), "schedule": schedule.state_dict()}
+    torch.save({**state, "step": global_step}, directory / STATE_FILE)
+
+
+def load_checkpoint(directory: Path, heads: FLMMHeads) -> dict:
+    """Load the heads in place; returns the trainer state (optimizer, schedule, step)."""
+    load_heads(heads, directory / HEADS_FILE)
+    return torch.load(directory / STATE_FILE, weights_only=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The ``TorchTrainer`` worker function (``loop_config = {"config": TrainConfig}``)."""
+    import ray.train
+    import ray.train.torch
+
+    config: TrainConfig = loop_config["config"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    heads = build_trainable_heads(config)
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(Path(directory), heads)
+    # SAM's IoU head and multimask tokens get no gradient (single-mask output).
+    model = ray.train.torch.prepare_model(
+        heads, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    optim, schedule = build_optimizer(model, config.total_steps, config.optim)
+    global_step = resumed_from = 0
+    if state is not None:
+        optim.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        global_step = resumed_from = int(state["step"])
+        if rank == 0:
+            print(f"resumed from step {global_step} of {config.total_steps}")
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    while global_step < config.total_steps:
+        skip = global_step % config.steps_per_epoch
+        batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy")
+        tick = time.perf_counter()
+        for i, batch in enumerate(batches):
+            if i >= config.steps_per_epoch:
+                break
+            if i < skip:
+                tick = time.perf_counter()
+                continue
+            features = [ImageFeatures.from_bytes(blob) for blob in batch["features"]]
+            with autocast:
+                parts = train_on_batch(model, features, device)
+            loss = parts["total"]
+            grad_norm = step(loss, model, optim, schedule, config.optim)
+            global_step += 1
+            seconds = time.perf_counter() - tick
+            metrics = {
+                "step": global_step,
+                "epoch": (global_step - 1) // config.steps_per_epoch,
+                **{k: float(v) for k, v in parts.items() if k != "total"},
+                "loss": float(loss),
+                "resumed_from": resumed_from,
+                "world_size": world,
+                "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel),
+                "lr": schedule.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "samples_per_s": len(features) * world / max(seconds, 1e-9),
+            }
+            last = global_step == config.total_steps
+            if global_step % config.checkpoint_every == 0 or last:
+                _report_with_checkpoint(metrics, heads, optim, schedule, global_step, rank)
+            elif global_step % config.log_every == 0:
+                ray.train.report(metrics)
+            if rank == 0 and (global_step % config.log_every == 0 or last):
+                parts_text = " ".join(
+                    f"{k} {float(v):.3f}" for k, v in parts.items() if k != "total"
+                )
+                print(
+                    f"step {global_step}/{config.total_steps} loss {float(loss):.4f} "
+                    f"({parts_text}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} img/s"
+                )
+            if last:
+                break
+            tick = time.perf_counter()
+
+
+def _report_with_checkpoint(metrics, heads, optim, schedule, global_step: int, rank: int) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint directory."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), heads, optim, schedule, global_step)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One head-training run. ``name`` + ``storage`` identify it: running the same job again
+    resumes from its latest checkpoint (and only exports the heads when it had finished).
+
+    workers / cpus_per_worker / gpus_per_worker: the ``TorchTrainer``'s DDP workers;
+    encode_actors / encode_gpus / encode_batch: the frozen stage's actor pool, GPUs per actor and
+    images per LMM forward; batch_size: images per worker per step.
+    """
+
+    shards: tuple[str, ...]
+    spec: ModelSpec
+    output: str
+    storage: str
+    name: str = "flmm-heads"
+    epochs: int = 1
+    batch_size: int = 4
+    workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 0.0
+    encode_actors: int = 1
+    encode_gpus: float = 0.0
+    encode_cpus: float = 1.0
+    encode_batch: int = 8
+    checkpoint_every: int = 50
+    log_every: int = 10
+    max_failures: int = 3
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def lmm_dims(lmm: str) -> HeadsConfig:
+    """Heads sized for an LMM, read from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(lmm).text_config
+    return HeadsConfig(text.num_hidden_layers, text.num_attention_heads, text.hidden_size)
+
+
+def fit_heads(job: TrainJob) -> dict:
+    """Train (or resume, or just export) the heads; write them to ``job.output``; returns a
+    summary (steps, samples, final metrics, seconds, checkpoint path)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.encode import count_training_samples, features_dataset
+    from pipeline.sources import resolve_shards, shard_name
+
+    start = time.perf_counter()
+    uris = {shard_name(uri): uri for uri in resolve_shards(list(job.shards))}
+    usable, unusable = count_training_samples(uris)
+    steps_per_epoch = usable // (job.batch_size * job.workers)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{usable} usable training samples ({unusable} unusable) in {len(uris)} shards: "
+            f"fewer than one step of {job.batch_size} images x {job.workers} workers"
+        )
+    config = TrainConfig(
+        heads=lmm_dims(job.spec.lmm),
+        sam_variant=job.spec.sam_variant,
+        sam_checkpoint=job.spec.sam_checkpoint,
+        epochs=job.epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=job.batch_size,
+        checkpoint_every=job.checkpoint_every,
+        log_every=job.log_every,
+        seed=job.seed,
+        init_heads=job.spec.heads,
+        optim=job.optim,
+    )
+    print(
+        f"training heads: {usable} samples ({unusable} unusable, skipped) in {len(uris)} shards, "
+        f"{job.epochs} epochs x {steps_per_epoch} steps of {job.batch_size} images x "
+        f"{job.workers} workers"
+    )
+    resources = {"CPU": job.cpus_per_worker}
+    if job.gpus_per_worker:
+        resources["GPU"] = job.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.workers,
+            use_gpu=job.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            storage_path=str(Path(job.storage).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": features_dataset(
+                uris,
+                job.spec,
+                job.encode_batch,
+                actors=job.encode_actors,
+                gpus_per_actor=job.encode_gpus,
+                cpus_per_actor=job.encode_cpus,
+            )
+        },
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {job.name} produced no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        heads = build_trainable_heads(config)
+        step_done = int(load_checkpoint(Path(directory), heads)["step"])
+        save_heads(heads, job.output, {"steps": str(step_done), "lmm": job.spec.lmm})
+    return {
+        "steps": step_done,
+        "total_steps": config.total_steps,
+        "samples": usable,
+        "unusable_samples": unusable,
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path,
+        "output": job.output,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
