@@ -101,8 +101,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))  # writable
+    return np.array(image.convert("RGB"))
 
 
 def _high_bit_depth_grey(values: np.ndarray) -> np.ndarray:
