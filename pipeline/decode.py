@@ -3,7 +3,7 @@
 The parsing functions are shared by every job that reads the input format
 (``schemas/INPUT_FORMAT.md``): ``decode_image`` (any PIL mode → uint8 ``[H, W, 3]`` RGB),
 ``parse_text`` (``<key>.json`` / ``<key>.txt`` → meta dict), ``phrases_of`` (what to ground) and
-``objects_of`` (training targets: one mask per phrase). Each raises ``SampleError`` whose
+``object_targets`` / ``objects_of`` (training targets: per object / one mask per phrase). Each raises ``SampleError`` whose
 ``kind`` is one of ``ERROR_KINDS``.
 
 ``decode_batch`` is the pipeline stage: ``RAW_SCHEMA`` rows in, ``DECODED_SCHEMA`` rows out, a
@@ -155,13 +155,13 @@ def phrases_of(meta: dict) -> list[str]:
     return phrases
 
 
-def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarray]:
-    """Training / evaluation targets: every object's expressions, in object order, and the mask
-    of the object each came from, bool ``[P, height, width]`` in the original frame."""
+def object_targets(meta: dict, height: int, width: int) -> list[tuple[list[str], np.ndarray]]:
+    """Every annotated object, in order: its expressions (possibly none) and its mask, bool
+    ``[height, width]`` in the original frame. Validates every object and mask."""
     objects = meta.get("objects")
     if not isinstance(objects, list) or not objects:
         raise SampleError("bad_objects", "`objects` missing or empty")
-    phrases, masks = [], []
+    targets = []
     try:
         for obj in objects:
             mask = decode_rle(obj["mask"])
@@ -169,16 +169,22 @@ def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarr
                 raise SampleError(
                     "bad_objects", f"mask size {list(mask.shape)} != image {[height, width]}"
                 )
-            for expression in obj["expressions"]:
-                phrases.append(str(expression))
-                masks.append(mask)
+            targets.append(([str(e) for e in obj["expressions"]], mask))
     except SampleError:
         raise
     except Exception as error:  # noqa: BLE001 - malformed JSON structures of any kind
         raise SampleError("bad_objects", f"{type(error).__name__}: {error}") from None
+    return targets
+
+
+def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarray]:
+    """Training / evaluation targets flat over objects: every object's expressions, in object
+    order, and the mask of the object each came from, bool ``[P, height, width]``."""
+    targets = object_targets(meta, height, width)
+    phrases = [e for expressions, _ in targets for e in expressions]
     if not phrases:
         raise SampleError("bad_objects", "objects have no expressions")
-    return phrases, np.stack(masks)
+    return phrases, np.stack([mask for expressions, mask in targets for _ in expressions])
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.decode import SampleError, decode_image, objects_of, parse_text
+from pipeline.decode import SampleError, decode_image, object_targets, parse_text
 from pipeline.features import ImageFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
@@ -53,13 +53,12 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
         pixels = decode_image(row["image"])
         height, width = pixels.shape[:2]
         meta = parse_text(row["text"], row["text_ext"])
-        expressions, masks = objects_of(meta, height, width)  # validated, flat over objects
-        counts = [len(obj["expressions"]) for obj in meta["objects"]]
-        starts = np.cumsum([0, *counts[:-1]])
-        picks = [int(s + rng.integers(n)) for s, n in zip(starts, counts) if n]
+        targets = [(e, m) for e, m in object_targets(meta, height, width) if e]
+        if not targets:
+            raise SampleError("bad_objects", "objects have no expressions")
         out.update(pixels=pixels.tobytes(), height=height, width=width)
-        out["phrases"] = [expressions[i] for i in picks]
-        out["masks"] = masks[picks].astype(np.uint8).tobytes()
+        out["phrases"] = [e[int(rng.integers(len(e)))] for e, _ in targets]
+        out["masks"] = np.stack([m for _, m in targets]).astype(np.uint8).tobytes()
     except SampleError as error:
         out.update(status="error", error=f"{error.kind}: {error}")
     return out

@@ -34,7 +34,7 @@ import webdataset as wds
 
 from flmm.metrics import MaskIoU
 from flmm.model import FLMM, GroundingInput
-from pipeline.decode import SampleError, decode_image, objects_of, parse_text
+from pipeline.decode import SampleError, decode_image, object_targets, parse_text
 from pipeline.shards import IMAGE_EXTENSIONS
 from pipeline.spec import ModelSpec
 
@@ -113,14 +113,11 @@ def decode_sample(raw: dict) -> EvalSample:
         rgb = decode_image(raw[images[0]])
         text_ext = next((e for e in ("json", "txt") if e in raw), "")
         meta = parse_text(raw.get(text_ext, b""), text_ext)
-        objects = meta.get("objects")
-        if not isinstance(objects, list) or not objects:
-            raise SampleError("bad_objects", "no objects")
-        expressions, masks = [], []
-        for obj in objects:  # validated one by one to keep the grouping by object
-            phrases, mask = objects_of({"objects": [obj]}, *rgb.shape[:2])
-            expressions.append(phrases)
-            masks.append(mask[0])
+        targets = object_targets(meta, *rgb.shape[:2])
+        if not all(expressions for expressions, _ in targets):
+            raise SampleError("bad_objects", "an object has no expressions")
+        expressions = [e for e, _ in targets]
+        masks = [m for _, m in targets]
     except SampleError as error:
         raise SkipSample(error.kind) from error
     return EvalSample(raw["__key__"], rgb, expressions, np.stack(masks))
