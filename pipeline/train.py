@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from flmm.build import HeadsConfig, build_heads, build_sam, sam_config
-from flmm.heads import FLMMHeads, load_heads, save_heads
+from flmm.heads import FLMMHeads, load_heads, save_heads, save_tensors
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
 from pipeline.features import ImageFeatures
@@ -295,9 +296,11 @@ def fit_heads(job: TrainJob) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.name} produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
-        heads = build_trainable_heads(config)
-        step_done = int(load_checkpoint(Path(directory), heads)["step"])
-        save_heads(heads, job.output, {"steps": str(step_done), "lmm": job.spec.lmm})
+        # the worker validated the heads when it saved them; the driver only copies them (it
+        # need not have the SAM checkpoint, nor build SAM)
+        step_done = int(torch.load(Path(directory) / STATE_FILE, weights_only=True)["step"])
+        metadata = {"steps": str(step_done), "lmm": job.spec.lmm}
+        save_tensors(load_file(Path(directory) / HEADS_FILE), job.output, metadata)
     return {
         "steps": step_done,
         "total_steps": config.total_steps,
