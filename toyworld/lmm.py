@@ -34,6 +34,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.lmm import FrozenLlava, ImageGeometry, llava_pixels
+from flmm.optim import OptimConfig
+from flmm.optim import step as optim_step
 from flmm.prompt import PromptConfig, PromptLayout, build_prompt
 from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava
 from toyworld.scenes import (
@@ -272,8 +274,10 @@ def pretrain_vision(
     grid, heads = _probe_layout(model, data.scenes)
     tower = model.model.vision_tower.train().requires_grad_(True)
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, sum(heads))
-    params = [*tower.parameters(), *probe.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
+    trained = torch.nn.ModuleList([tower, probe])
+    optimizer = torch.optim.AdamW(
+        trained.parameters(), lr=recipe.vision_lr, weight_decay=recipe.weight_decay
+    )
     warmup = max(1, recipe.vision_steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, Recipe(steps=recipe.vision_steps, warmup=warmup))
@@ -291,17 +295,20 @@ def pretrain_vision(
             F.cross_entropy(part.transpose(1, 2), targets[:, k])
             for k, part in enumerate(logits.split(heads, dim=-1))
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optim_step(loss, trained, optimizer, schedule, OptimConfig(grad_clip=recipe.grad_clip))
         losses.append(loss.item())
-        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.vision_steps:
-            recent = np.mean(losses[-recipe.log_every :])
-            per_step = (time.perf_counter() - start) / (step + 1)
-            log(f"vision step {step + 1:5d}  loss {recent:.4f}  {per_step:.3f} s/step")
+        _log_progress(log, "vision step", losses, recipe.vision_steps, recipe.log_every, start)
     return probe, losses
+
+
+def _log_progress(
+    log: Callable[[str], None], label: str, losses: list[float], total: int, every: int, start
+) -> None:
+    """Every ``every`` steps and at the last: mean recent loss and seconds per step."""
+    done = len(losses)
+    if done % every == 0 or done == total:
+        per_step = (time.perf_counter() - start) / done
+        log(f"{label} {done:5d}  loss {np.mean(losses[-every:]):.4f}  {per_step:.3f} s/step")
 
 
 def _probe_layout(model, scenes: SceneConfig) -> tuple[tuple[int, int], tuple[int, int, int]]:
@@ -383,16 +390,9 @@ def pretrain(
         batch = data.training_batch(step, recipe)
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optim_step(loss, model, optimizer, schedule, OptimConfig(grad_clip=recipe.grad_clip))
         losses.append(loss.item())
-        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
-            recent = np.mean(losses[-recipe.log_every :])
-            per_step = (time.perf_counter() - start) / (step + 1)
-            log(f"step {step + 1:5d}  loss {recent:.4f}  {per_step:.3f} s/step")
+        _log_progress(log, "step", losses, recipe.steps, recipe.log_every, start)
     return losses
 
 
