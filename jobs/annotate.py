@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.shards import cached_toy_shards
 from pipeline.sources import resolve_shards
 from pipeline.spec import DTYPES, ModelSpec
 
@@ -62,7 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def toy_defaults(args: argparse.Namespace) -> None:
     """Fill what is unset with the toy world: sample shards, toy LMM, toy SAM, toy heads."""
     if not args.input:
-        args.input = [str(toy_sample_shards(TOY_SAMPLES))]
+        args.input = [
+            str(
+                cached_toy_shards(
+                    TOY_SAMPLES, TOY_SAMPLE_SCENES, TOY_SCENES_PER_SHARD, TOY_SAMPLE_SEED, "sample"
+                )
+            )
+        ]
     if args.lmm is None:
         args.lmm = str(TOY / "llava")
         args.sam = args.sam or "toy"
@@ -76,19 +83,6 @@ def toy_defaults(args: argparse.Namespace) -> None:
             "INITIALISED, so the masks are noise; train heads and pass --heads",
             file=sys.stderr,
         )
-
-
-def toy_sample_shards(directory: Path) -> Path:
-    """The toy world's sample shards in ``directory``, written once (deterministic)."""
-    n_shards = -(-TOY_SAMPLE_SCENES // TOY_SCENES_PER_SHARD)
-    if len(list(directory.glob("sample-*.tar"))) != n_shards:
-        from pipeline.shards import write_toy_shards
-
-        directory.mkdir(parents=True, exist_ok=True)
-        write_toy_shards(
-            directory, TOY_SAMPLE_SCENES, TOY_SCENES_PER_SHARD, TOY_SAMPLE_SEED, split_name="sample"
-        )
-    return directory
 
 
 def config_of(args: argparse.Namespace) -> AnnotateConfig:

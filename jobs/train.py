@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flmm.optim import OptimConfig
+from pipeline.shards import cached_toy_shards
 from pipeline.spec import DTYPES, ModelSpec
 from pipeline.train import TrainJob, fit_heads
 
@@ -68,7 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def toy_defaults(args: argparse.Namespace) -> None:
     """Fill what is unset with the toy world: training shards, toy LMM, toy SAM."""
     if args.shards is None:
-        args.shards = [str(toy_train_shards(TOY_TRAIN))]
+        args.shards = [
+            str(
+                cached_toy_shards(
+                    TOY_TRAIN, TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED, "train"
+                )
+            )
+        ]
         args.epochs = args.epochs or TOY_EPOCHS
         args.lr = args.lr or TOY_LR
     if args.lmm is None:
@@ -78,17 +85,6 @@ def toy_defaults(args: argparse.Namespace) -> None:
     args.epochs = args.epochs or 1
     args.lr = args.lr or OptimConfig.lr
     args.sam = args.sam or "vit_l"
-
-
-def toy_train_shards(directory: Path) -> Path:
-    """The toy world's training shards in ``directory``, written once (deterministic)."""
-    n_shards = -(-TOY_TRAIN_SCENES // TOY_SCENES_PER_SHARD)
-    if len(list(directory.glob("train-*.tar"))) != n_shards:
-        from pipeline.shards import write_toy_shards
-
-        print(f"writing {TOY_TRAIN_SCENES} toy-world training scenes to {directory}/")
-        write_toy_shards(directory, TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED)
-    return directory
 
 
 def job_of(args: argparse.Namespace) -> TrainJob:

@@ -35,7 +35,7 @@ import webdataset as wds
 from flmm.metrics import MaskIoU
 from flmm.model import FLMM, GroundingInput
 from pipeline.decode import SampleError, decode_image, object_targets, parse_text
-from pipeline.shards import IMAGE_EXTENSIONS
+from pipeline.shards import IMAGE_EXTENSIONS, cached_toy_shards
 from pipeline.spec import ModelSpec
 
 PROTOCOLS = ("standard", "flmm")
@@ -353,20 +353,9 @@ class EvalConfig:
 def toy_val_shards(cache: Path, n_scenes: int = TOY_VAL_SCENES) -> Path:
     """The toy world's held-out scenes (seed 0, indices ``TOY_EVAL_START …``) as ``val`` shards in
     ``cache``, written once; reused when already there."""
-    from pipeline.shards import write_toy_shards
-
-    n_shards = math.ceil(n_scenes / TOY_SCENES_PER_SHARD)
-    expected = [cache / f"val-{i:06d}.tar" for i in range(n_shards)]
-    if not all(p.is_file() for p in expected):
-        write_toy_shards(
-            cache,
-            n_scenes,
-            TOY_SCENES_PER_SHARD,
-            seed=0,
-            split_name="val",
-            first_index=TOY_EVAL_START,
-        )
-    return cache
+    return cached_toy_shards(
+        cache, n_scenes, TOY_SCENES_PER_SHARD, seed=0, split_name="val", first_index=TOY_EVAL_START
+    )
 
 
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, SetResult]:

@@ -113,6 +113,24 @@ def write_toy_shards(
     return move_into_place(sorted(tmp_dir.glob("*.tar")), out_dir, tmp_dir)
 
 
+def cached_toy_shards(
+    out_dir: str | Path,
+    n_scenes: int,
+    scenes_per_shard: int,
+    seed: int,
+    split_name: str,
+    first_index: int = 0,
+) -> Path:
+    """``out_dir`` holding ``write_toy_shards(...)``'s shards, written only if one is missing."""
+    out_dir = Path(out_dir)
+    n_shards = -(-n_scenes // scenes_per_shard)
+    if not all((out_dir / f"{split_name}-{i:06d}.tar").is_file() for i in range(n_shards)):
+        print(f"writing {n_scenes} toy-world {split_name} scenes to {out_dir}/")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_toy_shards(out_dir, n_scenes, scenes_per_shard, seed, None, split_name, first_index)
+    return out_dir
+
+
 def move_into_place(paths: list[Path], out_dir: Path, tmp_dir: Path) -> list[Path]:
     """Rename each finished shard from ``tmp_dir`` into ``out_dir`` and remove ``tmp_dir``."""
     final = []
