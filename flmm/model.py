@@ -51,9 +51,13 @@ class FLMM(nn.Module):
 
     def encode(self, inputs: list[GroundingInput]):
         """The frozen part: one LMM prefill and one SAM encoding for the whole batch."""
-        lmm_out = self.lmm([x.lmm for x in inputs])
+        return self.lmm([x.lmm for x in inputs]), self.encode_images(inputs)
+
+    def encode_images(self, inputs: list[GroundingInput]) -> torch.Tensor:
+        """One batched SAM encoding → embeddings ``[B, C, He, We]``, one per image (shared by
+        all of its phrases)."""
         pixels = torch.cat([x.sam_pixels for x in inputs]).to(self.image_encoder.pixel_mean.device)
-        return lmm_out, self.image_encoder(pixels)
+        return self.image_encoder(pixels)
 
     def forward(self, inputs: list[GroundingInput]) -> list[Grounding]:
         lmm_out, embeddings = self.encode(inputs)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.decode import decode_batch
-from pipeline.grounding import GroundingActor
+from pipeline.grounding import STAGES, GroundingActor
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
@@ -52,7 +52,8 @@ class AnnotateConfig:
 
 @dataclass
 class Summary:
-    """What one run did. ``seconds``: wall time of the run, model loading included."""
+    """What one run did. ``seconds``: wall time of the run, model loading included;
+    ``write_s``: the driver's time building and writing the shards' outputs."""
 
     output: str
     done: list[str] = field(default_factory=list)
@@ -62,6 +63,7 @@ class Summary:
     errors: int = 0
     annotations: int = 0
     seconds: float = 0.0
+    write_s: float = 0.0
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -175,6 +177,7 @@ class _Collector:
             self.summary.failed[name] = buffer.error or f"incomplete: {got}"
 
     def _finish(self, name: str, buffer: _ShardBuffer) -> None:
+        started = time.perf_counter()
         rows = list(buffer.rows.values())
         annotations, samples = shard_tables(name, rows, self.model_id)
         elapsed = time.perf_counter() - self.start
@@ -184,6 +187,8 @@ class _Collector:
         except Exception as error:  # noqa: BLE001 - this shard fails; others go on
             self.summary.failed[name] = f"write failed: {type(error).__name__}: {error}"
             return
+        finally:
+            self.summary.write_s += time.perf_counter() - started
         self.summary.done.append(name)
         self.summary.samples += done["samples"]
         self.summary.errors += done["errors"]
@@ -208,6 +213,7 @@ def _done_marker(name, buffer, rows, annotations: pa.Table, model_id: str, elaps
             "read_s": max((r["read_s"] for r in rows), default=0.0),
             "decode_s": sum(r["decode_s"] for r in rows),
             "model_s": sum(r["model_s"] for r in rows),
+            **{stage: sum(r[stage] for r in rows) for stage in STAGES},
             "finished_after_s": elapsed,
         },
         "model": model_id,

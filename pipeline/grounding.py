@@ -24,6 +24,8 @@ import torch
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
 
+STAGES = ("prepare_s", "lmm_s", "sam_s", "heads_s", "post_s")
+
 RESULT_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
@@ -42,6 +44,10 @@ RESULT_SCHEMA = pa.schema(
         ("read_s", pa.float64()),
         ("decode_s", pa.float64()),
         ("model_s", pa.float64()),  # this sample's share of its batch's model time
+        # model_s split by stage (shares of the batch's successful forward; 0 on error rows):
+        # prepare (LMM + SAM preprocessing), LMM prefill, SAM image encoder, heads (U-Net +
+        # refiner), postprocess (threshold, RLE, box, score)
+        *((name, pa.float64()) for name in STAGES),
     ]
 )
 
@@ -90,6 +96,7 @@ class GroundingActor:
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
             result.update(counts=[], bboxes=[], scores=[], model_s=0.0)
+            result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
                 outcome = outcomes[row["key"]]
@@ -120,14 +127,42 @@ class GroundingActor:
             return error
 
     def _forward(self, rows: list[dict]) -> list[dict]:
+        """``FLMM.forward`` stage by stage (one batched LMM prefill, one SAM encoding per image,
+        the heads over all phrases), each stage timed; per sample: annotations + stage shares."""
+        clock = _StageClock(self.model.image_encoder.pixel_mean.device)
+        model = self.model
         with torch.inference_mode():
             inputs = [
-                self.model.prepare(torch.from_numpy(pixels_of(r).copy()), r["phrases"])
-                for r in rows
+                model.prepare(torch.from_numpy(pixels_of(r).copy()), r["phrases"]) for r in rows
             ]
-            groundings = self.model(inputs)
+            clock.mark("prepare_s")
+            lmm_out = model.lmm([x.lmm for x in inputs])
+            clock.mark("lmm_s")
+            embeddings = model.encode_images(inputs)
+            clock.mark("sam_s")
+            groundings = model.decode(inputs, lmm_out.attention, lmm_out.hidden, embeddings)
+            clock.mark("heads_s")
         out = []
         for grounding in groundings:
             counts, bboxes, scores = annotate_logits(grounding.refined, self.threshold)
             out.append({"counts": counts, "bboxes": bboxes.tolist(), "scores": scores.tolist()})
-        return out
+        clock.mark("post_s")
+        shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
+        return [{**o, **shares} for o in out]
+
+
+class _StageClock:
+    """Seconds between successive ``mark(stage)`` calls; on CUDA each mark synchronises first,
+    so that a stage's time is its kernels' time, not their launch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.last
+        self.last = now
