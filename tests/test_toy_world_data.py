@@ -97,6 +97,7 @@ def test_several_expression_kinds_occur(scenes):
 def test_image_sizes_vary_and_are_mostly_non_square(scenes):
     sizes = [s.image.shape[:2] for s in scenes]
     assert all(CONFIG.min_side <= v <= CONFIG.max_side for hw in sizes for v in hw)
+    assert all(max(h, w) <= CONFIG.max_aspect * min(h, w) for h, w in sizes)
     assert len(set(sizes)) > N_SCENES // 2
     assert sum(h != w for h, w in sizes) >= 0.9 * N_SCENES
     assert all(s.image.dtype == np.uint8 and s.image.shape[2] == 3 for s in scenes)

@@ -4,8 +4,8 @@ expressions.
 No pretrained weights exist where this project is developed, so we own a small world in which a
 tiny LLaVA and a tiny SAM are pretrained and the F-LMM heads are trained and evaluated.
 
-A scene is an RGB image of ``H×W`` pixels (each side drawn from ``[min_side, max_side]``, mostly
-non-square) with 2–4 objects. Every object has a shape, a colour and a size ("small" | "big"); the
+A scene is an RGB image of ``H×W`` pixels (each side drawn from ``[min_side, max_side]``, the
+long side at most ``max_aspect`` times the short one, mostly non-square) with 2–4 objects. Every object has a shape, a colour and a size ("small" | "big"); the
 (size, colour, shape) triple is unique within a scene, so ``"the small blue square"`` always refers
 to exactly one object. Objects are drawn in order, later ones on top; each keeps at least
 ``min_visible_fraction`` of its area visible.
@@ -49,7 +49,10 @@ class SceneConfig:
     """Everything that shapes a toy scene. Lengths are pixels unless named ``*_fraction``.
 
     ``size_fractions``: object radius (half its bounding box) as a fraction of ``min(H, W)``, per
-    size name; the actual radius is jittered by ``±size_jitter`` (relative).
+    size name; the actual radius is jittered by ``±size_jitter`` (relative). The defaults make a
+    typical object cover ~9 cells of a 12×12 token grid (an 8% radius left most objects inside 1–3
+    cells, below what attention maps at that grid can outline).
+    ``max_aspect``: the long side over the short side, at most.
     ``attribute_sharing``: probability that a new object copies two attributes of an earlier one
     (a distractor, which makes size / colour words necessary to disambiguate).
     ``position_margin``: an object is "on the left" only if its centre is left of every other
@@ -59,11 +62,12 @@ class SceneConfig:
 
     min_side: int = 96
     max_side: int = 256
+    max_aspect: float = 1.5
     min_objects: int = 2
     max_objects: int = 4
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[tuple[str, tuple[int, int, int]], ...] = COLOURS
-    size_fractions: tuple[tuple[str, float], ...] = (("small", 0.08), ("big", 0.16))
+    size_fractions: tuple[tuple[str, float], ...] = (("small", 0.18), ("big", 0.30))
     size_jitter: float = 0.1
     backgrounds: tuple[str, ...] = BACKGROUNDS
     min_visible_fraction: float = 0.5
@@ -82,6 +86,8 @@ class SceneConfig:
             raise ValueError("need 1 <= min_objects <= max_objects <= distinct attribute triples")
         if not 16 <= self.min_side <= self.max_side:
             raise ValueError("need 16 <= min_side <= max_side")
+        if self.max_aspect < 1:
+            raise ValueError("need max_aspect >= 1")
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +137,7 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
     """Generate one scene; the same ``(seed, config)`` gives byte-identical images and masks."""
     rng = np.random.default_rng(seed)
     for _ in range(config.max_attempts):
-        height, width = (int(v) for v in rng.integers(config.min_side, config.max_side + 1, 2))
+        height, width = _sample_sides(rng, config)
         n_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
         attributes = _sample_attributes(rng, n_objects, config)
         placed = _place_objects(rng, attributes, height, width, config)
@@ -140,6 +146,15 @@ def make_scene(seed: int, config: SceneConfig = SceneConfig()) -> Scene:
             image = _draw_background(rng, height, width, background)
             return _compose(image, attributes, placed, background, seed, config)
     raise RuntimeError(f"seed {seed}: no valid layout in {config.max_attempts} attempts")
+
+
+def _sample_sides(rng: np.random.Generator, config: SceneConfig) -> tuple[int, int]:
+    """(H, W) pixels: H uniform in ``[min_side, max_side]``, W uniform among the sides in that
+    range whose ratio to H is at most ``max_aspect`` either way."""
+    height = int(rng.integers(config.min_side, config.max_side + 1))
+    low = max(config.min_side, int(np.ceil(height / config.max_aspect)))
+    high = min(config.max_side, int(height * config.max_aspect))
+    return height, int(rng.integers(low, high + 1))
 
 
 # --------------------------------------------------------------------------------------------
