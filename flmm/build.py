@@ -13,6 +13,7 @@ Sections:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from flmm.heads import FLMMHeads, load_heads
+from flmm.heads import FLMMHeads, heads_dims, heads_state_dict, load_heads_state
 from flmm.lmm import FrozenLlava
 from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
@@ -285,11 +286,16 @@ def build_flmm(lmm: FrozenLlava, sam: Sam, heads_checkpoint: str | Path | None =
     """The whole model: frozen ``lmm``, frozen SAM image encoder, heads (loaded if given).
 
     Without a heads checkpoint the refiner starts from ``sam``'s own prompt encoder and mask
-    decoder and the U-Net from random init, as F-LMM's training does.
+    decoder and the U-Net (F-LMM's width, 64) from random init, as F-LMM's training does; with
+    one, the U-Net is built as wide as the checkpoint's.
     """
-    heads = build_heads(HeadsConfig.for_lmm(lmm), sam)
-    if heads_checkpoint is not None:
-        load_heads(heads, heads_checkpoint)
+    config = HeadsConfig.for_lmm(lmm)
+    if heads_checkpoint is None:
+        return FLMM(lmm, build_image_encoder(sam), build_heads(config, sam))
+    state_dict = heads_state_dict(heads_checkpoint)
+    base = heads_dims(state_dict)["unet_base_channels"]
+    heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
+    load_heads_state(heads, state_dict)
     return FLMM(lmm, build_image_encoder(sam), heads)
 
 

@@ -94,9 +94,13 @@ def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_heads(heads: FLMMHeads, path: str | Path) -> None:
     """Load a heads checkpoint into ``heads``; every key and shape must match exactly."""
+    load_heads_state(heads, heads_state_dict(path))
+
+
+def load_heads_state(heads: FLMMHeads, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a heads state dict (our keys) into ``heads``; every key and shape must match."""
     from flmm.build import check_state_dict
 
-    state_dict = heads_state_dict(path)
     check_state_dict(heads, state_dict)
     heads.load_state_dict(state_dict, strict=True)
 
@@ -119,11 +123,13 @@ def save_tensors(
 
 
 def heads_dims(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """The LMM dimensions a heads state dict was trained for: in_channels (L·H), L, D, prompt dim."""
-    conv = state_dict["mask_decoder.encoder.0.convs.0.conv.weight"]
+    """The dimensions a heads state dict was trained for: in_channels (L·H), L, D, prompt dim, and
+    the U-Net's level-0 width (``unet_base_channels``)."""
+    conv = state_dict["mask_decoder.encoder.0.convs.0.conv.weight"]  # [base, L·H, 3, 3]
     proj = state_dict["refiner.text_proj.weight"]
     return {
         "in_channels": conv.shape[1],
+        "unet_base_channels": conv.shape[0],
         "num_layers": state_dict["refiner.text_layer_weights"].shape[0],
         "hidden_size": proj.shape[1],
         "prompt_dim": proj.shape[0],

@@ -33,6 +33,7 @@ TOY = REPO / "models" / "toy"
 TOY_TRAIN = Path("out/toy/train")  # toy-world training shards, written on first use
 TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED = 1000, 100, 0
 TOY_EPOCHS, TOY_LR = 4, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
+TOY_UNET_CHANNELS = 32  # a quarter of F-LMM's U-Net weights: 16 attention channels need no more
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encode-gpus", type=float, default=0.0, help="GPUs per frozen actor")
     p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per frozen actor")
     p.add_argument("--encode-batch", type=int, default=8, help="images per frozen forward")
+    p.add_argument(
+        "--unet-channels",
+        type=int,
+        help=f"U-Net level-0 width (default 64; toy: {TOY_UNET_CHANNELS})",
+    )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps")
     p.add_argument("--log-every", type=int, default=10, help="steps")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
@@ -78,12 +84,14 @@ def toy_defaults(args: argparse.Namespace) -> None:
         ]
         args.epochs = args.epochs or TOY_EPOCHS
         args.lr = args.lr or TOY_LR
+        args.unet_channels = args.unet_channels or TOY_UNET_CHANNELS
     if args.lmm is None:
         args.lmm = str(TOY / "llava")
         args.sam = args.sam or "toy"
         args.sam_checkpoint = args.sam_checkpoint or str(TOY / "sam.safetensors")
     args.epochs = args.epochs or 1
     args.lr = args.lr or OptimConfig.lr
+    args.unet_channels = args.unet_channels or 64
     args.sam = args.sam or "vit_l"
 
 
@@ -111,6 +119,7 @@ def job_of(args: argparse.Namespace) -> TrainJob:
         encode_gpus=args.encode_gpus,
         encode_cpus=args.encode_cpus,
         encode_batch=args.encode_batch,
+        unet_channels=args.unet_channels,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         max_failures=args.max_failures,

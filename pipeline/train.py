@@ -196,7 +196,8 @@ class TrainJob:
 
     workers / cpus_per_worker / gpus_per_worker: the ``TorchTrainer``'s DDP workers;
     encode_actors / encode_gpus / encode_batch: the frozen stage's actor pool, GPUs per actor and
-    images per LMM forward; batch_size: images per worker per step.
+    images per LMM forward; batch_size: images per worker per step; unet_channels: the U-Net's
+    level-0 width (F-LMM's is 64).
     """
 
     shards: tuple[str, ...]
@@ -213,6 +214,7 @@ class TrainJob:
     encode_gpus: float = 0.0
     encode_cpus: float = 1.0
     encode_batch: int = 8
+    unet_channels: int = 64
     checkpoint_every: int = 50
     log_every: int = 10
     max_failures: int = 3
@@ -220,12 +222,14 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-def lmm_dims(lmm: str) -> HeadsConfig:
+def lmm_dims(lmm: str, unet_channels: int = 64) -> HeadsConfig:
     """Heads sized for an LMM, read from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(lmm).text_config
-    return HeadsConfig(text.num_hidden_layers, text.num_attention_heads, text.hidden_size)
+    return HeadsConfig(
+        text.num_hidden_layers, text.num_attention_heads, text.hidden_size, unet_channels
+    )
 
 
 def fit_heads(job: TrainJob) -> dict:
@@ -247,7 +251,7 @@ def fit_heads(job: TrainJob) -> dict:
             f"fewer than one step of {job.batch_size} images x {job.workers} workers"
         )
     config = TrainConfig(
-        heads=lmm_dims(job.spec.lmm),
+        heads=lmm_dims(job.spec.lmm, job.unet_channels),
         sam_variant=job.spec.sam_variant,
         sam_checkpoint=job.spec.sam_checkpoint,
         epochs=job.epochs,

@@ -108,6 +108,27 @@ def test_heads_checkpoint_round_trip_gives_identical_masks(tiny_llava_dir, tmp_p
         torch.testing.assert_close(x.refined, y.refined)
 
 
+def test_narrow_unet_checkpoint_builds_a_unet_of_its_width(tiny_llava_dir, tmp_path):
+    from flmm.build import HeadsConfig, build_heads
+    from flmm.model import FLMM
+
+    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    sam = build_sam(sam_config("tiny"))
+    config = HeadsConfig(lmm.num_layers, lmm.num_heads, lmm.hidden_size, unet_base_channels=16)
+    torch.manual_seed(5)
+    narrow = build_heads(config, sam).eval()
+    path = save_heads(narrow, tmp_path / "narrow.safetensors")
+    loaded = build_flmm(lmm, sam, path)
+    assert loaded.heads.mask_decoder.conv_seg.in_channels == 16
+    reference = FLMM(lmm, loaded.image_encoder, narrow)
+    inputs = _inputs(loaded)
+    with torch.inference_mode():
+        for x, y in zip(loaded(inputs), reference(inputs)):
+            torch.testing.assert_close(x.unet, y.unet)
+    with pytest.raises(ValueError, match="mask_decoder"):  # a 64-wide U-Net refuses it
+        load_heads(build_flmm(lmm, sam).heads, path)
+
+
 def test_heads_checkpoint_with_wrong_shapes_is_refused(flmm, tmp_path):
     state = dict(flmm.heads.state_dict())
     state["refiner.text_layer_weights"] = torch.ones(7)
