@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.shards import cached_toy_shards
 from pipeline.sources import resolve_shards
 from pipeline.spec import DTYPES, ModelSpec
@@ -51,12 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     p.add_argument("--preview-images", type=int, default=6, help="images in preview.png (0: none)")
-    p.add_argument(
-        "--address",
-        help="Ray cluster to join ('auto': the one `ray start` runs here); "
-        "default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray",
-    )
-    p.add_argument("--num-cpus", type=int, help="CPUs of a Ray started here (default: all)")
+    p.add_argument("--address", help=ADDRESS_HELP)
+    p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
     return p.parse_args(argv)
 
 
@@ -109,11 +106,8 @@ def main(argv=None) -> None:
         resolve_shards(config.inputs)  # fail on bad inputs before starting anything
     except ValueError as error:
         sys.exit(f"error: {error}")
-    import ray
 
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None)
+    connect(args.address, args.num_cpus)
     summary = run_annotation(config, on_shard=_progress)
     for name, reason in summary.failed.items():
         print(f"FAILED {name}: {reason}", file=sys.stderr)

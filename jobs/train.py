@@ -11,6 +11,8 @@ With no arguments it trains the toy world's heads: toy training shards (written 
 out/toy/train/), toy LMM + toy SAM from models/toy/, heads to out/train/heads.safetensors.
 Rerunning the same command (same --name and --storage) resumes from the latest checkpoint; a
 finished run is not trained again, its heads are exported. Each worker logs its step metrics.
+Joins the Ray cluster named by --address or RAY_ADDRESS (``ray job submit`` sets it), else starts
+a local Ray.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flmm.optim import OptimConfig
+from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.shards import cached_toy_shards
 from pipeline.spec import DTYPES, ModelSpec
 from pipeline.train import TrainJob, fit_heads
@@ -66,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="steps")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, running Ray, or new)")
-    p.add_argument("--num-cpus", type=int, help="start a local Ray with this many CPUs")
+    p.add_argument("--address", help=ADDRESS_HELP)
+    p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
     p.add_argument("--summary", help="also write the run summary here (JSON)")
     return p.parse_args(argv)
 
@@ -132,12 +135,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     toy_defaults(args)
-    import ray
-
-    if not ray.is_initialized():
-        # --num-cpus asks for a new local Ray (never joins a running one)
-        address = args.address or ("local" if args.num_cpus else None)
-        ray.init(address=address, num_cpus=args.num_cpus if address in (None, "local") else None)
+    connect(args.address, args.num_cpus)
     try:
         summary = fit_heads(job_of(args))
     except ValueError as error:  # bad inputs: no shards, too few samples, missing paths

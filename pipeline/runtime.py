@@ -1,0 +1,26 @@
+"""Connecting a job's driver to Ray: one rule for every job in ``jobs/``.
+
+``--address`` if given, else ``RAY_ADDRESS`` (``ray job submit`` sets it), else a new local Ray
+(``address="local"``: never an unrelated Ray that happens to run on the same host).
+"""
+
+from __future__ import annotations
+
+import os
+
+ADDRESS_HELP = (
+    "Ray cluster to join ('auto': the one `ray start` runs here); "
+    "default: RAY_ADDRESS (set by `ray job submit`), else a new local Ray"
+)
+NUM_CPUS_HELP = "CPUs of a Ray started here (default: all)"
+
+
+def connect(address: str | None, num_cpus: int | None) -> None:
+    """``ray.init`` by the rule above, unless Ray is initialised already; ``num_cpus`` only
+    applies to a Ray started here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, num_cpus=num_cpus if address == "local" else None)
