@@ -332,6 +332,25 @@ TINY_LLAVA_VARIANTS: dict[str, TinyLlavaConfig] = {
         text_intermediate=2816,
         vocab_size=400,
     ),
+    # LLaVA-1.5-7B's shapes: Llama-2-7B text (vocabulary padded to 32064 rows, as llava-hf's) and
+    # CLIP ViT-L/14-336 vision, 576 image tokens. For bench/gpu.py with random weights, built in
+    # memory on the GPU (never written); the tokenizer is still trained in process, on a corpus.
+    "llava-1.5-7b": TinyLlavaConfig(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_intermediate=4096,
+        text_hidden=4096,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        text_intermediate=11008,
+        vocab_size=400,
+        embedding_rows=32064,
+        max_positions=4096,
+    ),
     # Toy world (toyworld/lmm.py pretrains it; shipped at models/toy/llava): 12x12 image tokens
     # (168 px / patch 14; an 8x8 grid left small objects a cell or less), 4 layers x 4 heads =
     # 16 attention channels, every world word one token.

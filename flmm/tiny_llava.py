@@ -57,6 +57,8 @@ class TinyLlavaConfig:
     max_positions: int = 2048
     padding_side: str = "left"
     seed: int = 0
+    vision_intermediate: int | None = None  # None: 2 × vision_hidden
+    embedding_rows: int | None = None  # None: the tokenizer's size (LLaVA-1.5 pads to 32064)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, padding_side: str):
@@ -101,9 +103,17 @@ def build_processor(config: TinyLlavaConfig, corpus: Iterable[str]) -> LlavaProc
 
 def build_model(config: TinyLlavaConfig, tokenizer) -> LlavaForConditionalGeneration:
     """A randomly initialised tiny ``LlavaForConditionalGeneration`` for ``tokenizer``."""
+    llava = llava_config(config, tokenizer)
+    torch.manual_seed(config.seed)
+    return LlavaForConditionalGeneration(llava).eval()
+
+
+def llava_config(config: TinyLlavaConfig, tokenizer) -> LlavaConfig:
+    """The transformers ``LlavaConfig`` of ``config`` for ``tokenizer`` (any size: the GPU
+    benchmark builds LLaVA-1.5-7B's shapes from it)."""
     vision = CLIPVisionConfig(
         hidden_size=config.vision_hidden,
-        intermediate_size=2 * config.vision_hidden,
+        intermediate_size=config.vision_intermediate or 2 * config.vision_hidden,
         num_hidden_layers=config.vision_layers,
         num_attention_heads=config.vision_heads,
         image_size=config.image_size,
@@ -111,7 +121,7 @@ def build_model(config: TinyLlavaConfig, tokenizer) -> LlavaForConditionalGenera
         projection_dim=config.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=config.embedding_rows or len(tokenizer),
         hidden_size=config.text_hidden,
         intermediate_size=config.text_intermediate,
         num_hidden_layers=config.text_layers,
@@ -123,7 +133,7 @@ def build_model(config: TinyLlavaConfig, tokenizer) -> LlavaForConditionalGenera
         eos_token_id=tokenizer.eos_token_id,
     )
     grid = config.image_size // config.patch_size
-    llava = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -131,8 +141,6 @@ def build_model(config: TinyLlavaConfig, tokenizer) -> LlavaForConditionalGenera
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    torch.manual_seed(config.seed)
-    return LlavaForConditionalGeneration(llava).eval()
 
 
 def write_tiny_llava(config: TinyLlavaConfig, corpus: Iterable[str], out_dir: str | Path) -> Path:
