@@ -1,6 +1,6 @@
 """Benchmark: the annotation job (Ray Data, batched) vs a naive F-LMM-style loop, same shards, same models.
 
-    python bench/annotate.py [--images 64] [--per-shard 8] [--batch-size 4] [--actors 1]
+    python bench/annotate.py [--images 96] [--per-shard 6] [--batch-size 4] [--actors 1]
                              [--repeats 3] [--json PATH]
 
 Inputs: toy-world scenes (``toyworld.scenes``) written as shards of the input format with one
