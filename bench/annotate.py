@@ -1,4 +1,4 @@
-"""Benchmark: the annotation job (Ray Data, batched) vs a naive F-LMM-style loop, same shards, same models.
+"""Benchmark: the annotation job (Ray Data, batched) vs a naive F-LMM loop, same shards and models.
 
     python bench/annotate.py [--images 96] [--per-shard 6] [--batch-size 4] [--actors 1]
                              [--repeats 3] [--json PATH]
