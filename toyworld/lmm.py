@@ -58,7 +58,6 @@ from toyworld.vqa import (
     ask,
     existence_instruction,
     sample_question,
-    without_location,
 )
 
 EVAL_START = 1_000_000  # held-out scenes are indices >= this (training uses 0 … steps·batch)
@@ -86,7 +85,6 @@ class Recipe:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     describe_fraction: float = 0.5
-    located_fraction: float = 0.5  # of the descriptions (see toyworld.vqa)
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -213,9 +211,7 @@ class ToyData:
         for index in range(step * recipe.batch, (step + 1) * recipe.batch):
             scene = self.scene(index)
             rng = np.random.default_rng([self.seed, index])
-            question = sample_question(
-                scene, rng, recipe.describe_fraction, self.scenes, recipe.located_fraction
-            )
+            question = sample_question(scene, rng, recipe.describe_fraction, self.scenes)
             examples.append(self.example(index, question, self.pixels(scene)))
         return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
 
@@ -436,11 +432,11 @@ def generate_answers(
 
 def score(question: Question, scene: Scene, phrases: list[str]) -> float:
     """1 for a right short answer; for ``describe``, the fraction of the generated phrases that
-    are unique expressions of objects of the scene, location words aside (0 for no phrase)."""
+    are unique expressions of objects of the scene (0 for no phrase)."""
     if question.kind != DESCRIBE:
         return float(phrases[:1] == [question.answer])
     valid = set(scene.phrases)
-    return sum(without_location(p) in valid for p in phrases) / len(phrases) if phrases else 0.0
+    return sum(p in valid for p in phrases) / len(phrases) if phrases else 0.0
 
 
 def evaluate(

@@ -5,12 +5,7 @@ grounding lays out phrases (``flmm.prompt.answer_text``: ``" p1. p2."``):
 
 - ``describe``: the default grounding instruction (``PromptConfig().instruction``) answered by one
   expression per object. Predicting the next attribute word of a phrase needs a look at the object
-  the phrase has started to name, which is what makes phrase tokens attend to their objects. A
-  *located* description follows each expression with the object's cell in a coarse grid
-  (``"the red circle two three."``: row, column): the token that ends the expression must then
-  predict where its object is, so the phrase's own last token has to find the object (what F-LMM
-  reads), not a later token. Grounding prompts stay plain; causal attention makes a phrase's maps
-  independent of what follows it.
+  the phrase has started to name, which is what makes phrase tokens attend to their objects.
 - ``colour``, ``shape``, ``size``, ``position``, ``count``, ``existence``: one-word answers. An
   object is named by one of its unique expressions that does not contain the answer.
 
@@ -24,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flmm.lmm import ImageGeometry
 from flmm.prompt import PromptConfig
 from toyworld.scenes import Scene, SceneConfig, SceneObject, position_tags
 
@@ -32,7 +26,6 @@ DESCRIBE = "describe"
 VQA_KINDS = ("colour", "shape", "size", "position", "count", "existence")
 KINDS = (DESCRIBE, *VQA_KINDS)
 SCENE_CONFIG = SceneConfig()  # the default world
-LOCATION_BINS = 4  # rows and columns of the grid a located description names (one … four)
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # toyworld.scenes.POSITIONS entry → the one-word answer of a "Where is …?" question.
@@ -87,13 +80,11 @@ def sample_question(
     rng: np.random.Generator,
     describe_fraction: float = 0.5,
     config: SceneConfig = SCENE_CONFIG,
-    located_fraction: float = 0.0,
 ) -> Question:
-    """``describe`` with probability ``describe_fraction`` (located with probability
-    ``located_fraction``), else a short-answer kind drawn uniformly among those the scene
-    supports."""
+    """``describe`` with probability ``describe_fraction``, else a short-answer kind drawn
+    uniformly among those the scene supports."""
     if rng.random() < describe_fraction:
-        return describe(scene, rng, located=bool(rng.random() < located_fraction))
+        return describe(scene, rng)
     for kind in rng.permutation(VQA_KINDS):
         question = ask(scene, str(kind), rng, config)
         if question is not None:
@@ -101,39 +92,15 @@ def sample_question(
     raise AssertionError("count questions exist for every scene")
 
 
-def describe(scene: Scene, rng: np.random.Generator, located: bool = False) -> Question:
-    """One random unique expression per object, objects in random or left-to-right order;
-    ``located``: each expression followed by ``location_words`` of its object."""
+def describe(scene: Scene, rng: np.random.Generator) -> Question:
+    """One random unique expression per object, objects in random or left-to-right order."""
     objects = list(scene.objects)
     if rng.random() < 0.3:
         objects.sort(key=lambda obj: obj.centre[0])
     else:
         objects = [objects[i] for i in rng.permutation(len(objects))]
-    phrases = [str(rng.choice(obj.expressions)) for obj in objects]
-    if located:
-        height, width = scene.image.shape[:2]
-        phrases = [f"{p} {location_words(o, height, width)}" for p, o in zip(phrases, objects)]
-    return Question(DESCRIBE, PromptConfig().instruction, tuple(phrases))
-
-
-def location_words(obj: SceneObject, height: int, width: int) -> str:
-    """``"<row> <column>"`` ("one" … "four"): the cell of a ``LOCATION_BINS``² grid over LLaVA's
-    centred square frame (``flmm.lmm.ImageGeometry``) that holds the object's centre."""
-    g = ImageGeometry.of(height, width)
-    x, y = obj.centre
-    row, col = (
-        min(LOCATION_BINS - 1, int(v / g.side * LOCATION_BINS)) for v in (y + g.top, x + g.left)
-    )
-    return f"{NUMBER_WORDS[row + 1]} {NUMBER_WORDS[col + 1]}"
-
-
-def without_location(phrase: str) -> str:
-    """A generated description phrase with trailing location words removed (expressions never
-    contain number words)."""
-    words = phrase.split()
-    while words and words[-1] in NUMBER_WORDS:
-        words.pop()
-    return " ".join(words)
+    phrases = tuple(str(rng.choice(obj.expressions)) for obj in objects)
+    return Question(DESCRIBE, PromptConfig().instruction, phrases)
 
 
 def answer_options(kind: str, config: SceneConfig = SCENE_CONFIG) -> tuple[str, ...]:
