@@ -25,6 +25,7 @@ class ModelSpec:
     name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors`` or an
     F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype (SAM and
     heads stay float32); device: ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``.
+    Paths that exist here are made absolute: actors and workers run in other directories.
     """
 
     lmm: str
@@ -38,6 +39,10 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose from {sorted(DTYPES)}")
         sam_config(self.sam_variant)  # KeyError listing the variants
+        for name in ("lmm", "sam_checkpoint", "heads"):
+            value = getattr(self, name)
+            if value is not None and Path(value).exists():
+                object.__setattr__(self, name, str(Path(value).resolve()))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

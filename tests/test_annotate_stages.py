@@ -250,3 +250,11 @@ def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sa
         assert (row["status"], row["error_kind"] or None) == (status, kind)
         n = len(row["phrases"]) if status == "ok" else 0
         assert len(row["counts"]) == len(row["bboxes"]) == len(row["scores"]) == n
+
+
+def test_model_spec_makes_local_paths_absolute_and_keeps_hub_ids(tiny_llava_dir, monkeypatch):
+    monkeypatch.chdir(tiny_llava_dir.parent)
+    spec = ModelSpec(tiny_llava_dir.name, "tiny", heads="missing.safetensors")
+    assert spec.lmm == str(tiny_llava_dir.resolve())  # actors run in other directories
+    assert spec.heads == "missing.safetensors"  # not here: left for the loader's error
+    assert ModelSpec("llava-hf/llava-1.5-7b-hf", "tiny").lmm == "llava-hf/llava-1.5-7b-hf"
