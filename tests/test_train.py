@@ -68,7 +68,7 @@ def job(shards, spec, tmp_path, **overrides) -> TrainJob:
         encode_batch=4,
         checkpoint_every=3,
         log_every=100,
-        optim=OptimConfig(lr=1e-3),  # a few steps must show learning
+        optim=OptimConfig(lr=2e-3),  # 24 steps must show learning
     )
     return dataclasses.replace(defaults, **overrides)
 
