@@ -80,7 +80,7 @@ def test_shipped_toy_lmm_phrase_attention_falls_on_the_phrase_object(shipped):
             "shape",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="known gap: the vision tower tells shapes apart (stage-1 probe ~72% on "
+                reason="known gap: the vision tower tells shapes apart (stage-1 probe ~79% on "
                 "object cells) but the VQA stage does not learn to answer shape questions within "
                 "its CPU budget (held-out accuracy = chance)",
             ),
