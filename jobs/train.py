@@ -94,7 +94,7 @@ def toy_defaults(args: argparse.Namespace) -> None:
         args.sam_checkpoint = args.sam_checkpoint or str(TOY / "sam.safetensors")
     args.epochs = args.epochs or 1
     args.lr = args.lr or OptimConfig.lr
-    args.unet_channels = args.unet_channels or 64
+    args.unet_channels = args.unet_channels or TrainJob.unet_channels
     args.sam = args.sam or "vit_l"
 
 

@@ -214,7 +214,7 @@ class TrainJob:
     encode_gpus: float = 0.0
     encode_cpus: float = 1.0
     encode_batch: int = 8
-    unet_channels: int = 64
+    unet_channels: int = HeadsConfig.unet_base_channels
     checkpoint_every: int = 50
     log_every: int = 10
     max_failures: int = 3
@@ -222,7 +222,7 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-def lmm_dims(lmm: str, unet_channels: int = 64) -> HeadsConfig:
+def lmm_dims(lmm: str, unet_channels: int = HeadsConfig.unet_base_channels) -> HeadsConfig:
     """Heads sized for an LMM, read from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
