@@ -85,6 +85,7 @@ class Recipe:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     describe_fraction: float = 0.5
+    vqa_tower_lr_scale: float = 1.0  # the vision tower's lr in the VQA stage, × lr (0: frozen)
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -350,13 +351,19 @@ def lr_factor(step: int, recipe: Recipe) -> float:
     return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine
 
 
-def optimizer_for(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases), as nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def optimizer_for(model: LlavaForConditionalGeneration, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; weight decay on matrices only (not on norms and
+    biases), as nanoGPT; the vision tower's groups at ``recipe.vqa_tower_lr_scale`` × lr."""
+    tower = {id(p) for p in model.model.vision_tower.parameters()}
+    groups = []
+    for in_tower, scale in ((False, 1.0), (True, recipe.vqa_tower_lr_scale)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in tower) == in_tower]
+        for decay, chosen in (
+            (recipe.weight_decay, [p for p in params if p.dim() >= 2]),
+            (0.0, [p for p in params if p.dim() < 2]),
+        ):
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay, "lr": recipe.lr * scale})
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.95))
 
 
@@ -380,9 +387,12 @@ def pretrain(
     recipe: Recipe,
     log: Callable[[str], None] = print,
 ) -> list[float]:
-    """Train every weight of ``model`` for ``recipe.steps`` steps; returns the loss per step."""
+    """Train ``model`` for ``recipe.steps`` steps (every weight; the vision tower frozen when
+    ``recipe.vqa_tower_lr_scale`` is 0); returns the loss per step."""
     torch.manual_seed(recipe.seed)
     model.train().requires_grad_(True)
+    if recipe.vqa_tower_lr_scale == 0:
+        model.model.vision_tower.eval().requires_grad_(False)
     optimizer = optimizer_for(model, recipe)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
     losses, start = [], time.perf_counter()
