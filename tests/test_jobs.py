@@ -28,7 +28,14 @@ def test_ground_job_refuses_a_missing_phrase(tmp_path):
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 24)).save(image)
     run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "ground.py"), "--lmm", "unused", "--image", str(image)],
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "ground.py"),
+            "--lmm",
+            "unused",
+            "--image",
+            str(image),
+        ],
         check=False,
         capture_output=True,
         text=True,

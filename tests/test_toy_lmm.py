@@ -188,3 +188,17 @@ def test_a_few_pretraining_steps_lower_the_answer_loss_on_a_fixed_batch(tiny_toy
         after = answer_loss(model(**fixed).logits, labels).item()
     assert len(losses) == recipe.steps
     assert after < 0.7 * before
+
+
+def test_a_zero_tower_lr_scale_trains_the_language_side_and_leaves_the_vision_tower(tmp_path):
+    out = write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus(), tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    data = ToyData(AutoProcessor.from_pretrained(out), n_image_tokens(model), 0, SCENE_CONFIG)
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    projector = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    recipe = Recipe(steps=2, batch=2, lr=1e-2, warmup=1, vqa_tower_lr_scale=0.0, log_every=100)
+    pretrain(model, data, recipe, log=lambda line: None)
+    after = model.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], after[k]) for k in tower)
+    moved = model.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(projector[k], moved[k]) for k in projector)
