@@ -7,7 +7,8 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
    ``TINY_LLAVA_VARIANTS["toy"]`` (``flmm.tiny_llava.write_tiny_llava``);
 2. next-token training on the answers of ``toyworld.vqa`` questions about freshly generated
    scenes: half ``describe`` (phrases in the assistant turn, laid out exactly as grounding lays
-   them out), half short-answer questions. Loss only on the answer tokens and a final EOS;
+   them out, each expression followed by its object's size, colour and shape: see
+   ``toyworld.vqa``), half short-answer questions. Loss only on the answer tokens and a final EOS;
 3. saved in fp16 with ``save_pretrained`` (plus ``toy_world.json``, the recipe and its results);
    then frozen forever: the F-LMM heads are trained on its phrase→image attention;
 4. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
@@ -85,6 +86,7 @@ class Recipe:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     describe_fraction: float = 0.5
+    detail_fraction: float = 1.0  # of the descriptions: each expression + its object's attributes
     vqa_tower_lr_scale: float = 1.0  # the vision tower's lr in the VQA stage, × lr (0: frozen)
     seed: int = 0
     threads: int = 1
@@ -212,7 +214,9 @@ class ToyData:
         for index in range(step * recipe.batch, (step + 1) * recipe.batch):
             scene = self.scene(index)
             rng = np.random.default_rng([self.seed, index])
-            question = sample_question(scene, rng, recipe.describe_fraction, self.scenes)
+            question = sample_question(
+                scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
+            )
             examples.append(self.example(index, question, self.pixels(scene)))
         return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
 
@@ -441,12 +445,22 @@ def generate_answers(
 
 
 def score(question: Question, scene: Scene, phrases: list[str]) -> float:
-    """1 for a right short answer; for ``describe``, the fraction of the generated phrases that
-    are unique expressions of objects of the scene (0 for no phrase)."""
+    """1 for a right short answer; for ``describe``, the fraction of the generated segments
+    that are right (0 for none): an expression is right when it is a unique expression of an
+    object of the scene, a detail (``"big red circle"``, after an expression) when it gives the
+    size, colour and shape of the object the expression before it names."""
     if question.kind != DESCRIBE:
         return float(phrases[:1] == [question.answer])
-    valid = set(scene.phrases)
-    return sum(p in valid for p in phrases) / len(phrases) if phrases else 0.0
+    named = {e: obj for obj in scene.objects for e in obj.expressions}
+    right, previous = 0, None
+    for segment in phrases:
+        if segment.startswith("the "):
+            right += segment in named
+            previous = named.get(segment)
+        else:
+            obj, previous = previous, None
+            right += obj is not None and segment == f"{obj.size} {obj.colour} {obj.shape}"
+    return right / len(phrases) if phrases else 0.0
 
 
 def evaluate(

@@ -4,8 +4,11 @@ Every question is a user instruction beside the image and an assistant answer la
 grounding lays out phrases (``flmm.prompt.answer_text``: ``" p1. p2."``):
 
 - ``describe``: the default grounding instruction (``PromptConfig().instruction``) answered by one
-  expression per object. Predicting the next attribute word of a phrase needs a look at the object
-  the phrase has started to name, which is what makes phrase tokens attend to their objects.
+  expression per object, in the toy LMM's recipe each followed by its object's size, colour and
+  shape (``" the circle on the left. big red circle. …"``). Inside a phrase the referent is not yet
+  determined, so its tokens can only attend to every object; the token that ends the expression
+  knows the referent and has to look at it to go on. Its attention is the same in the plain
+  grounding prompt (causal attention sees only the prefix), and it is what the heads read.
 - ``colour``, ``shape``, ``size``, ``position``, ``count``, ``existence``: one-word answers. An
   object is named by one of its unique expressions that does not contain the answer.
 
@@ -80,11 +83,14 @@ def sample_question(
     rng: np.random.Generator,
     describe_fraction: float = 0.5,
     config: SceneConfig = SCENE_CONFIG,
+    detail_fraction: float = 0.0,
 ) -> Question:
-    """``describe`` with probability ``describe_fraction``, else a short-answer kind drawn
-    uniformly among those the scene supports."""
+    """``describe`` with probability ``describe_fraction`` (detailed with probability
+    ``detail_fraction``), else a short-answer kind drawn uniformly among those the scene
+    supports."""
     if rng.random() < describe_fraction:
-        return describe(scene, rng)
+        detailed = detail_fraction > 0 and rng.random() < detail_fraction
+        return describe(scene, rng, detailed)
     for kind in rng.permutation(VQA_KINDS):
         question = ask(scene, str(kind), rng, config)
         if question is not None:
@@ -92,14 +98,22 @@ def sample_question(
     raise AssertionError("count questions exist for every scene")
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> Question:
-    """One random unique expression per object, objects in random or left-to-right order."""
+def describe(scene: Scene, rng: np.random.Generator, detailed: bool = False) -> Question:
+    """One random unique expression per object, objects in random or left-to-right order.
+
+    ``detailed``: each expression is followed by its object's size, colour and shape
+    (``" the circle on the left. big red circle. …"``): the token that ends an expression has to
+    find that object to go on, and its attention is the phrase's last row at grounding time.
+    """
     objects = list(scene.objects)
     if rng.random() < 0.3:
         objects.sort(key=lambda obj: obj.centre[0])
     else:
         objects = [objects[i] for i in rng.permutation(len(objects))]
     phrases = tuple(str(rng.choice(obj.expressions)) for obj in objects)
+    if detailed:
+        details = (f"{obj.size} {obj.colour} {obj.shape}" for obj in objects)
+        phrases = tuple(x for pair in zip(phrases, details) for x in pair)
     return Question(DESCRIBE, PromptConfig().instruction, phrases)
 
 
