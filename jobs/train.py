@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "models" / "toy"
 TOY_TRAIN = Path("out/toy/train")  # toy-world training shards, written on first use
 TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED = 1000, 100, 0
-TOY_EPOCHS, TOY_LR = 4, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
+TOY_EPOCHS, TOY_LR = 8, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
 TOY_UNET_CHANNELS = 32  # a quarter of F-LMM's U-Net weights: 16 attention channels need no more
 
 
