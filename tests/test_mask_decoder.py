@@ -125,6 +125,23 @@ def expected_state_dict_keys(num_stages: int = NUM_STAGES) -> set[str]:
     return keys | {"conv_seg.weight", "conv_seg.bias"}
 
 
+def test_up_block_matches_mmseg_order_upsample_then_conv() -> None:
+    """UpBlock runs its 1×1 conv before the ×2 upsampling (cheaper); the result must equal
+    mmseg's order (upsample, then conv → norm → ReLU) up to float rounding."""
+    import torch.nn.functional as F
+
+    from flmm.mask_decoder import UpBlock
+
+    torch.manual_seed(0)
+    block = UpBlock(in_channels=32, out_channels=16).eval()
+    skip, deep = torch.randn(3, 16, 14, 10), torch.randn(3, 32, 7, 5)
+    with torch.no_grad():
+        up = F.interpolate(deep, scale_factor=2.0, mode="bilinear", align_corners=False)
+        unit = block.up
+        reference = block.convs(torch.cat([skip, F.relu(unit.norm(unit.conv(up)))], dim=1))
+        assert torch.allclose(block(skip, deep), reference, atol=1e-5, rtol=1e-5)
+
+
 def test_state_dict_keys_match_contract() -> None:
     keys = set(MaskDecoder(in_channels=32).state_dict())
     assert keys == expected_state_dict_keys()
