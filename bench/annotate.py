@@ -7,6 +7,7 @@ Inputs: toy-world scenes (``toyworld.scenes``) written as shards of the input fo
 phrase per object (the first expression of each), so every image has 2-4 phrases. Models: the
 shipped toy LMM + toy SAM + toy heads (``models/toy/``), copied to a temp folder first so that a
 change to them mid-run cannot mix two models.
+``--sam-heads-dtype bfloat16`` runs SAM and the heads under bf16 autocast on both sides.
 
 - **ours**: ``pipeline.annotate.run_annotation`` on a local Ray (``ray.init(address="local")``),
   ``--actors`` model actors of one CPU (one torch thread) each, ``--batch-size`` images per call.
@@ -284,7 +285,7 @@ def print_report(res: dict) -> None:
     print(
         f"{res['images']} images ({per_image['min']}-{per_image['max']} phrases, mean "
         f"{per_image['mean']:.2f}), batch {res['batch_size']}, {res['actors']} actor(s), "
-        f"median of {res['repeats']}"
+        f"SAM + heads in {res['sam_heads_dtype']}, median of {res['repeats']}"
     )
     print(f"| side | s for {res['images'] // 2} | s for {res['images']} | images/s | marginal |")
     print("|---|---|---|---|---|")
@@ -342,6 +343,12 @@ def main() -> None:
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the naive loop")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--sam-heads-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="what SAM and the heads compute in, on both sides (ModelSpec.sam_heads_dtype)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--naive-worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -360,7 +367,7 @@ def main() -> None:
         tmp = Path(tmp)
         write_shards(tmp / "half", args.images // 2, args.per_shard)
         phrases = write_shards(tmp / "full", args.images, args.per_shard)
-        spec = snapshot_toy_models(tmp / "models")
+        spec = {**snapshot_toy_models(tmp / "models"), "sam_heads_dtype": args.sam_heads_dtype}
         start = time.perf_counter()
         ray.init(
             address="local",
@@ -386,6 +393,7 @@ def main() -> None:
         },
         "batch_size": args.batch_size,
         "actors": args.actors,
+        "sam_heads_dtype": args.sam_heads_dtype,
         "repeats": args.repeats,
         "ray_init_s": ray_init_s,
         "ours": ours,

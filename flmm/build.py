@@ -282,8 +282,14 @@ def build_heads(config: HeadsConfig, sam: Sam) -> FLMMHeads:
     return FLMMHeads(unet, build_refiner(sam, config.num_layers, config.hidden_size))
 
 
-def build_flmm(lmm: FrozenLlava, sam: Sam, heads_checkpoint: str | Path | None = None) -> FLMM:
-    """The whole model: frozen ``lmm``, frozen SAM image encoder, heads (loaded if given).
+def build_flmm(
+    lmm: FrozenLlava,
+    sam: Sam,
+    heads_checkpoint: str | Path | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> FLMM:
+    """The whole model: frozen ``lmm``, frozen SAM image encoder, heads (loaded if given);
+    ``autocast_dtype``: see :class:`flmm.model.FLMM`.
 
     Without a heads checkpoint the refiner starts from ``sam``'s own prompt encoder and mask
     decoder and the U-Net (F-LMM's width, 64) from random init, as F-LMM's training does; with
@@ -291,12 +297,12 @@ def build_flmm(lmm: FrozenLlava, sam: Sam, heads_checkpoint: str | Path | None =
     """
     config = HeadsConfig.for_lmm(lmm)
     if heads_checkpoint is None:
-        return FLMM(lmm, build_image_encoder(sam), build_heads(config, sam))
+        return FLMM(lmm, build_image_encoder(sam), build_heads(config, sam), autocast_dtype)
     state_dict = heads_state_dict(heads_checkpoint)
     base = heads_dims(state_dict)["unet_base_channels"]
     heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
     load_heads_state(heads, state_dict)
-    return FLMM(lmm, build_image_encoder(sam), heads)
+    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
 
 
 # --------------------------------------------------------------------------------------------

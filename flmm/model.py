@@ -11,7 +11,8 @@ Data path for a batch of B images with P_b phrases each:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,13 +37,33 @@ class GroundingInput:
 
 
 class FLMM(nn.Module):
-    """Frozen LMM + frozen SAM image encoder + trainable heads."""
+    """Frozen LMM + frozen SAM image encoder + trainable heads.
 
-    def __init__(self, lmm: FrozenLlava, image_encoder: SamImageEncoder, heads: FLMMHeads):
+    autocast_dtype: None (SAM and the heads compute in their weights' dtype, float32), or a
+    reduced dtype (``torch.bfloat16``) that the SAM encoder and the heads compute in under
+    ``torch.autocast``; their weights stay float32 and the heads' outputs are float32 either way.
+    """
+
+    def __init__(
+        self,
+        lmm: FrozenLlava,
+        image_encoder: SamImageEncoder,
+        heads: FLMMHeads,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.lmm = lmm
         self.image_encoder = image_encoder
         self.heads = heads
+        self.autocast_dtype = autocast_dtype
+
+    def reduced_precision(self):
+        """The autocast context of the SAM encoder and heads (a no-op without autocast_dtype, so
+        that a caller's own autocast, e.g. training's, stays in force)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = self.image_encoder.pixel_mean.device
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def prepare(self, image: torch.Tensor, phrases: list[str]) -> GroundingInput:
         """image ``[H, W, 3]`` uint8 RGB; phrases to ground in it."""
@@ -56,8 +77,13 @@ class FLMM(nn.Module):
     def encode_images(self, inputs: list[GroundingInput]) -> torch.Tensor:
         """One batched SAM encoding → embeddings ``[B, C, He, We]``, one per image (shared by
         all of its phrases)."""
-        pixels = torch.cat([x.sam_pixels for x in inputs]).to(self.image_encoder.pixel_mean.device)
-        return self.image_encoder(pixels)
+        return self.embed(torch.cat([x.sam_pixels for x in inputs]))
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """SAM encoding of preprocessed pixels ``[B, 3, S, S]`` → ``[B, C, He, We]`` (in
+        autocast_dtype when set)."""
+        with self.reduced_precision():
+            return self.image_encoder(pixels.to(self.image_encoder.pixel_mean.device))
 
     def forward(self, inputs: list[GroundingInput]) -> list[Grounding]:
         lmm_out, embeddings = self.encode(inputs)
@@ -70,9 +96,15 @@ class FLMM(nn.Module):
         embeddings ``[B, C, He, We]``.
         """
         geometries = [x.lmm.geometry for x in inputs]
-        return self.heads(
-            attention, hidden, embeddings, geometries, [x.sam_input_size for x in inputs]
-        )
+        sizes = [x.sam_input_size for x in inputs]
+        with self.reduced_precision():
+            outputs = self.heads(attention, hidden, embeddings, geometries, sizes)
+        if self.autocast_dtype is None:
+            return outputs
+        return [
+            replace(o, unet=o.unet.float(), coarse=o.coarse.float(), refined=o.refined.float())
+            for o in outputs
+        ]
 
 
 def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,7 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
     p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
     p.add_argument("--heads", help="heads .safetensors or F-LMM .pth (none: RANDOM heads)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
+    p.add_argument(
+        "--sam-heads-dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="samples per model call")
     p.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -83,7 +89,14 @@ def toy_defaults(args: argparse.Namespace) -> None:
 
 
 def config_of(args: argparse.Namespace) -> AnnotateConfig:
-    spec = ModelSpec(args.lmm, args.sam or "vit_l", args.sam_checkpoint, args.heads, args.dtype)
+    spec = ModelSpec(
+        args.lmm,
+        args.sam or "vit_l",
+        args.sam_checkpoint,
+        args.heads,
+        args.dtype,
+        sam_heads_dtype=args.sam_heads_dtype,
+    )
     return AnnotateConfig(
         inputs=tuple(args.input),
         output=args.output,

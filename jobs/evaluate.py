@@ -49,7 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, tiny, toy")
     p.add_argument("--sam-checkpoint", help="SAM weights (.pth or .safetensors)")
     p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
+    p.add_argument(
+        "--sam-heads-dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
@@ -75,7 +81,13 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     if not Path(args.heads).is_file():
         sys.exit(f"error: heads checkpoint {args.heads} not found")
     return ModelSpec(
-        args.lmm, args.sam or "vit_l", args.sam_checkpoint, args.heads, args.dtype, args.device
+        args.lmm,
+        args.sam or "vit_l",
+        args.sam_checkpoint,
+        args.heads,
+        args.dtype,
+        args.device,
+        args.sam_heads_dtype,
     )
 
 

@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def tiny_defaults(args: argparse.Namespace, workdir: Path) -> None:
     """Fill unset model/data arguments with tiny random models and a generated image."""
-    print("no --lmm given: tiny LLaVA + tiny SAM with RANDOM weights (a smoke run, masks are noise)")
+    print(
+        "no --lmm given: tiny LLaVA + tiny SAM with RANDOM weights (a smoke run, masks are noise)"
+    )
     corpus = ["the red square", "the blue circle", "Please briefly describe this image."]
     args.lmm = str(write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus * 10, workdir / "llava"))
     args.sam = args.sam or "tiny"

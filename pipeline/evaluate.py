@@ -212,9 +212,8 @@ def ground(model: FLMM, images: list[np.ndarray], seqs: list[Sequence]):
         for s in seqs
     ]
     lmm_out = model.lmm([x.lmm for x in inputs])
-    device = model.image_encoder.pixel_mean.device
-    embeddings = model.image_encoder(torch.cat([pixels for pixels, _ in sam]).to(device))
-    per_sequence = embeddings[torch.tensor([s.image for s in seqs], device=device)]
+    embeddings = model.embed(torch.cat([pixels for pixels, _ in sam]))
+    per_sequence = embeddings[torch.tensor([s.image for s in seqs], device=embeddings.device)]
     return model.decode(inputs, lmm_out.attention, lmm_out.hidden, per_sequence)
 
 

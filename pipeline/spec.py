@@ -23,8 +23,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelSpec:
     """lmm: llava-hf hub id or local LLaVA directory; sam_variant: a ``flmm.build.SAM_VARIANTS``
     name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors`` or an
-    F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype (SAM and
-    heads stay float32); device: ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``.
+    F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype; device:
+    ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``; sam_heads_dtype: what the
+    SAM encoder and the heads compute in: ``"float32"``, or ``"bfloat16"`` / ``"float16"`` under
+    autocast (their weights stay float32; masks change slightly: bench/NOTES.md).
     Paths that exist here are made absolute: actors and workers run in other directories.
     """
 
@@ -34,10 +36,12 @@ class ModelSpec:
     heads: str | None = None
     dtype: str = "float32"
     device: str = "auto"
+    sam_heads_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: choose from {sorted(DTYPES)}")
+        for name in ("dtype", "sam_heads_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r}: choose from {sorted(DTYPES)}")
         sam_config(self.sam_variant)  # KeyError listing the variants
         for name in ("lmm", "sam_checkpoint", "heads"):
             value = getattr(self, name)
@@ -54,11 +58,15 @@ class ModelSpec:
         device = self.resolved_device()
         lmm = FrozenLlava.from_pretrained(self.lmm, dtype=DTYPES[self.dtype], device=device)
         sam = build_sam(sam_config(self.sam_variant), self.sam_checkpoint)
-        return build_flmm(lmm, sam, self.heads).to(device).eval()
+        reduced = None if self.sam_heads_dtype == "float32" else DTYPES[self.sam_heads_dtype]
+        return build_flmm(lmm, sam, self.heads, reduced).to(device).eval()
 
     def model_id(self) -> str:
-        """``"<lmm> + heads:<sha256[:12]>"`` (``heads:random`` without a heads file)."""
-        return f"{self.lmm} + heads:{file_hash(self.heads) if self.heads else 'random'}"
+        """``"<lmm> + heads:<sha256[:12]>"`` (``heads:random`` without a heads file), with
+        ``" @<sam_heads_dtype>"`` appended when SAM and the heads do not compute in float32."""
+        heads = file_hash(self.heads) if self.heads else "random"
+        precision = "" if self.sam_heads_dtype == "float32" else f" @{self.sam_heads_dtype}"
+        return f"{self.lmm} + heads:{heads}{precision}"
 
 
 def file_hash(path: str | Path, length: int = 12) -> str:

@@ -258,3 +258,13 @@ def test_model_spec_makes_local_paths_absolute_and_keeps_hub_ids(tiny_llava_dir,
     assert spec.lmm == str(tiny_llava_dir.resolve())  # actors run in other directories
     assert spec.heads == "missing.safetensors"  # not here: left for the loader's error
     assert ModelSpec("llava-hf/llava-1.5-7b-hf", "tiny").lmm == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_model_spec_sam_heads_dtype_reaches_the_model_and_names_it(tiny_llava_dir):
+    with pytest.raises(ValueError, match="sam_heads_dtype"):
+        ModelSpec(str(tiny_llava_dir), "tiny", sam_heads_dtype="int8")
+    plain = ModelSpec(str(tiny_llava_dir), "tiny", device="cpu")
+    reduced = ModelSpec(str(tiny_llava_dir), "tiny", device="cpu", sam_heads_dtype="bfloat16")
+    assert plain.build().autocast_dtype is None
+    assert reduced.build().autocast_dtype == torch.bfloat16
+    assert reduced.model_id() == plain.model_id() + " @bfloat16"  # outputs say how they were made

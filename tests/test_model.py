@@ -167,3 +167,13 @@ def test_flmm_release_checkpoint_loads_directly_and_through_the_cli(flmm, tmp_pa
     load_heads(flmm.heads, dst)
     for k, v in flmm.heads.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def test_without_autocast_dtype_a_callers_autocast_stays_in_force(flmm):
+    """Training wraps the model in its own autocast; the model must not switch it off."""
+    x = _inputs(flmm)[0]
+    with torch.inference_mode():
+        plain = flmm.embed(x.sam_pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = flmm.embed(x.sam_pixels)
+    assert not torch.equal(plain, under_autocast)  # bf16 matmuls ran: the autocast held

@@ -38,3 +38,29 @@ def test_shipped_toy_heads_beat_their_random_initialisation_on_held_out_scenes()
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
     untrained = mean_iou(build_flmm(lmm, sam), scenes)
     assert trained > untrained + 0.1, (trained, untrained)
+
+
+def test_bfloat16_sam_and_heads_keep_the_toy_masks():
+    """``autocast_dtype=bfloat16`` (ModelSpec ``sam_heads_dtype``) runs SAM and the heads in bf16:
+    SAM's matmuls run reduced (its embedding is not float32's bit for bit), the outputs stay
+    float32, and the masks stay those of float32."""
+    torch.set_num_threads(1)
+    lmm = FrozenLlava.from_pretrained(str(TOY / "llava"))
+    sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
+    full = build_flmm(lmm, sam, TOY / "heads.safetensors")
+    reduced = build_flmm(lmm, sam, TOY / "heads.safetensors", autocast_dtype=torch.bfloat16)
+    ious = []
+    for i in range(4):
+        scene = make_scene(scene_seed(0, 1_000_000 + i))
+        phrases = [obj.expressions[0] for obj in scene.objects]
+        with torch.inference_mode():
+            x = full.prepare(torch.from_numpy(scene.image), phrases)
+            e_full, e_reduced = full.embed(x.sam_pixels), reduced.embed(x.sam_pixels)
+            assert not torch.equal(e_full, e_reduced)
+            assert torch.allclose(e_full, e_reduced.float(), atol=0.1 * e_full.abs().max().item())
+            (a,), (b,) = full([x]), reduced([x])
+        assert b.refined.dtype == b.unet.dtype == torch.float32
+        for pa, pb in zip(a.refined[:, 0] > 0, b.refined[:, 0] > 0):
+            union = (pa | pb).sum().item()
+            ious.append((pa & pb).sum().item() / union if union else 1.0)
+    assert np.mean(ious) > 0.98 and min(ious) > 0.9, ious
