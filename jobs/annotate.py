@@ -3,7 +3,7 @@
     python jobs/annotate.py --input 'data/shard-{000000..000099}.tar' --output s3://bucket/labels \
         --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
         --sam-checkpoint sam_vit_l_0b3195.pth --heads heads.safetensors \
-        --actors 8 --gpus-per-actor 1 --batch-size 8
+        --sam-heads-dtype bfloat16 --actors 8 --gpus-per-actor 1 --batch-size 8
 
     ray job submit --working-dir . -- python jobs/annotate.py ...   # the same, on a cluster
 
