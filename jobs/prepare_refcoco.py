@@ -1,4 +1,5 @@
-"""Convert RefCOCO / RefCOCO+ / RefCOCOg into WebDataset shards of the input format.
+"""Convert RefCOCO / RefCOCO+ / RefCOCOg, or one split of COCO Panoptic Narrative Grounding (PNG),
+into WebDataset shards of the input format.
 
     python jobs/prepare_refcoco.py --refs data/refcoco/'refs(unc).p' \
         --instances data/refcoco/instances.json --images data/coco/train2014 \
@@ -7,31 +8,63 @@
 Writes `{dataset}_{split_by}-{split}-{000000..}.tar` and `{dataset}_{split_by}-{split}.stats.json`
 per split into --out, and prints one summary line per split. Refs whose image file or annotation
 is missing are skipped and counted (the stats file lists them); they do not stop the conversion.
-See pipeline/refcoco.py.
+
+    python jobs/prepare_refcoco.py --dataset png \
+        --narratives data/png/annotations/png_coco_val2017.json \
+        --panoptic data/png/annotations/panoptic_val2017.json \
+        --panoptic-masks data/png/annotations/panoptic_segmentation/val2017 \
+        --images data/png/images/val2017 --out shards/png [--split val2017]
+
+Writes `png_coco-{split}-{000000..}.tar` and `png_coco-{split}.stats.json`: one sample per image,
+one object per grounded noun phrase (mask: the union of its panoptic segments). --split defaults
+to the {split} of a narratives file named png_coco_{split}.json. Phrases whose image, label PNG or
+segments are missing are skipped and counted. See pipeline/refcoco.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.refcoco import RefcocoConfig, convert_refcoco
+from pipeline.refcoco import PNG_NAME, PngConfig, RefcocoConfig, convert_png, convert_refcoco
+
+REFCOCO_ONLY = ("refs", "instances", "split_by", "splits")
+PNG_ONLY = ("narratives", "panoptic", "panoptic_masks", "split")
 
 
-def parse_args(argv=None) -> RefcocoConfig:
+def parse_args(argv=None) -> RefcocoConfig | PngConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--refs", type=Path, required=True, help="refs(unc).p / refs(umd).p / ...")
-    p.add_argument("--instances", type=Path, required=True, help="COCO instances.json")
+    p.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, or png")
     p.add_argument("--images", type=Path, required=True, help="COCO images directory")
-    p.add_argument("--dataset", required=True, help="refcoco, refcoco+ or refcocog")
-    p.add_argument("--split-by", required=True, help="unc, umd or google")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--splits", help="comma-separated splits (default: all in the refs file)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    refcoco = p.add_argument_group("RefCOCO (required unless --dataset png)")
+    refcoco.add_argument("--refs", type=Path, help="refs(unc).p / refs(umd).p / ...")
+    refcoco.add_argument("--instances", type=Path, help="COCO instances.json")
+    refcoco.add_argument("--split-by", help="unc, umd or google")
+    refcoco.add_argument("--splits", help="comma-separated splits (default: all in the refs file)")
+    png = p.add_argument_group("PNG (--dataset png)")
+    png.add_argument("--narratives", type=Path, help="png_coco_{split}.json")
+    png.add_argument("--panoptic", type=Path, help="COCO panoptic_{split}.json")
+    png.add_argument(
+        "--panoptic-masks",
+        type=Path,
+        help="folder of its panoptic label PNGs (annotations/panoptic_segmentation/{split})",
+    )
+    png.add_argument("--split", help="split name (default: from png_coco_{split}.json)")
     args = p.parse_args(argv)
+    if args.dataset == "png":
+        return _png_config(p, args)
+    given = [f"--{name.replace('_', '-')}" for name in PNG_ONLY if getattr(args, name) is not None]
+    if given:
+        p.error(f"{', '.join(given)}: only for --dataset png")
+    missing = [f"--{n.replace('_', '-')}" for n in REFCOCO_ONLY[:3] if getattr(args, n) is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
     splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
     return RefcocoConfig(
         refs=args.refs,
@@ -45,17 +78,46 @@ def parse_args(argv=None) -> RefcocoConfig:
     )
 
 
+def _png_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> PngConfig:
+    given = [f"--{n.replace('_', '-')}" for n in REFCOCO_ONLY if getattr(args, n) is not None]
+    if given:
+        p.error(f"{', '.join(given)}: not for --dataset png")
+    missing = [f"--{n.replace('_', '-')}" for n in PNG_ONLY[:3] if getattr(args, n) is None]
+    if missing:
+        p.error(f"the following arguments are required for --dataset png: {', '.join(missing)}")
+    split = args.split
+    if split is None:
+        match = re.fullmatch(r"png_coco_(\w+)\.json", args.narratives.name)
+        if match is None:
+            p.error("--split is required when --narratives is not named png_coco_{split}.json")
+        split = match.group(1)
+    return PngConfig(
+        narratives=args.narratives,
+        panoptic=args.panoptic,
+        panoptic_masks=args.panoptic_masks,
+        images=args.images,
+        split=split,
+        out=args.out,
+        samples_per_shard=args.samples_per_shard,
+    )
+
+
 def main(argv=None) -> None:
     config = parse_args(argv)
     try:
-        stats = convert_refcoco(config)
+        if isinstance(config, PngConfig):
+            stats, name, items = convert_png(config), PNG_NAME, "phrases"
+        else:
+            stats = convert_refcoco(config)
+            name, items = f"{config.dataset}_{config.split_by}", "refs"
     except ValueError as error:
         sys.exit(f"error: {error}")
     for split_stats in stats.values():
-        print(f"{config.dataset}_{config.split_by} {split_stats.summary()}")
+        print(f"{name} {split_stats.summary()}")
     skipped = sum(len(s.skipped) for s in stats.values())
     print(
-        f"done → {config.out}" + (f" ({skipped} refs skipped, see *.stats.json)" if skipped else "")
+        f"done → {config.out}"
+        + (f" ({skipped} {items} skipped, see *.stats.json)" if skipped else "")
     )
 
 
