@@ -65,19 +65,20 @@ class FLMMHeads(nn.Module):
         """
         device = embeddings.device
         counts = [a.shape[0] for a in attention]
-        unet_all = self.mask_decoder(torch.cat(attention).to(device)).split(counts)
-        coarse = [g.to_original(unet) for g, unet in zip(geometries, unet_all)]
-        refined = self.refiner(
-            embeddings,
-            coarse,
-            [[h.to(device, torch.float32) for h in phrases] for phrases in hidden],
-            sam_input_sizes,
-            [(g.height, g.width) for g in geometries],
-        )
-        return [
-            Grounding(g.crop(unet), c, r)
-            for g, unet, c, r in zip(geometries, unet_all, coarse, refined)
-        ]
+        unet_all = self.mask_decoder(torch.cat(attention).to(device))
+        results = []
+        for b, unet in enumerate(unet_all.split(counts)):
+            geometry = geometries[b]
+            coarse = geometry.to_original(unet)
+            refined = self.refiner(
+                embeddings[b : b + 1],
+                coarse,
+                [h.to(device, torch.float32) for h in hidden[b]],
+                sam_input_sizes[b],
+                (geometry.height, geometry.width),
+            )
+            results.append(Grounding(geometry.crop(unet), coarse, refined))
+        return results
 
 
 def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -6,8 +6,7 @@ Data path for a batch of B images with P_b phrases each:
     SAM image encoder (batched)  → embedding [1, C, He, We] per image, shared by its phrases
     U-Net (all ΣP_b at once)     → logits [P_b, 1, h', w'] in the square frame
       crop to the image region   → ``unet`` [P_b, 1, hc, wc]; resized → ``coarse`` [P_b, 1, H, W]
-    SAM refiner (all images)     → ``refined`` [P_b, 1, H, W] in the original frame (decoder calls
-                                   grouped by phrase token count across the batch)
+    SAM refiner (per image)      → ``refined`` [P_b, 1, H, W] in the original frame
 """
 
 from __future__ import annotations

@@ -181,67 +181,40 @@ class SamRefiner(nn.Module):
 
     def forward(
         self,
-        image_embeddings: torch.Tensor,
-        coarse_logits: list[torch.Tensor],
-        phrase_hidden: list[list[torch.Tensor]],
-        input_sizes: list[tuple[int, int]],
-        original_sizes: list[tuple[int, int]],
-    ) -> list[torch.Tensor]:
-        """Refine the coarse masks of all phrases of B images.
+        image_embedding: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        phrase_hidden: list[torch.Tensor],
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Refine the coarse masks of all P phrases of one image.
 
         Args:
-            image_embeddings: [B, C, He, We] from :class:`flmm.sam.SamImageEncoder`, embedding
-                frame, one per image.
-            coarse_logits: per image [P_b, 1, H_b, W_b] U-Net mask logits, original frame.
-            phrase_hidden: per image, per phrase [n_tok, L, D], hidden states of every LMM layer
-                for the phrase's tokens.
-            input_sizes: per image (h1, w1), its size in the SAM input frame before padding.
-            original_sizes: per image (H_b, W_b).
+            image_embedding: [1, C, He, We] from :class:`flmm.sam.SamImageEncoder`, embedding frame.
+            coarse_logits: [P, 1, H, W] U-Net mask logits, original frame.
+            phrase_hidden: P tensors [n_tok_p, L, D], hidden states of every LMM layer for the
+                phrase's tokens.
+            input_size: (h1, w1), the image's size in the SAM input frame before padding.
+            original_size: (H, W).
         Returns:
-            per image [P_b, 1, H_b, W_b] refined mask logits, original frame.
+            [P, 1, H, W] refined mask logits, original frame.
 
         SAM's two-way transformer has no padding mask, so phrases are decoded in groups of equal
-        n_tok, one decoder call per group over all B images: the decoder adds one image
-        embedding to every row's dense prompt, so each row's own image embedding is added to
-        its dense prompt here and the decoder is given a zero one (the same sums). The output
-        keeps the phrase order.
+        n_tok (one decoder call per group); the output keeps the phrase order.
         """
-        counts = [c.shape[0] for c in coarse_logits]
-        if not (
-            image_embeddings.shape[0]
-            == len(coarse_logits)
-            == len(phrase_hidden)
-            == len(input_sizes)
-            == len(original_sizes)
-        ) or counts != [len(h) for h in phrase_hidden]:
+        if image_embedding.shape[0] != 1 or len(phrase_hidden) != coarse_logits.shape[0]:
             raise ValueError(
-                f"expected one embedding, coarse mask set, size pair and hidden list per image, "
-                f"and one hidden tensor per phrase: got {image_embeddings.shape[0]} embeddings, "
-                f"coarse masks {counts}, hidden tensors {[len(h) for h in phrase_hidden]}, "
-                f"{len(input_sizes)} input sizes, {len(original_sizes)} original sizes"
+                f"expected one image embedding and one hidden tensor per phrase, got "
+                f"{image_embedding.shape[0]} embeddings, {len(phrase_hidden)} hidden tensors, "
+                f"{coarse_logits.shape[0]} coarse masks"
             )
-        prompts = [
-            self.encode_prompts(c, i, o)
-            for c, i, o in zip(coarse_logits, input_sizes, original_sizes)
-        ]
-        box_tokens = torch.cat([box for box, _ in prompts])  # [ΣP, 2, C]
-        dense = torch.cat([d for _, d in prompts])  # [ΣP, C, He, We]
-        device = dense.device
-        image_of = torch.repeat_interleave(
-            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
-        )
-        text = [self.text_tokens(h) for hidden in phrase_hidden for h in hidden]
-        zero = image_embeddings.new_zeros(1, *image_embeddings.shape[1:])
+        box_tokens, dense = self.encode_prompts(coarse_logits, input_size, original_size)
+        text = [self.text_tokens(h) for h in phrase_hidden]
         order, low_res = [], []
         for idx in group_by_length([t.shape[0] for t in text]):
-            rows = torch.tensor(idx, device=device)
-            sparse = torch.cat([box_tokens[rows], torch.stack([text[i] for i in idx])], dim=1)
-            own = dense[rows] + image_embeddings[image_of[rows]]
-            low_res.append(self.decode(zero, sparse, own))
+            sparse = torch.cat([box_tokens[idx], torch.stack([text[i] for i in idx])], dim=1)
+            low_res.append(self.decode(image_embedding, sparse, dense[idx]))
             order.extend(idx)
-        inverse = torch.argsort(torch.tensor(order, device=device))
-        per_image = torch.cat(low_res)[inverse].split(counts)
-        return [
-            postprocess_masks(m, self.image_size, i, o)
-            for m, i, o in zip(per_image, input_sizes, original_sizes)
-        ]
+        inverse = torch.argsort(torch.tensor(order, device=coarse_logits.device))
+        low_res_all = torch.cat(low_res)[inverse]
+        return postprocess_masks(low_res_all, self.image_size, input_size, original_size)

@@ -185,7 +185,7 @@ def test_prompts_reach_sam_in_its_input_frame(sam):
     )
     coarse = coarse_with_rect(1, y0=10, y1=20, x0=30, x1=45)
     embedding = torch.randn(1, 32, 8, 8)
-    refiner(embedding, [coarse], [phrase_hidden((2,))], [(80, 128)], [(H, W)])
+    refiner(embedding, coarse, phrase_hidden((2,)), (80, 128), (H, W))
     # the original-frame box (30, 10, 45, 20) scaled by 128 / 80 = 1.6
     torch.testing.assert_close(seen["boxes"], torch.tensor([[48.0, 16.0, 72.0, 32.0]]))
     assert seen["masks"].shape == (1, 1, 32, 32)  # 4x the 8x8 embedding grid
@@ -209,10 +209,10 @@ def test_refiner_output_shape_and_grouping_matches_per_phrase_loop(sam, image):
     coarse = torch.randn(3, 1, H, W) + coarse_with_rect(3, y0=5, y1=30, x0=10, x1=60)
     hidden = phrase_hidden((2, 3, 2))
     with torch.no_grad():
-        (batched,) = refiner(embedding, [coarse], [hidden], [input_size], [(H, W)])
+        batched = refiner(embedding, coarse, hidden, input_size, (H, W))
         looped = torch.cat(
             [
-                refiner(embedding, [coarse[i : i + 1]], [[hidden[i]]], [input_size], [(H, W)])[0]
+                refiner(embedding, coarse[i : i + 1], [hidden[i]], input_size, (H, W))
                 for i in range(3)
             ]
         )
@@ -220,40 +220,15 @@ def test_refiner_output_shape_and_grouping_matches_per_phrase_loop(sam, image):
     torch.testing.assert_close(batched, looped, rtol=0, atol=1e-5)
 
 
-def test_refiner_over_images_of_two_sizes_matches_one_image_at_a_time(sam, image):
-    """Phrases of several images share decoder calls (grouped by token count across the batch);
-    each phrase must still be refined on its own image's embedding, in its own frame."""
-    encoder, refiner = build_image_encoder(sam), build_refiner(sam, NUM_LAYERS, HIDDEN)
-    small = image[: H // 2, : W // 3]
-    (x0, size0), (x1, size1) = encoder.preprocess(image), encoder.preprocess(small)
-    embeddings = encoder(torch.cat([x0, x1]))
-    frames = [(H, W), tuple(small.shape[:2])]
-    coarse = [
-        torch.randn(2, 1, *frames[0]) + coarse_with_rect(2, y0=5, y1=30, x0=10, x1=60),
-        torch.randn(3, 1, *frames[1])
-        + coarse_with_rect(3, y0=2, y1=12, x0=3, x1=15)[..., : frames[1][0], : frames[1][1]],
-    ]
-    hidden = [phrase_hidden((2, 3)), phrase_hidden((3, 2, 2))]
-    with torch.no_grad():
-        together = refiner(embeddings, coarse, hidden, [size0, size1], frames)
-        alone = [
-            refiner(embeddings[b : b + 1], [coarse[b]], [hidden[b]], [s], [frames[b]])[0]
-            for b, s in enumerate((size0, size1))
-        ]
-    for b in range(2):
-        assert together[b].shape == (len(hidden[b]), 1, *frames[b])
-        torch.testing.assert_close(together[b], alone[b], rtol=0, atol=1e-5)
-
-
 def test_refiner_rejects_hidden_states_of_the_wrong_shape(sam):
     refiner = build_refiner(sam, NUM_LAYERS, HIDDEN)
     with pytest.raises(ValueError, match="phrase hidden states"):
         refiner(
             torch.randn(1, 32, 8, 8),
-            [coarse_with_rect(1, 0, 5, 0, 5)],
-            [[torch.randn(2, NUM_LAYERS + 1, HIDDEN)]],
-            [(80, 128)],
-            [(H, W)],
+            coarse_with_rect(1, 0, 5, 0, 5),
+            [torch.randn(2, NUM_LAYERS + 1, HIDDEN)],
+            (80, 128),
+            (H, W),
         )
 
 
@@ -261,7 +236,7 @@ def test_gradients_reach_refiner_heads_but_not_the_frozen_encoder(sam, image):
     encoder, refiner = build_image_encoder(sam), build_refiner(sam, NUM_LAYERS, HIDDEN)
     x, input_size = encoder.preprocess(image)
     coarse = coarse_with_rect(2, y0=5, y1=30, x0=10, x1=60)
-    (out,) = refiner(encoder(x), [coarse], [phrase_hidden((2, 3))], [input_size], [(H, W)])
+    out = refiner(encoder(x), coarse, phrase_hidden((2, 3)), input_size, (H, W))
     torch.nn.functional.binary_cross_entropy_with_logits(out, (coarse > 0).float()).backward()
 
     trained = {
