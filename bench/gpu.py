@@ -5,7 +5,8 @@
 
 Random weights, built from configs in ``flmm/build.py`` (``TINY_LLAVA_VARIANTS["llava-1.5-7b"]``,
 ``SAM_VARIANTS["vit_l"]``; the tokenizer is trained in process, nothing is downloaded). On the GPU
-the LMM's weights are bf16 and SAM + heads run under bf16 autocast; ``--tiny`` uses the ``tiny``
+the LMM's weights are bf16 and SAM + heads run under bf16 autocast (``FLMM.autocast_dtype``, the
+annotation job's ``--sam-heads-dtype bfloat16``); ``--tiny`` uses the ``tiny``
 variants in float32 on CPU (or bf16 on a GPU if one is there). Measured:
 
 - images/s of the full grounding forward (``FLMM.forward``: LMM prefill with attention capture,
@@ -56,7 +57,8 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
         )
     lmm = FrozenLlava(model.eval(), processor, PromptConfig())
     sam = build_sam(sam_config("tiny" if tiny else "vit_l"))
-    model = build_flmm(lmm, sam).to(device).eval()
+    reduced = torch.bfloat16 if device.type == "cuda" else None  # ModelSpec.sam_heads_dtype
+    model = build_flmm(lmm, sam, autocast_dtype=reduced).to(device).eval()
     model.heads.mask_decoder.to(memory_format=torch.channels_last)  # as GroundingActor does
     return model
 
@@ -75,17 +77,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def time_forward(model, inputs, device: torch.device, repeats: int) -> list[float]:
     """Seconds per batch of ``FLMM.forward`` (two warm-up batches first)."""
     times = []
     for i in range(repeats + 2):
         sync(device)
         start = time.perf_counter()
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode():
             model(inputs)
         sync(device)
         if i >= 2:
@@ -98,7 +96,7 @@ def count_flops(model, inputs, device: torch.device) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counts = {}
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             lmm_out = model.lmm([x.lmm for x in inputs])
         counts["lmm"] = counter.get_total_flops()
