@@ -51,7 +51,7 @@ def main(shards: str, out: str, llava: str) -> None:
         config = AnnotateConfig((shards,), out, ModelSpec(llava, "tiny"), batch_size=1)
         summary = run_annotation(config, on_shard=remove_actor_node)
         result = {"done": summary.done, "failed": summary.failed, "removed": removed}
-        print(json.dumps(result), flush=True)
+        print("RESULT " + json.dumps(result), flush=True)  # Ray may log to stdout after it
     finally:
         ray.shutdown()  # the driver first: the cluster refuses to remove the node it is on
         cluster.shutdown()

@@ -179,7 +179,9 @@ def test_losing_the_model_actors_node_mid_run_loses_no_sample(tiny_llava_dir, tm
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, run.stdout[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["removed"]["done_before"] < 4  # removed mid-run, with shards still to do
     assert sorted(result["done"]) == [p.stem for p in paths] and not result["failed"]
     keys = Counter(pq.read_table(out / "samples").column("key").to_pylist())
