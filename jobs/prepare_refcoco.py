@@ -59,11 +59,9 @@ def parse_args(argv=None) -> RefcocoConfig | PngConfig:
     args = p.parse_args(argv)
     if args.dataset == "png":
         return _png_config(p, args)
-    given = [f"--{name.replace('_', '-')}" for name in PNG_ONLY if getattr(args, name) is not None]
-    if given:
+    if given := _flags(args, PNG_ONLY, given=True):
         p.error(f"{', '.join(given)}: only for --dataset png")
-    missing = [f"--{n.replace('_', '-')}" for n in REFCOCO_ONLY[:3] if getattr(args, n) is None]
-    if missing:
+    if missing := _flags(args, REFCOCO_ONLY[:3], given=False):
         p.error(f"the following arguments are required: {', '.join(missing)}")
     splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
     return RefcocoConfig(
@@ -78,12 +76,15 @@ def parse_args(argv=None) -> RefcocoConfig | PngConfig:
     )
 
 
+def _flags(args: argparse.Namespace, names, given: bool) -> list[str]:
+    """The ``--flag`` spellings of those ``names`` that were given (``given=False``: left out)."""
+    return [f"--{n.replace('_', '-')}" for n in names if (getattr(args, n) is not None) == given]
+
+
 def _png_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> PngConfig:
-    given = [f"--{n.replace('_', '-')}" for n in REFCOCO_ONLY if getattr(args, n) is not None]
-    if given:
+    if given := _flags(args, REFCOCO_ONLY, given=True):
         p.error(f"{', '.join(given)}: not for --dataset png")
-    missing = [f"--{n.replace('_', '-')}" for n in PNG_ONLY[:3] if getattr(args, n) is None]
-    if missing:
+    if missing := _flags(args, PNG_ONLY[:3], given=False):
         p.error(f"the following arguments are required for --dataset png: {', '.join(missing)}")
     split = args.split
     if split is None:

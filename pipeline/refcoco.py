@@ -301,6 +301,22 @@ def build_sample(
         stats.skipped_images += 1
         return None
     objects = [obj for ref in refs if (obj := build_object(ref, image, instances, stats))]
+    return image_sample(split, image_id, image, read, objects, stats)
+
+
+def image_sample(
+    split: str,
+    image_id: int,
+    image: dict,
+    read: tuple[str, bytes],
+    objects: list[dict],
+    stats: SplitStats,
+    **extra,
+) -> dict | None:
+    """The webdataset sample of one image (key ``f"{split}_{image_id:012d}"``, its original bytes
+    from ``read``, the JSON of its ``objects``, their ``phrases`` flattened in object order, and
+    ``extra`` fields), counted in ``stats``; ``None`` (counted as a skipped image) without
+    objects."""
     if not objects:
         stats.skipped_images += 1
         return None
@@ -311,6 +327,7 @@ def build_sample(
     meta = {
         "phrases": phrases,
         "objects": objects,
+        **extra,
         "width": image["width"],
         "height": image["height"],
         "image_id": image_id,
@@ -646,26 +663,8 @@ def build_png_sample(
                 "segment": phrase.segment,
             }
         )
-    if not objects:
-        stats.skipped_images += 1
-        return None
-    stats.images += 1
-    stats.objects += len(objects)
-    stats.expressions += len(objects)
-    meta = {
-        "phrases": [obj["expressions"][0] for obj in objects],
-        "objects": objects,
-        "narratives": [narrative.get("caption") for _, narrative in narratives],
-        "width": image["width"],
-        "height": image["height"],
-        "image_id": image_id,
-    }
-    extension, data = read
-    return {
-        "__key__": f"{split}_{image_id:012d}",
-        extension: data,
-        "json": json.dumps(meta).encode("utf-8"),
-    }
+    captions = [narrative.get("caption") for _, narrative in narratives]
+    return image_sample(split, image_id, image, read, objects, stats, narratives=captions)
 
 
 def convert_png(config: PngConfig) -> dict[str, PngSplitStats]:
