@@ -27,7 +27,7 @@ from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.shards import cached_toy_shards
 from pipeline.sources import resolve_shards
-from pipeline.spec import DTYPES, ModelSpec
+from pipeline.spec import ModelSpec, add_dtype_args
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "models" / "toy"
@@ -45,13 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
     p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
     p.add_argument("--heads", help="heads .safetensors or F-LMM .pth (none: RANDOM heads)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
-    p.add_argument(
-        "--sam-heads-dtype",
-        default="float32",
-        choices=sorted(DTYPES),
-        help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
-    )
+    add_dtype_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="samples per model call")
     p.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)

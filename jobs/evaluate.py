@@ -37,7 +37,7 @@ from pipeline.evaluate import (
     metrics_json,
     toy_val_shards,
 )
-from pipeline.spec import DTYPES, ModelSpec
+from pipeline.spec import ModelSpec, add_dtype_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,13 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, tiny, toy")
     p.add_argument("--sam-checkpoint", help="SAM weights (.pth or .safetensors)")
     p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
-    p.add_argument(
-        "--sam-heads-dtype",
-        default="float32",
-        choices=sorted(DTYPES),
-        help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
-    )
+    add_dtype_args(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")

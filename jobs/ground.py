@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLlava
 from flmm.tiny_llava import write_tiny_llava
+from pipeline.spec import DTYPES, add_dtype_args
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]], dtype=np.float32)
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
     p.add_argument("--image", help="image file (default: a generated one)")
     p.add_argument("--phrase", action="append", help="phrase to ground (repeatable)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_dtype_args(p, sam_heads=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="out/ground/masks.png")
     return p.parse_args(argv)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flmm.optim import OptimConfig
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.shards import cached_toy_shards
-from pipeline.spec import DTYPES, ModelSpec
+from pipeline.spec import ModelSpec, add_dtype_args
 from pipeline.train import TrainJob, fit_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
     p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
     p.add_argument("--init-heads", help="start from these heads instead of SAM + random U-Net")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype")
+    add_dtype_args(p, sam_heads=False)
     p.add_argument("--epochs", type=int, default=None, help=f"default 1 (toy: {TOY_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
     p.add_argument("--lr", type=float, help=f"default {OptimConfig.lr} (toy: {TOY_LR})")

@@ -19,6 +19,21 @@ from flmm.model import FLMM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def add_dtype_args(parser, sam_heads: bool = True) -> None:
+    """The jobs' precision flags: ``--dtype`` (the LMM's) and, with ``sam_heads``,
+    ``--sam-heads-dtype`` (``ModelSpec.sam_heads_dtype``)."""
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype"
+    )
+    if sam_heads:
+        parser.add_argument(
+            "--sam-heads-dtype",
+            default="float32",
+            choices=sorted(DTYPES),
+            help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
+        )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """lmm: llava-hf hub id or local LLaVA directory; sam_variant: a ``flmm.build.SAM_VARIANTS``
