@@ -297,11 +297,12 @@ def build_flmm(
     """
     config = HeadsConfig.for_lmm(lmm)
     if heads_checkpoint is None:
-        return FLMM(lmm, build_image_encoder(sam), build_heads(config, sam), autocast_dtype)
-    state_dict = heads_state_dict(heads_checkpoint)
-    base = heads_dims(state_dict)["unet_base_channels"]
-    heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
-    load_heads_state(heads, state_dict)
+        heads = build_heads(config, sam)
+    else:
+        state_dict = heads_state_dict(heads_checkpoint)
+        base = heads_dims(state_dict)["unet_base_channels"]
+        heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
+        load_heads_state(heads, state_dict)
     return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
 
 
