@@ -48,3 +48,11 @@ def test_a_failing_recipe_fails_the_command_and_names_it(tmp_path):
     assert "[sam]" in done.stdout and "invalid int value" in done.stdout
     assert "recipe(s) failed: sam" in done.stderr
     assert not (tmp_path / "llava").exists()
+
+
+def test_the_other_recipe_still_finishes_when_one_fails(tmp_path):
+    done = rebuild(tmp_path, "--sam-args", "--steps not-a-number", *TINY[2:])
+    assert done.returncode != 0
+    assert "recipe(s) failed: sam (" in done.stderr
+    assert (tmp_path / "llava" / "model.safetensors").is_file()
+    assert not (tmp_path / "sam.safetensors").exists()

@@ -34,13 +34,12 @@ def rebuild(out: Path, names: list[str], extra: dict[str, list[str]]) -> dict[st
     procs = {}
     for name in names:
         module, target = RECIPES[name]
-        command = [sys.executable, "-m", module, "--out", str(out / target), *extra.get(name, [])]
+        command = [sys.executable, "-m", module, "--out", str(out / target), *extra[name]]
         procs[name] = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
     threads = [
-        threading.Thread(target=_forward, args=(name, p.stdout), daemon=True)
-        for name, p in procs.items()
+        threading.Thread(target=_forward, args=(name, p.stdout)) for name, p in procs.items()
     ]
     for t in threads:
         t.start()
