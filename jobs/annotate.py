@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.shards import cached_toy_shards
-from pipeline.sources import resolve_shards
 from pipeline.spec import ModelSpec, add_dtype_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    p.add_argument(
+        "--force", action="store_true", help="run even if another run holds the output's lock"
+    )
     p.add_argument("--preview-images", type=int, default=6, help="images in preview.png (0: none)")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
@@ -100,6 +103,7 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         overwrite=args.overwrite,
+        force=args.force,
         preview_images=args.preview_images,
     )
 
@@ -109,13 +113,12 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     toy_defaults(args)
     config = config_of(args)
-    try:
-        resolve_shards(config.inputs)  # fail on bad inputs before starting anything
-    except ValueError as error:
+    try:  # inputs, output and its lock are checked before Ray starts or a model loads
+        summary = run_annotation(
+            config, on_shard=_progress, start_ray=lambda: connect(args.address, args.num_cpus)
+        )
+    except (ValueError, OSError, OutputLocked) as error:
         sys.exit(f"error: {error}")
-
-    connect(args.address, args.num_cpus)
-    summary = run_annotation(config, on_shard=_progress)
     for name, reason in summary.failed.items():
         print(f"FAILED {name}: {reason}", file=sys.stderr)
     print(summary.line(), flush=True)

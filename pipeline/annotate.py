@@ -24,6 +24,7 @@ import ray
 
 from pipeline.decode import decode_batch
 from pipeline.grounding import STAGES, GroundingActor
+from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
@@ -35,7 +36,8 @@ from schemas.annotations import SCHEMA_VERSION
 class AnnotateConfig:
     """inputs: directories / files / brace patterns / URIs of shards; output: a folder or URI.
     batch_size: samples per model call; actors: model actors in the pool; gpus_per_actor,
-    cpus_per_actor: what each actor reserves; threshold: on sigmoid(refined logits);
+    cpus_per_actor: what each actor reserves; overwrite: redo done shards; force: take the
+    output's lock from another run (``pipeline.lock``); threshold: on sigmoid(refined logits);
     preview_images: images in preview.png (0: no preview)."""
 
     inputs: tuple[str, ...]
@@ -46,6 +48,7 @@ class AnnotateConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     overwrite: bool = False
+    force: bool = False
     threshold: float = 0.5
     preview_images: int = 6
 
@@ -85,13 +88,27 @@ class _ShardBuffer:
 
 
 def run_annotation(
-    config: AnnotateConfig, on_shard: Callable[[str, dict], None] | None = None
+    config: AnnotateConfig,
+    on_shard: Callable[[str, dict], None] | None = None,
+    start_ray: Callable[[], None] | None = None,
 ) -> Summary:
     """Annotate every shard of ``config.inputs`` not yet done; ``on_shard(name, done_marker)``
-    is called after each shard is written (progress, tests)."""
+    is called after each shard is written (progress, tests).
+
+    Before anything is loaded, the inputs are resolved (ValueError), the output is proven
+    writable (OSError) and its lock taken (``pipeline.lock.OutputLocked`` if another run holds
+    it); only then is ``start_ray`` called, if given (else Ray must already be initialised)."""
     start = time.perf_counter()
     out = OutputDir(config.output)
     uris = {shard_name(u): u for u in resolve_shards(config.inputs)}
+    check_writable(out)
+    with OutputLock(out, force=config.force):
+        if start_ray is not None:
+            start_ray()
+        return _run_locked(config, out, uris, on_shard, start)
+
+
+def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on_shard, start):
     summary = Summary(config.output)
     todo = _plan(uris, out, config.overwrite, summary)
     if todo:
@@ -179,7 +196,11 @@ class _Collector:
     def _finish(self, name: str, buffer: _ShardBuffer) -> None:
         started = time.perf_counter()
         rows = list(buffer.rows.values())
-        annotations, samples = shard_tables(name, rows, self.model_id)
+        try:
+            annotations, samples = shard_tables(name, rows, self.model_id)
+        except ValueError as error:  # results that do not fit their samples: nothing written
+            self.summary.failed[name] = str(error)
+            return
         elapsed = time.perf_counter() - self.start
         done = _done_marker(name, buffer, rows, annotations, self.model_id, elapsed)
         try:

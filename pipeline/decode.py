@@ -35,6 +35,7 @@ ERROR_KINDS = {
     "no_phrases": "the phrase list is empty, or a phrase is blank",
     "caption_only": "only a caption: phrase extraction from captions is a later issue",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
+    "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",
     "model_error": "the model raised on this sample",
     "internal_error": "an unexpected exception while decoding (a bug: see the message)",
 }
@@ -219,6 +220,8 @@ def _decode_row(row: dict) -> dict:
     out.update(status="ok", error_kind="", error="", pixels=b"", height=0, width=0, phrases=[])
     if not row["key"]:
         out["status"] = "shard"
+    elif problem := key_problem(row["key"]):
+        out.update(key=escape_key(row["key"]), status="error", error_kind="bad_key", error=problem)
     else:
         try:
             args = (row[c] for c in ("image", "image_ext", "text", "text_ext", "exts"))
@@ -231,6 +234,28 @@ def _decode_row(row: dict) -> dict:
             out.update(status="error", error_kind="internal_error", error=repr(error))
     out["decode_s"] = time.perf_counter() - start
     return out
+
+
+_CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+
+
+def key_problem(key: str) -> str:
+    """Why ``key`` may not name outputs ("" if it may): keys become file names downstream, so
+    path separators, ``..`` and control characters are refused (``schemas/INPUT_FORMAT.md``)."""
+    if "/" in key or "\\" in key:
+        return f"key {escape_key(key)!r} holds a path separator"
+    if ".." in key:
+        return f"key {escape_key(key)!r} holds '..'"
+    if any(c in _CONTROL for c in key):
+        return f"key {escape_key(key)!r} holds a control character"
+    return ""
+
+
+def escape_key(key: str) -> str:
+    """``key`` with ``%``, ``/``, ``\\``, ``.`` and control characters percent-encoded (UTF-8
+    bytes), so that a refused key is stored, and reported, in a form that is safe and unique."""
+    unsafe = _CONTROL | {"%", "/", "\\", "."}
+    return "".join("".join(f"%{b:02X}" for b in c.encode()) if c in unsafe else c for c in key)
 
 
 def pixels_of(row: dict) -> np.ndarray:

@@ -40,6 +40,7 @@ RESULT_SCHEMA = pa.schema(
         ("counts", pa.list_(pa.string())),  # COCO RLE counts of a [height, width] mask
         ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
         ("scores", pa.list_(pa.float32())),
+        ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
         ("decode_s", pa.float64()),
@@ -95,14 +96,15 @@ class GroundingActor:
         start = time.perf_counter()
         outcomes = self._ground(ok)
         share = (time.perf_counter() - start) / max(1, len(ok))
+        results = iter(outcomes)  # one per ok row, in order: matched by position
         out = []
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
-            result.update(counts=[], bboxes=[], scores=[], model_s=0.0)
+            result.update(counts=[], bboxes=[], scores=[], mask_size=[], model_s=0.0)
             result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
-                outcome = outcomes[row["key"]]
+                outcome = next(results)
                 if isinstance(outcome, Exception):
                     error = f"{type(outcome).__name__}: {outcome}"
                     result.update(status="error", error_kind="model_error", error=error)
@@ -111,17 +113,18 @@ class GroundingActor:
             out.append(result)
         return pa.Table.from_pylist(out, RESULT_SCHEMA)
 
-    def _ground(self, rows: list[dict]) -> dict[str, dict | Exception]:
-        """key → annotations, or the exception the model raised on that sample alone."""
+    def _ground(self, rows: list[dict]) -> list[dict | Exception]:
+        """Per row, in order: its annotations, or the exception the model raised on it alone.
+        Rows are matched by position, never by key: keys repeat across shards, and one batch
+        can hold rows of several shards."""
         if not rows:
-            return {}
-        keys = [row["key"] for row in rows]
+            return []
         try:
-            return dict(zip(keys, self._forward(rows)))
+            return self._forward(rows)
         except Exception as error:  # noqa: BLE001 - isolate the failing sample(s) below
             if len(rows) == 1:
-                return {keys[0]: error}
-        return {row["key"]: self._forward_or_error(row) for row in rows}
+                return [error]
+        return [self._forward_or_error(row) for row in rows]
 
     def _forward_or_error(self, row: dict) -> dict | Exception:
         try:
@@ -148,7 +151,11 @@ class GroundingActor:
         out = []
         for grounding in groundings:
             counts, bboxes, scores = annotate_logits(grounding.refined, self.threshold)
-            out.append({"counts": counts, "bboxes": bboxes.tolist(), "scores": scores.tolist()})
+            size = list(grounding.refined.shape[-2:])
+            out.append(
+                {"counts": counts, "bboxes": bboxes.tolist(), "scores": scores.tolist(),
+                 "mask_size": size}
+            )  # fmt: skip
         clock.mark("post_s")
         shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
         return [{**o, **shares} for o in out]

@@ -13,13 +13,15 @@ untouched (``RAW_SCHEMA``). A shard whose tar is corrupt or truncated becomes a 
 from __future__ import annotations
 
 import posixpath
+import re
+import tarfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
-from webdataset.tariterators import tar_file_iterator
 
 from pipeline.shards import IMAGE_EXTENSIONS
 
@@ -90,15 +92,103 @@ def shard_name(uri: str) -> str:
     return base.removesuffix(".tar")
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read whole; ``kind`` is ``truncated`` (cut short: an interrupted
+    copy or download) or ``corrupt`` (not a sound tar)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+TAR_BLOCK = 512
+END_OF_ARCHIVE = 2 * TAR_BLOCK  # the two zero blocks every complete tar ends with
+_READ_BUFFER = 1 << 20
+_META = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, skipped as it does
+
+
 def iter_tar_members(uri: str) -> Iterator[tuple[str, str, bytes]]:
-    """Stream ``(key, ext, bytes)`` per file of a tar shard, in tar order. Keys are split at the
-    file name's first dot (WebDataset's rule), extensions lower-cased. Raises on a corrupt or
-    truncated tar, including data after what tarfile takes for the archive's end."""
+    """Stream ``(key, ext, bytes)`` per regular file of an uncompressed tar shard, in tar order.
+    Keys are split at the file name's first dot (WebDataset's rule), extensions lower-cased.
+
+    The shard must be whole: raises ``ShardError`` if a member is cut short, if the archive does
+    not end with its end-of-archive marker (a tar cut exactly at a member boundary reads as
+    complete otherwise), if anything but zeros follows the marker, or if the bytes read differ
+    from the file's size on the filesystem. The error comes after the members already yielded,
+    so callers must not commit anything of a shard before the iteration ends."""
     fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path) as stream:
-        for entry in tar_file_iterator(stream):
-            yield *_split_name(entry["fname"]), entry["data"]
-        _check_trailing_zeros(stream, uri)
+    size = fs.get_file_info(path).size
+    with fs.open_input_stream(path, buffer_size=_READ_BUFFER) as raw:
+        stream = _TailKeeper(raw)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for info in tar:
+                    if info.isreg() and not _META.match(info.name):
+                        yield *_split_name(info.name), tar.extractfile(info).read()
+                end = tar.offset  # where the end-of-archive marker must start
+        except tarfile.ReadError as error:
+            cut = any(
+                words in str(error)
+                for words in ("unexpected end", "empty file", "truncated header")
+            )
+            kind = "truncated" if cut else "corrupt"
+            raise ShardError(kind, f"{uri}: {error}") from None
+        _check_end_of_archive(stream, end, uri)
+    if size is not None and stream.position != size:
+        raise ShardError(
+            "truncated" if stream.position < size else "corrupt",
+            f"{uri}: read {stream.position} bytes but the file has {size}",
+        )
+
+
+class _TailKeeper:
+    """A read-only stream that remembers the last bytes it delivered, so that the bytes after
+    the archive's last member can be checked although tarfile has already read past them."""
+
+    def __init__(self, raw, keep: int = 1 << 16):
+        self.raw, self.keep = raw, keep
+        self.chunks: deque[bytes] = deque()
+        self.kept = 0
+        self.position = 0  # bytes delivered so far
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
+        self.position += len(data)
+        self.chunks.append(data)
+        self.kept += len(data)
+        while self.chunks and self.kept - len(self.chunks[0]) >= self.keep:
+            self.kept -= len(self.chunks.popleft())
+        return data
+
+    def since(self, offset: int) -> bytes:
+        """The delivered bytes from absolute ``offset`` on (must still be kept)."""
+        start = self.position - self.kept
+        if offset < start:
+            raise ShardError("corrupt", f"internal: offset {offset} no longer kept")
+        return b"".join(self.chunks)[offset - start :]
+
+
+def _check_end_of_archive(stream: _TailKeeper, end: int, uri: str) -> None:
+    """From ``end`` (after the last member) to the end of the file: at least the two zero blocks
+    of the end-of-archive marker, and nothing but zeros (tar pads to a record size)."""
+    trailer = stream.since(end)
+    while trailer.count(0) == len(trailer):
+        chunk = stream.read(_READ_BUFFER)
+        if not chunk:
+            break
+        trailer = chunk
+    else:
+        while stream.read(_READ_BUFFER):  # the rest, to tell a cut header from garbage
+            pass
+        if stream.position - end < TAR_BLOCK:
+            raise ShardError("truncated", f"{uri}: cut inside a member's header at byte {end}")
+        raise ShardError("corrupt", f"{uri}: data after an invalid header at byte {end}")
+    if stream.position - end < END_OF_ARCHIVE:
+        raise ShardError(
+            "truncated",
+            f"{uri}: no end-of-archive marker after the last member (byte {end}): the file was "
+            "cut short",
+        )
 
 
 def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
@@ -124,14 +214,6 @@ def _split_name(fname: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _check_trailing_zeros(stream, uri: str) -> None:
-    """tarfile ends silently at an invalid header after the first member; a sound archive has
-    only zero padding left after its end, so anything else means the tar is corrupt."""
-    while chunk := stream.read(1 << 20):
-        if chunk.count(0) != len(chunk):
-            raise ValueError(f"{uri}: corrupt tar (data after an invalid header)")
-
-
 def read_shard(batch: pa.Table) -> pa.Table:
     """Pipeline stage: rows ``{uri, shard}`` → ``RAW_SCHEMA`` rows, one per sample.
 
@@ -147,9 +229,11 @@ def _shard_rows(uri: str, name: str) -> list[dict]:
     start = time.perf_counter()
     try:
         samples = list(iter_tar_samples(uri))
+    except ShardError as error:
+        return [_shard_row(name, 0, f"{error.kind}: {error}", time.perf_counter() - start)]
     except Exception as error:  # noqa: BLE001 - any read failure fails this shard only
-        message = f"{type(error).__name__}: {error}"
-        return [_shard_row(name, 0, message or "unreadable shard", time.perf_counter() - start)]
+        message = f"unreadable: {type(error).__name__}: {error}"
+        return [_shard_row(name, 0, message, time.perf_counter() - start)]
     seconds = time.perf_counter() - start
     if not samples:
         return [_shard_row(name, 0, "", seconds)]

@@ -89,8 +89,26 @@ def check_samples(samples: pa.Table, n_expected: int) -> None:
         )
 
 
+def result_problem(row: dict) -> str:
+    """Why an ok ``RESULT_SCHEMA`` row cannot be written ("" if it can): its masks must have been
+    encoded at the sample's own ``[height, width]``, one mask, box and score per phrase. A failure
+    here means a result was matched to the wrong sample (a bug), never bad input."""
+    if row["status"] != "ok":
+        return ""
+    size, expected = list(row["mask_size"]), [row["height"], row["width"]]
+    if size != expected:
+        return f"{row['key']}: masks of size {size} for an image of [height, width] {expected}"
+    lengths = {len(row[c]) for c in ("phrases", "counts", "bboxes", "scores")}
+    if len(lengths) != 1:
+        return f"{row['key']}: {len(row['phrases'])} phrases but {len(row['counts'])} masks"
+    return ""
+
+
 def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa.Table]:
-    """``RESULT_SCHEMA`` rows of one shard (sorted by key here) → (annotations, samples)."""
+    """``RESULT_SCHEMA`` rows of one shard (sorted by key here) → (annotations, samples).
+    Raises ValueError if a row fails ``result_problem``."""
+    if problems := [p for p in map(result_problem, rows) if p]:
+        raise ValueError(f"internal_error: {'; '.join(problems)}")
     annotations: list[dict] = []
     samples: list[dict] = []
     for row in sorted(rows, key=lambda r: r["key"]):

@@ -186,7 +186,7 @@ def _result_row(key, status="ok", n=2):
         "key": key, "status": status, "error_kind": "" if status == "ok" else "corrupt_image",
         "error": "" if status == "ok" else "broken", "height": 4, "width": 5,
         "phrases": ["a", "b"][:n], "counts": ["04", "04"][:n] if status == "ok" else [],
-        "bboxes": [[0.0, 0.0, 1.0, 1.0]] * n, "scores": [0.5] * n,
+        "bboxes": [[0.0, 0.0, 1.0, 1.0]] * n, "scores": [0.5] * n, "mask_size": [4, 5],
     }  # fmt: skip
 
 
