@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from flmm.metrics import MaskIoU
 from flmm.model import FLMM, GroundingInput
 from pipeline.decode import SampleError, decode_image, object_targets, parse_text
 from pipeline.shards import IMAGE_EXTENSIONS, cached_toy_shards
+from pipeline.sources import iter_tar_samples
 from pipeline.spec import ModelSpec
 
 PROTOCOLS = ("standard", "flmm")
@@ -148,17 +148,18 @@ class Skipped:
 
 def iter_samples(paths: Iterable[Path], skipped: Skipped, limit: int | None = None):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
-    bad samples go to ``skipped``."""
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList([str(p) for p in paths]), wds.tarfile_to_samples()
-    )
-    for n, raw in enumerate(pipeline):
-        if limit is not None and n >= limit:
-            return
-        try:
-            yield decode_sample(raw)
-        except SkipSample as reason:
-            skipped.add(raw.get("__key__", "?"), str(reason))
+    bad samples go to ``skipped``. Shards are read by the annotation job's reader, so a cut or
+    corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
+    read = 0
+    for path in paths:
+        for key, files, _ in iter_tar_samples(str(path)):
+            if limit is not None and read >= limit:
+                return
+            read += 1
+            try:
+                yield decode_sample({"__key__": key, **files})
+            except SkipSample as reason:
+                skipped.add(key, str(reason))
 
 
 def batched(items: Iterator, size: int) -> Iterator[list]:

@@ -116,7 +116,7 @@ def iter_tar_members(uri: str) -> Iterator[tuple[str, str, bytes]]:
     complete otherwise), if anything but zeros follows the marker, or if the bytes read differ
     from the file's size on the filesystem. The error comes after the members already yielded,
     so callers must not commit anything of a shard before the iteration ends."""
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = pafs.FileSystem.from_uri(_local_or_uri(uri))
     size = fs.get_file_info(path).size
     with fs.open_input_stream(path, buffer_size=_READ_BUFFER) as raw:
         stream = _TailKeeper(raw)

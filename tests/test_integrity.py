@@ -278,3 +278,14 @@ def datetime_now() -> str:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def test_evaluation_refuses_a_cut_shard_instead_of_scoring_fewer_samples(tmp_path):
+    from pipeline.evaluate import Skipped, iter_samples
+
+    (path,) = write_good_shards(tmp_path, 1, 3)
+    skipped = Skipped()
+    assert list(iter_samples([path], skipped)) == [] and skipped.total() == 3  # no objects
+    path.write_bytes(path.read_bytes()[: member_ends(path)[4]])
+    with pytest.raises(ShardError, match="end-of-archive"):
+        list(iter_samples([path], Skipped()))
