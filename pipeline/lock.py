@@ -4,7 +4,7 @@ The lock holds who runs (user, host, pid, start time, a random token) and a hear
 holder rewrites every ``HEARTBEAT_S`` seconds. A second run on the same output is refused
 (``OutputLocked``) unless it is forced; a lock whose holder is gone is taken over with a warning:
 on the same host when its pid no longer exists, elsewhere when its heartbeat is older than
-``STALE_S``. On local disks the lock is created exclusively (``O_EXCL``); object stores have no
+``STALE_S``. On local disks the lock is created exclusively (a hard link); object stores have no
 such primitive, so there the lock is written and read back, which leaves a window of a few
 milliseconds in which two runs started together could both believe they hold it.
 """
@@ -71,8 +71,9 @@ class OutputLock:
                   file=sys.stderr)  # fmt: skip
             self.out.fs.delete_file(self.path)
         self._create()
-        if (self.holder() or {}).get("token") != self.record["token"]:
-            raise OutputLocked(_refusal(self.out.uri, self.holder() or {}))
+        now_held = self.holder() or {}
+        if now_held.get("token") != self.record["token"]:
+            raise OutputLocked(_refusal(self.out.uri, now_held))
         self._thread = threading.Thread(target=self._beat, name="output-lock", daemon=True)
         self._thread.start()
 
@@ -81,7 +82,7 @@ class OutputLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if (self.holder() or {}).get("token") == self.record["token"]:
+        if self._ours():
             self.out.fs.delete_file(self.path)
 
     def holder(self) -> dict | None:
@@ -97,22 +98,30 @@ class OutputLock:
         except ValueError:
             return {"host": "?", "pid": -1, "heartbeat": "1970-01-01T00:00:00+00:00"}
 
+    def _ours(self) -> bool:
+        return (self.holder() or {}).get("token") == self.record["token"]
+
     def _create(self) -> None:
+        """On a local disk the whole file appears at once and only if none exists (a hard link
+        of a written temp file), so no reader ever sees a half-written lock."""
         data = json.dumps(self.record, indent=1).encode()
-        if isinstance(self.out.fs, pafs.LocalFileSystem):
-            self.out.fs.create_dir(self.out.root, recursive=True)
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                raise OutputLocked(_refusal(self.out.uri, self.holder() or {})) from None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        else:
+        if not isinstance(self.out.fs, pafs.LocalFileSystem):
             self.out.write_bytes("", LOCK, data)
+            return
+        self.out.fs.create_dir(self.out.root, recursive=True)
+        tmp = f"{self.path}.{self.record['token']}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise OutputLocked(_refusal(self.out.uri, self.holder() or {})) from None
+        finally:
+            os.unlink(tmp)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if (self.holder() or {}).get("token") != self.record["token"]:
+            if not self._ours():
                 print(f"warning: the lock on {self.out.uri} was taken over", file=sys.stderr)
                 return
             self.record["heartbeat"] = _now()
