@@ -42,8 +42,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("decode_s", "prepare_s", "lmm_s", "sam_s", "heads_s", "post_s", "write_s")
 
@@ -55,24 +53,21 @@ STAGES = ("decode_s", "prepare_s", "lmm_s", "sam_s", "heads_s", "post_s", "write
 
 def write_shards(out_dir: Path, n_images: int, per_shard: int, seed: int = 1) -> list[int]:
     """Toy scenes as ``bench-{000000..}.tar``, one phrase per object; returns phrases per image."""
-    import webdataset as wds
-
-    from pipeline.shards import png_bytes, scene_metadata
+    from pipeline.shards import write_shards as write
     from toyworld.scenes import make_scene, scene_seed
+    from toyworld.shards import scene_metadata, scene_sample
 
-    out_dir.mkdir(parents=True)
     counts = []
-    pattern = str(out_dir / "bench-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0.0) as sink:
+
+    def samples():
         for index in range(n_images):
             scene = make_scene(scene_seed(seed, index))
             meta = scene_metadata(scene)
             meta["phrases"] = [obj.expressions[0] for obj in scene.objects]
             counts.append(len(meta["phrases"]))
-            key = f"bench_{index:08d}"
-            sink.write(
-                {"__key__": key, "png": png_bytes(scene.image), "json": json.dumps(meta).encode()}
-            )
+            yield scene_sample(f"bench_{index:08d}", scene, meta)
+
+    write(out_dir, "bench", samples(), per_shard)
     return counts
 
 
@@ -143,9 +138,9 @@ def run_naive(shards: Path, spec: dict, out: Path, threads: int) -> dict:
 def naive_worker(shards: Path, out: Path, spec: dict, threads: int) -> dict:
     import torch
 
-    from pipeline.decode import decode_sample
+    from pipeline.decode import decode_sample, phrases_of
     from pipeline.grounding import annotate_logits
-    from pipeline.sources import iter_tar_samples, resolve_shards, shard_name
+    from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
     from pipeline.spec import ModelSpec
     from pipeline.writer import OutputDir, shard_tables
 
@@ -160,10 +155,8 @@ def naive_worker(shards: Path, out: Path, spec: dict, threads: int) -> dict:
         rows = []
         for key, files, exts in iter_tar_samples(uri):
             t = time.perf_counter()
-            image_ext = next(e for e in ("png", "jpg") if e in files)
-            pixels, phrases = decode_sample(
-                files[image_ext], image_ext, files["json"], "json", ",".join(exts)
-            )
+            pixels, meta = decode_sample(sample_files(files, exts))
+            phrases = phrases_of(meta)
             split["decode_s"] += time.perf_counter() - t
             with torch.inference_mode():
                 refined = naive_ground(model, torch.from_numpy(pixels), phrases, split)
@@ -239,7 +232,7 @@ def mask_agreement(a: Path, b: Path) -> dict:
     """Per phrase, IoU of the two outputs' masks (1 for two empty masks)."""
     import pyarrow.parquet as pq
 
-    from pipeline.shards import decode_rle
+    from pipeline.formats import decode_rle
 
     ta = pq.read_table(a / "annotations").sort_by([("key", "ascending")]).to_pylist()
     tb = {(r["key"], r["phrase"]): r for r in pq.read_table(b / "annotations").to_pylist()}

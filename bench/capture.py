@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.lmm import FrozenLlava, collate
 from flmm.tiny_llava import write_tiny_llava

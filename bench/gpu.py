@@ -27,13 +27,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLlava, collate

@@ -8,7 +8,7 @@
     ray job submit --working-dir . -- python jobs/annotate.py ...   # the same, on a cluster
 
 With no arguments it runs the embedded default: the toy world's sample shards (written once to
-out/toy/samples/), the toy LMM + toy SAM + toy heads from models/toy/, output in out/annotate/.
+out/toy/sample/), the toy LMM + toy SAM + toy heads from models/toy/, output in out/annotate/.
 Joins the Ray cluster named by --address or RAY_ADDRESS (``ray job submit`` sets it), else starts
 a local Ray. Finished shards are skipped on a rerun; --overwrite redoes them. See pipeline/annotate.py,
 schemas/ANNOTATIONS.md. Exit status 1 if a shard failed (a rerun retries it).
@@ -19,20 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
-from pipeline.shards import cached_toy_shards
-from pipeline.spec import ModelSpec, add_dtype_args
-
-REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "models" / "toy"
-TOY_SAMPLES = Path("out/toy/samples")  # toy-world sample shards, written on first use
-TOY_SAMPLE_SCENES, TOY_SCENES_PER_SHARD, TOY_SAMPLE_SEED = 24, 8, 1  # seed 1: not training data
+from pipeline.spec import add_model_args, model_spec
+from toyworld.models import toy_model_spec
+from toyworld.shards import toy_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,11 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--input", action="append", help="shard dir, .tar, brace pattern or URI (repeatable)"
     )
     p.add_argument("--output", default="out/annotate", help="output folder or URI")
-    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: toy LMM)")
-    p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
-    p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
-    p.add_argument("--heads", help="heads .safetensors or F-LMM .pth (none: RANDOM heads)")
-    add_dtype_args(p)
+    add_model_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="samples per model call")
     p.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -60,42 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def toy_defaults(args: argparse.Namespace) -> None:
-    """Fill what is unset with the toy world: sample shards, toy LMM, toy SAM, toy heads."""
-    if not args.input:
-        args.input = [
-            str(
-                cached_toy_shards(
-                    TOY_SAMPLES, TOY_SAMPLE_SCENES, TOY_SCENES_PER_SHARD, TOY_SAMPLE_SEED, "sample"
-                )
-            )
-        ]
-    if args.lmm is None:
-        args.lmm = str(TOY / "llava")
-        args.sam = args.sam or "toy"
-        args.sam_checkpoint = args.sam_checkpoint or str(TOY / "sam.safetensors")
-        toy_heads = TOY / "heads.safetensors"
-        if args.heads is None and toy_heads.is_file():
-            args.heads = str(toy_heads)
-    if args.heads is None:
+def config_of(args: argparse.Namespace) -> AnnotateConfig:
+    """The run's config; what is unset is the toy world's: its sample shards (written on first
+    use) and, without --lmm, the toy LMM + toy SAM + toy heads."""
+    spec = model_spec(args, default=toy_model_spec())
+    if spec.heads is None:
         print(
             "WARNING: no --heads (and no models/toy/heads.safetensors yet): the heads are RANDOMLY "
             "INITIALISED, so the masks are noise; train heads and pass --heads",
             file=sys.stderr,
         )
-
-
-def config_of(args: argparse.Namespace) -> AnnotateConfig:
-    spec = ModelSpec(
-        args.lmm,
-        args.sam or "vit_l",
-        args.sam_checkpoint,
-        args.heads,
-        args.dtype,
-        sam_heads_dtype=args.sam_heads_dtype,
-    )
     return AnnotateConfig(
-        inputs=tuple(args.input),
+        inputs=tuple(args.input or [str(toy_shards("sample"))]),
         output=args.output,
         model=spec,
         batch_size=args.batch_size,
@@ -111,9 +76,8 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    toy_defaults(args)
-    config = config_of(args)
     try:  # inputs, output and its lock are checked before Ray starts or a model loads
+        config = config_of(args)
         summary = run_annotation(
             config, on_shard=_progress, start_ray=lambda: connect(args.address, args.num_cpus)
         )

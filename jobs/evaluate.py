@@ -12,7 +12,7 @@ per-set counts and skipped samples (with reasons) beside it as `*.stats.json`, a
 all objects of an image in one sequence. See pipeline/evaluate.py.
 
 With no arguments it evaluates the shipped toy heads (models/toy/heads.safetensors, with the toy
-LMM and toy SAM) on the toy world's held-out scenes, written once to ./out/toy_shards/val.
+LMM and toy SAM) on the toy world's held-out scenes, written once to ./out/toy/val.
 """
 
 from __future__ import annotations
@@ -23,21 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.evaluate import (
     PROTOCOLS,
-    TOY_HEADS,
-    TOY_LMM,
-    TOY_SAM,
     EvalConfig,
     eval_sets,
     evaluate,
     markdown_table,
     metrics_json,
-    toy_val_shards,
 )
-from pipeline.spec import ModelSpec, add_dtype_args
+from pipeline.spec import ModelSpec, add_model_args, model_spec
+from toyworld.models import toy_model_spec
+from toyworld.shards import toy_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,12 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--shards", action="append", help="[name=]dir or .tar (repeatable; default: toy)"
     )
-    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: toy LMM)")
-    p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, tiny, toy")
-    p.add_argument("--sam-checkpoint", help="SAM weights (.pth or .safetensors)")
-    p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
-    add_dtype_args(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda")
+    add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
     p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both"])
@@ -58,39 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_spec(args: argparse.Namespace) -> ModelSpec:
+def spec_of(args: argparse.Namespace) -> ModelSpec:
     """The models to load; without --lmm, the shipped toy LMM, toy SAM and toy heads."""
-    if args.lmm is None:
-        args.lmm, args.sam = str(TOY_LMM), args.sam or "toy"
-        args.sam_checkpoint = args.sam_checkpoint or (str(TOY_SAM) if args.sam == "toy" else None)
-        if args.heads is None and not TOY_HEADS.is_file():
-            sys.exit(
-                f"error: the toy heads {TOY_HEADS} do not exist yet: they are trained by the "
-                "training job (issue 4, jobs/train.py) and shipped when done; train them or pass "
-                "--heads"
-            )
-        args.heads = args.heads or str(TOY_HEADS)
-    if args.heads is None:
+    spec = model_spec(args, default=toy_model_spec())
+    if spec.heads is None and args.lmm is None:
+        sys.exit(
+            "error: the toy heads (models/toy/heads.safetensors) do not exist yet: train them "
+            "with jobs/train.py, or pass --heads"
+        )
+    if spec.heads is None:
         sys.exit("error: give --heads (a heads checkpoint to evaluate)")
-    if not Path(args.heads).is_file():
-        sys.exit(f"error: heads checkpoint {args.heads} not found")
-    return ModelSpec(
-        args.lmm,
-        args.sam or "vit_l",
-        args.sam_checkpoint,
-        args.heads,
-        args.dtype,
-        args.device,
-        args.sam_heads_dtype,
-    )
+    if not Path(spec.heads).is_file():
+        sys.exit(f"error: heads checkpoint {spec.heads} not found")
+    return spec
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        model = model_spec(args)
-        specs = args.shards or [str(toy_val_shards(Path("out/toy_shards/val")))]
+        model = spec_of(args)
+        specs = args.shards or [str(toy_shards("val"))]
         config = EvalConfig(
             sets=tuple(eval_sets(specs)),
             model=model,

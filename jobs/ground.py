@@ -21,38 +21,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
-from flmm.lmm import FrozenLlava
+from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.tiny_llava import write_tiny_llava
-from pipeline.spec import DTYPES, add_dtype_args
+from pipeline.spec import ModelSpec, add_model_args, model_spec
 
 COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]], dtype=np.float32)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: tiny random)")
-    p.add_argument("--sam", default=None, help="SAM variant: vit_h, vit_l, vit_b, tiny")
-    p.add_argument("--sam-checkpoint", help="SAM weights (.pth or .safetensors)")
-    p.add_argument("--heads", help="heads .safetensors, or an F-LMM release .pth")
+    add_model_args(p, default="tiny random")
     p.add_argument("--image", help="image file (default: a generated one)")
     p.add_argument("--phrase", action="append", help="phrase to ground (repeatable)")
-    add_dtype_args(p, sam_heads=False)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="out/ground/masks.png")
     return p.parse_args(argv)
 
 
-def tiny_defaults(args: argparse.Namespace, workdir: Path) -> None:
-    """Fill unset model/data arguments with tiny random models and a generated image."""
+def tiny_defaults(args: argparse.Namespace, workdir: Path) -> ModelSpec:
+    """A tiny random LLaVA (written to ``workdir``) + tiny random SAM as the default model; a
+    generated image and two phrases when no --image is given."""
     print(
         "no --lmm given: tiny LLaVA + tiny SAM with RANDOM weights (a smoke run, masks are noise)"
     )
     corpus = ["the red square", "the blue circle", "Please briefly describe this image."]
-    args.lmm = str(write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus * 10, workdir / "llava"))
-    args.sam = args.sam or "tiny"
+    llava = write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus * 10, workdir / "llava")
     if args.image is None:
         image = np.full((96, 160, 3), 200, dtype=np.uint8)
         image[20:60, 20:60] = (220, 30, 30)
@@ -60,6 +52,7 @@ def tiny_defaults(args: argparse.Namespace, workdir: Path) -> None:
         args.image = str(workdir / "scene.png")
         Image.fromarray(image).save(args.image)
         args.phrase = args.phrase or ["the red square", "the blue circle"]
+    return ModelSpec(str(llava), "tiny")
 
 
 def overlay(image: np.ndarray, masks: torch.Tensor) -> Image.Image:
@@ -74,13 +67,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.lmm is None:
-            tiny_defaults(args, Path(tmp))
+        default = tiny_defaults(args, Path(tmp)) if args.lmm is None else None
         if not args.phrase:
             sys.exit("give at least one --phrase")
-        lmm = FrozenLlava.from_pretrained(args.lmm, dtype=DTYPES[args.dtype], device=args.device)
-        sam = build_sam(sam_config(args.sam or "vit_l"), args.sam_checkpoint)
-        model = build_flmm(lmm, sam, args.heads).to(args.device)
+        model = model_spec(args, default).build()
         image = np.array(Image.open(args.image).convert("RGB"))
         start = time.perf_counter()
         with torch.inference_mode():

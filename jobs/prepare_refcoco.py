@@ -28,8 +28,6 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.refcoco import PNG_NAME, PngConfig, RefcocoConfig, convert_png, convert_refcoco
 
 REFCOCO_ONLY = ("refs", "instances", "split_by", "splits")

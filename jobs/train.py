@@ -23,18 +23,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from flmm.optim import OptimConfig
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
-from pipeline.shards import cached_toy_shards
-from pipeline.spec import ModelSpec, add_dtype_args
+from pipeline.spec import add_model_args, model_spec
 from pipeline.train import TrainJob, fit_heads
+from toyworld.models import toy_model_spec
+from toyworld.shards import toy_shards
 
-REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "models" / "toy"
-TOY_TRAIN = Path("out/toy/train")  # toy-world training shards, written on first use
-TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED = 1000, 100, 0
 TOY_EPOCHS, TOY_LR = 8, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
 TOY_UNET_CHANNELS = 32  # a quarter of F-LMM's U-Net weights: 16 attention channels need no more
 
@@ -45,11 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="out/train/heads.safetensors", help="final heads file")
     p.add_argument("--storage", default="out/train/runs", help="Ray Train storage (checkpoints)")
     p.add_argument("--name", default="flmm-heads", help="run name (same name + storage: resume)")
-    p.add_argument("--lmm", help="llava-hf hub id or local LLaVA directory (default: toy LMM)")
-    p.add_argument("--sam", help="SAM variant: vit_h, vit_l, vit_b, toy, tiny (default: toy)")
-    p.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
-    p.add_argument("--init-heads", help="start from these heads instead of SAM + random U-Net")
-    add_dtype_args(p, sam_heads=False)
+    add_model_args(p, heads="--init-heads", sam_heads_dtype=False)
     p.add_argument("--epochs", type=int, default=None, help=f"default 1 (toy: {TOY_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
     p.add_argument("--lr", type=float, help=f"default {OptimConfig.lr} (toy: {TOY_LR})")
@@ -76,40 +67,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def toy_defaults(args: argparse.Namespace) -> None:
-    """Fill what is unset with the toy world: training shards, toy LMM, toy SAM."""
+    """Without --shards: the toy world's training shards (written on first use) and the toy
+    recipe's epochs, lr and U-Net width; then the general defaults for what is still unset."""
     if args.shards is None:
-        args.shards = [
-            str(
-                cached_toy_shards(
-                    TOY_TRAIN, TOY_TRAIN_SCENES, TOY_SCENES_PER_SHARD, TOY_TRAIN_SEED, "train"
-                )
-            )
-        ]
+        args.shards = [str(toy_shards("train"))]
         args.epochs = args.epochs or TOY_EPOCHS
         args.lr = args.lr or TOY_LR
         args.unet_channels = args.unet_channels or TOY_UNET_CHANNELS
-    if args.lmm is None:
-        args.lmm = str(TOY / "llava")
-        args.sam = args.sam or "toy"
-        args.sam_checkpoint = args.sam_checkpoint or str(TOY / "sam.safetensors")
     args.epochs = args.epochs or 1
     args.lr = args.lr or OptimConfig.lr
     args.unet_channels = args.unet_channels or TrainJob.unet_channels
-    args.sam = args.sam or "vit_l"
 
 
 def job_of(args: argparse.Namespace) -> TrainJob:
-    spec = ModelSpec(
-        lmm=args.lmm,
-        sam_variant=args.sam,
-        sam_checkpoint=args.sam_checkpoint,
-        heads=args.init_heads,
-        dtype=args.dtype,
-        device="auto",
-    )
+    """The training job; without --lmm the toy LMM + toy SAM (heads start from --init-heads, or
+    from SAM's decoder and a random U-Net)."""
     return TrainJob(
         shards=tuple(args.shards),
-        spec=spec,
+        spec=model_spec(args, default=toy_model_spec(heads=False)),
         output=args.output,
         storage=args.storage,
         name=args.name,

@@ -17,13 +17,15 @@ import io
 import json
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.shards import IMAGE_EXTENSIONS, decode_rle
+from pipeline.formats import IMAGE_EXTENSIONS, decode_rle
+from pipeline.sources import iter_tar_samples, sample_files
 
 ERROR_KINDS = {
     "missing_image": "the sample has no .jpg/.jpeg/.png/.webp file",
@@ -33,7 +35,7 @@ ERROR_KINDS = {
     "missing_text": "the sample has neither .json nor .txt",
     "bad_text": "the text is not UTF-8 / not a JSON object / phrases not a list of strings",
     "no_phrases": "the phrase list is empty, or a phrase is blank",
-    "caption_only": "only a caption: phrase extraction from captions is a later issue",
+    "caption_only": "only a caption, no `phrases`: this version grounds given phrases only",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
     "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",
     "model_error": "the model raised on this sample",
@@ -137,13 +139,13 @@ def parse_text(data: bytes, ext: str) -> dict:
 
 def phrases_of(meta: dict) -> list[str]:
     """The phrases to ground: ``meta["phrases"]`` as given (non-empty strings, at least one).
-    A caption alone is an error for now (phrase extraction from captions is a later issue)."""
+    A caption alone is the error ``caption_only``: this version grounds given phrases only."""
     if "phrases" not in meta:
         if isinstance(meta.get("caption"), str):
             raise SampleError(
                 "caption_only",
-                "caption without phrases: phrase extraction from captions is not implemented "
-                "yet (a later issue); give `phrases`",
+                "a caption without `phrases`: this version grounds given phrases only; give "
+                "`phrases` in <key>.json",
             )
         raise SampleError("missing_text", "json has neither `phrases` nor `caption`")
     phrases = meta["phrases"]
@@ -193,17 +195,31 @@ def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def decode_sample(image: bytes, image_ext: str, text: bytes, text_ext: str, exts: str):
-    """One sample's raw files → (uint8 ``[H, W, 3]`` RGB, phrases); raises SampleError.
-    Text is checked first: it is cheap, and a sample without phrases is not worth decoding."""
-    names = exts.split(",") if exts else []
+def decode_sample(raw: Mapping) -> tuple[np.ndarray, dict]:
+    """One sample's raw files → (uint8 ``[H, W, 3]`` RGB, meta dict); raises SampleError.
+
+    ``raw`` holds the ``RAW_SCHEMA`` fields ``image``, ``image_ext``, ``text``, ``text_ext`` and
+    ``exts`` (a ``pipeline.sources.read_shard`` row, or ``sources.sample_files``). The text is
+    parsed before the image is decoded: it is cheaper, and a bad one ends the work early. What to
+    ground or train on is the caller's: ``phrases_of`` / ``object_targets`` of the meta."""
+    names = raw["exts"].split(",") if raw["exts"] else []
     n_images = sum(names.count(e) for e in IMAGE_EXTENSIONS)
-    if not image_ext:
+    if not raw["image_ext"]:
         raise SampleError("missing_image", f"no image among files {names}")
     if n_images > 1:
         raise SampleError("multiple_images", f"{n_images} image files: {names}")
-    phrases = phrases_of(parse_text(text, text_ext))
-    return decode_image(image), phrases
+    meta = parse_text(raw["text"], raw["text_ext"])
+    return decode_image(raw["image"]), meta
+
+
+def read_samples(uris: Iterable[str | Path]) -> Iterator[dict]:
+    """Every sample of the shards, in order, decoded: ``{"key", "image": uint8 [H, W, 3] RGB,
+    "meta": dict}`` (for tools and tests; the jobs stream rows through ``decode_batch``). Raises
+    SampleError on the first bad sample, ``sources.ShardError`` on a bad shard."""
+    for uri in uris:
+        for key, files, exts in iter_tar_samples(str(uri)):
+            image, meta = decode_sample(sample_files(files, exts))
+            yield {"key": key, "image": image, "meta": meta}
 
 
 def decode_batch(batch: pa.Table, chunk: int = 16) -> Iterator[pa.Table]:
@@ -224,8 +240,8 @@ def _decode_row(row: dict) -> dict:
         out.update(key=escape_key(row["key"]), status="error", error_kind="bad_key", error=problem)
     else:
         try:
-            args = (row[c] for c in ("image", "image_ext", "text", "text_ext", "exts"))
-            pixels, phrases = decode_sample(*args)
+            pixels, meta = decode_sample(row)
+            phrases = phrases_of(meta)
             height, width = pixels.shape[:2]
             out.update(pixels=pixels.tobytes(), height=height, width=width, phrases=phrases)
         except SampleError as error:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.decode import SampleError, decode_image, object_targets, parse_text
+from pipeline.decode import SampleError, decode_sample, object_targets
 from pipeline.features import ImageFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
@@ -48,11 +48,8 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
     try:
         if row["shard_error"] or not row["key"]:
             raise SampleError("internal_error", row["shard_error"] or "empty shard")
-        if not row["image_ext"]:
-            raise SampleError("missing_image", "sample has no image")
-        pixels = decode_image(row["image"])
+        pixels, meta = decode_sample(row)
         height, width = pixels.shape[:2]
-        meta = parse_text(row["text"], row["text_ext"])
         targets = [(e, m) for e, m in object_targets(meta, height, width) if e]
         if not targets:
             raise SampleError("bad_objects", "objects have no expressions")

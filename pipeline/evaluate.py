@@ -33,9 +33,8 @@ import torch
 
 from flmm.metrics import MaskIoU
 from flmm.model import FLMM, GroundingInput
-from pipeline.decode import SampleError, decode_image, object_targets, parse_text
-from pipeline.shards import IMAGE_EXTENSIONS, cached_toy_shards
-from pipeline.sources import iter_tar_samples
+from pipeline.decode import SampleError, decode_sample, object_targets
+from pipeline.sources import iter_tar_samples, sample_files
 from pipeline.spec import ModelSpec
 
 PROTOCOLS = ("standard", "flmm")
@@ -100,27 +99,21 @@ class SkipSample(Exception):
     """A sample that cannot be evaluated; the message is the reason (counted per reason)."""
 
 
-def decode_sample(raw: dict) -> EvalSample:
-    """A raw webdataset sample (bytes per extension) → EvalSample, or SkipSample(reason).
+def eval_sample(key: str, raw: dict) -> EvalSample:
+    """A sample's raw files (``sources.sample_files``) → EvalSample, or SkipSample(reason).
 
-    Decoding and validation are the other jobs' (``pipeline.decode``); the reason is the
-    ``SampleError`` kind (``decode.ERROR_KINDS``).
+    Decoding and validation are the other jobs' (``decode.decode_sample``, ``object_targets``);
+    the reason is the ``SampleError`` kind (``decode.ERROR_KINDS``).
     """
     try:
-        images = [e for e in IMAGE_EXTENSIONS if e in raw]
-        if not images:
-            raise SampleError("missing_image", "no image")
-        rgb = decode_image(raw[images[0]])
-        text_ext = next((e for e in ("json", "txt") if e in raw), "")
-        meta = parse_text(raw.get(text_ext, b""), text_ext)
+        rgb, meta = decode_sample(raw)
         targets = object_targets(meta, *rgb.shape[:2])
         if not all(expressions for expressions, _ in targets):
             raise SampleError("bad_objects", "an object has no expressions")
-        expressions = [e for e, _ in targets]
-        masks = [m for _, m in targets]
     except SampleError as error:
         raise SkipSample(error.kind) from error
-    return EvalSample(raw["__key__"], rgb, expressions, np.stack(masks))
+    masks = np.stack([mask for _, mask in targets])
+    return EvalSample(key, rgb, [expressions for expressions, _ in targets], masks)
 
 
 @dataclass
@@ -152,12 +145,12 @@ def iter_samples(paths: Iterable[Path], skipped: Skipped, limit: int | None = No
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
     read = 0
     for path in paths:
-        for key, files, _ in iter_tar_samples(str(path)):
+        for key, files, exts in iter_tar_samples(str(path)):
             if limit is not None and read >= limit:
                 return
             read += 1
             try:
-                yield decode_sample({"__key__": key, **files})
+                yield eval_sample(key, sample_files(files, exts))
             except SkipSample as reason:
                 skipped.add(key, str(reason))
 
@@ -328,16 +321,8 @@ def markdown_table(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Config, model, toy defaults, entry
+# Config and entry
 # --------------------------------------------------------------------------------------------
-
-REPO = Path(__file__).resolve().parents[1]
-TOY_LMM = REPO / "models" / "toy" / "llava"
-TOY_SAM = REPO / "models" / "toy" / "sam.safetensors"
-TOY_HEADS = REPO / "models" / "toy" / "heads.safetensors"
-TOY_EVAL_START = 1_000_000  # held-out toy scenes: indices from here on (toyworld.lmm.EVAL_START)
-TOY_VAL_SCENES = 100  # ~300 objects, ~1800 expressions; ~4 min on one CPU core
-TOY_SCENES_PER_SHARD = 100
 
 
 @dataclass(frozen=True)
@@ -348,14 +333,6 @@ class EvalConfig:
     batch_size: int = 8
     limit: int | None = None
     output: Path = Path("out/evaluate/metrics.json")
-
-
-def toy_val_shards(cache: Path, n_scenes: int = TOY_VAL_SCENES) -> Path:
-    """The toy world's held-out scenes (seed 0, indices ``TOY_EVAL_START …``) as ``val`` shards in
-    ``cache``, written once; reused when already there."""
-    return cached_toy_shards(
-        cache, n_scenes, TOY_SCENES_PER_SHARD, seed=0, split_name="val", first_index=TOY_EVAL_START
-    )
 
 
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, SetResult]:

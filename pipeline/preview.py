@@ -2,7 +2,7 @@
 at a glance whether the labels are right.
 
 Reads the annotations Parquet of finished shards and the same samples' images from the input
-shards (streaming each tar only until the chosen keys are found); draws each mask as a coloured
+shards (with the job's own reader and decoder); draws each mask as a coloured
 overlay, its box as a rectangle and its phrase with its score underneath.
 """
 
@@ -13,9 +13,9 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.decode import decode_image
-from pipeline.shards import IMAGE_EXTENSIONS, decode_rle
-from pipeline.sources import iter_tar_members
+from pipeline.decode import decode_sample
+from pipeline.formats import decode_rle
+from pipeline.sources import iter_tar_samples, sample_files
 from pipeline.writer import ANNOTATIONS, OutputDir
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
@@ -52,11 +52,9 @@ def _choose(annotations: list[dict], n: int) -> dict[str, list[dict]]:
 
 def _images(uri: str, keys: set[str]) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
-    for key, ext, data in iter_tar_members(uri):
-        if key in keys and ext in IMAGE_EXTENSIONS and key not in found:
-            found[key] = decode_image(data)
-            if len(found) == len(keys):
-                break
+    for key, files, exts in iter_tar_samples(uri):
+        if key in keys and key not in found:
+            found[key] = decode_sample(sample_files(files, exts))[0]
     return found
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,10 +67,10 @@ from typing import ClassVar
 
 import numpy as np
 import pycocotools.mask as mask_utils
-import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import IMAGE_EXTENSIONS, encode_rle, move_into_place
+from pipeline.formats import IMAGE_EXTENSIONS, encode_rle
+from pipeline.shards import write_shards
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
@@ -343,7 +342,7 @@ def image_sample(
 # --- writing -------------------------------------------------------------------------------------
 
 
-def write_shards(
+def write_split_shards(
     prefix: str,
     out: Path,
     samples_per_shard: int,
@@ -351,34 +350,17 @@ def write_shards(
     stats: SplitStats,
 ) -> SplitStats:
     """Write ``samples`` (``None``s left out; ``stats`` filled while they are built) as shards
-    ``{prefix}-{000000..}.tar`` to a hidden temp folder, rename them into ``out`` (removing shards
-    of an earlier run with this prefix that this run did not write), then write
-    ``{prefix}.stats.json``."""
-    out_dir = Path(out)
-    tmp_dir = out_dir / f".{prefix}.partial"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    pattern = str(tmp_dir / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0.0) as sink:
-        for sample in samples:
-            if sample is not None:
-                sink.write(sample)
-    written = sorted(tmp_dir.glob("*.tar"))
-    if stats.images == 0:  # ShardWriter opens its first shard before any write
-        for path in written:
-            path.unlink()
-        written = []
-    stats.shards = move_into_place(written, out_dir, tmp_dir)
-    for stale in set(out_dir.glob(f"{prefix}-*.tar")) - set(stats.shards):
-        stale.unlink()
-    (out_dir / f"{prefix}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))
+    ``{prefix}-{000000..}.tar`` (``pipeline.shards.write_shards``: shards of an earlier run with
+    this prefix that this run did not write are removed), then ``{prefix}.stats.json``."""
+    stats.shards = write_shards(out, prefix, samples, samples_per_shard)
+    (Path(out) / f"{prefix}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))
     return stats
 
 
 def write_split(
     split: str, refs_by_image: dict[int, list[dict]], instances: Instances, config: RefcocoConfig
 ) -> SplitStats:
-    """Write one split's shards and stats file (``write_shards``); images in ``image_id`` order."""
+    """Write one split's shards and stats file (``write_split_shards``); images in ``image_id`` order."""
     stats = SplitStats(split)
     samples = (
         build_sample(
@@ -387,7 +369,7 @@ def write_split(
         for image_id in sorted(refs_by_image)
     )
     prefix = f"{config.dataset}_{config.split_by}-{split}"
-    return write_shards(prefix, config.out, config.samples_per_shard, samples, stats)
+    return write_split_shards(prefix, config.out, config.samples_per_shard, samples, stats)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -686,5 +668,5 @@ def convert_png(config: PngConfig) -> dict[str, PngSplitStats]:
     )
     prefix = f"{PNG_NAME}-{config.split}"
     return {
-        config.split: write_shards(prefix, config.out, config.samples_per_shard, samples, stats)
+        config.split: write_split_shards(prefix, config.out, config.samples_per_shard, samples, stats)
     }

@@ -23,9 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from pipeline.shards import IMAGE_EXTENSIONS
-
-TEXT_EXTENSIONS = ("json", "txt")
+from pipeline.formats import IMAGE_EXTENSIONS, TEXT_EXTENSIONS
 
 # One row per sample. ``key == ""`` marks a shard-level row (an empty or unreadable shard), with
 # ``shard_error`` saying why ("" for an empty shard). No nulls: absent files are b"" / "".
@@ -259,11 +257,16 @@ def _shard_row(name: str, n_samples: int, error: str, seconds: float) -> dict:
 def _sample_row(
     name: str, key: str, files: dict[str, bytes], exts: list[str], n: int, seconds: float
 ) -> dict:
+    return {**_shard_row(name, n, "", seconds), "key": key, **sample_files(files, exts)}
+
+
+def sample_files(files: dict[str, bytes], exts: list[str]) -> dict:
+    """A sample's files (``iter_tar_samples``) → the ``RAW_SCHEMA`` fields that
+    ``pipeline.decode.decode_sample`` reads: ``image``/``image_ext`` (the first of
+    ``IMAGE_EXTENSIONS`` present), ``text``/``text_ext`` (json before txt), ``exts``."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), "")
     text_ext = next((e for e in TEXT_EXTENSIONS if e in files), "")
     return {
-        **_shard_row(name, n, "", seconds),
-        "key": key,
         "image": files.get(image_ext, b""),
         "image_ext": image_ext,
         "text": files.get(text_ext, b""),

@@ -12,26 +12,65 @@ from pathlib import Path
 
 import torch
 
-from flmm.build import build_flmm, build_sam, sam_config
+from flmm.build import SAM_VARIANTS, build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLlava
 from flmm.model import FLMM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_dtype_args(parser, sam_heads: bool = True) -> None:
-    """The jobs' precision flags: ``--dtype`` (the LMM's) and, with ``sam_heads``,
-    ``--sam-heads-dtype`` (``ModelSpec.sam_heads_dtype``)."""
+def add_model_args(
+    parser, heads: str = "--heads", sam_heads_dtype: bool = True, default: str = "toy"
+) -> None:
+    """Every job's model flags, defined once: ``--lmm``, ``--sam``, ``--sam-checkpoint``, the
+    heads flag (``heads``, e.g. ``--init-heads`` for training; stored as ``args.heads``),
+    ``--dtype``, ``--sam-heads-dtype`` (with ``sam_heads_dtype``) and ``--device``. ``default``
+    names, in the help, what the job uses without ``--lmm``. ``model_spec(args)`` reads them."""
+    parser.add_argument(
+        "--lmm", help=f"llava-hf hub id or local LLaVA directory (default: {default} LMM)"
+    )
+    parser.add_argument(
+        "--sam", help=f"SAM variant: {', '.join(SAM_VARIANTS)} (default: {default}; vit_l "
+        "with --lmm)"
+    )
+    parser.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
+    parser.add_argument(
+        heads, dest="heads", help="heads .safetensors, or an F-LMM release .pth (converted)"
+    )
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype"
     )
-    if sam_heads:
+    if sam_heads_dtype:
         parser.add_argument(
             "--sam-heads-dtype",
             default="float32",
             choices=sorted(DTYPES),
             help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
         )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda")
+
+
+def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of ``add_model_args``' flags. Without ``--lmm``, ``default``'s LMM, and
+    its SAM variant and heads where not given (its SAM checkpoint only with its SAM variant);
+    without ``--lmm`` and without ``default``: ValueError."""
+    lmm, sam, checkpoint, heads = args.lmm, args.sam, args.sam_checkpoint, args.heads
+    if lmm is None:
+        if default is None:
+            raise ValueError("give --lmm (a llava-hf hub id or a local LLaVA directory)")
+        lmm, sam = default.lmm, sam or default.sam_variant
+        if checkpoint is None and sam == default.sam_variant:
+            checkpoint = default.sam_checkpoint
+        heads = heads or default.heads
+    return ModelSpec(
+        lmm,
+        sam or "vit_l",
+        checkpoint,
+        heads,
+        args.dtype,
+        args.device,
+        getattr(args, "sam_heads_dtype", "float32"),
+    )
 
 
 @dataclass(frozen=True)

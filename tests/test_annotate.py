@@ -1,5 +1,5 @@
 """The annotation job end to end on the session's local Ray: tiny real models (random weights),
-real shards with bad samples, real Parquet. The contract of issue 5: every input key exactly
+real shards with bad samples, real Parquet. The job's contract: every input key exactly
 once, error rows of the right kind, annotations matching the phrases, declared schemas, done
 markers, skip on rerun, --overwrite, no duplicates after an interruption or a killed actor."""
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.decode import decode_image
-from pipeline.shards import IMAGE_EXTENSIONS, decode_rle
+from pipeline.formats import IMAGE_EXTENSIONS, decode_rle
 from pipeline.sources import iter_tar_samples
 from pipeline.spec import ModelSpec
 from pipeline.writer import OutputDir

@@ -5,29 +5,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import toyworld.models
 from jobs import annotate as job
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_no_arguments_mean_the_toy_world_sample_shards_and_toy_models(
-    tmp_path, monkeypatch, capsys
-):
+def test_no_arguments_mean_the_toy_world_sample_shards_and_toy_models(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = job.parse_args([])
-    job.toy_defaults(args)
-    assert args.input == ["out/toy/samples"]
-    assert sorted(p.name for p in (tmp_path / "out/toy/samples").iterdir()) == [
+    config = job.config_of(job.parse_args([]))
+    assert config.inputs == ("out/toy/sample",)
+    assert sorted(p.name for p in (tmp_path / "out/toy/sample").iterdir()) == [
         "sample-000000.tar", "sample-000001.tar", "sample-000002.tar"
     ]  # fmt: skip
-    assert args.lmm == str(ROOT / "models/toy/llava") and Path(args.lmm, "config.json").is_file()
-    assert (args.sam, args.sam_checkpoint) == ("toy", str(ROOT / "models/toy/sam.safetensors"))
-    config = job.config_of(args)
-    assert config.output == "out/annotate" and config.model.sam_variant == "toy"
-    if (ROOT / "models/toy/heads.safetensors").is_file():
-        assert args.heads == str(ROOT / "models/toy/heads.safetensors")
-    else:
-        assert args.heads is None and "RANDOMLY INITIALISED" in capsys.readouterr().err
+    model = config.model
+    assert model.lmm == str(ROOT / "models/toy/llava") and Path(model.lmm, "config.json").is_file()
+    assert (model.sam_variant, model.sam_checkpoint) == (
+        "toy", str(ROOT / "models/toy/sam.safetensors")
+    )  # fmt: skip
+    assert model.heads == str(ROOT / "models/toy/heads.safetensors")  # shipped with the repo
+    assert config.output == "out/annotate"
+
+
+def test_without_heads_the_job_says_they_are_random(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(toyworld.models, "TOY_MODELS", tmp_path / "no_models")
+    config = job.config_of(job.parse_args(["--input", "unused"]))
+    assert config.model.heads is None and config.inputs == ("unused",)
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
 
 
 def test_missing_inputs_fail_fast_with_a_clear_error(tmp_path):

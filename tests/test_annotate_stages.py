@@ -28,13 +28,15 @@ from pipeline.decode import (
     parse_text,
     phrases_of,
     pixels_of,
+    read_samples,
 )
+from pipeline.formats import decode_rle
 from pipeline.grounding import RESULT_SCHEMA, GroundingActor, annotate_logits
-from pipeline.shards import decode_rle, read_samples, write_toy_shards
 from pipeline.sources import RAW_SCHEMA, read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
 from pipeline.writer import OutputDir, check_samples, shard_tables
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
+from toyworld.shards import write_toy_shards
 
 # ------------------------------------------------------------------------------------------
 # Inputs

@@ -11,20 +11,22 @@ import torch
 from safetensors.torch import save_file
 
 import jobs.evaluate as job
+import toyworld.models
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.heads import save_heads
 from flmm.lmm import FrozenLlava
 from flmm.metrics import MaskIoU
+from pipeline.decode import read_samples
 from pipeline.evaluate import (
     EvalSet,
     Sequence,
     eval_sets,
     sequences,
     split_name,
-    toy_val_shards,
 )
-from pipeline.shards import decode_rle, png_bytes, read_samples, write_toy_shards
+from pipeline.formats import decode_rle, png_bytes
 from toyworld.scenes import SceneConfig, make_scene, scene_seed
+from toyworld.shards import toy_shards, write_toy_shards
 
 # Small scenes with few objects keep the query count (and the U-Net's cost) low.
 SCENES = SceneConfig(min_side=48, max_side=72, min_objects=2, max_objects=2)
@@ -131,7 +133,7 @@ def test_shards_are_grouped_by_split_unless_named(tmp_path):
 
 
 def test_toy_val_shards_hold_the_held_out_scenes(tmp_path):
-    (path,) = toy_val_shards(tmp_path, n_scenes=2).glob("*.tar")
+    (path,) = toy_shards("val", tmp_path, n_scenes=2).glob("*.tar")
     samples = list(read_samples([path]))
     assert [s["key"] for s in samples] == ["val_01000000", "val_01000001"]
     np.testing.assert_array_equal(samples[1]["image"], make_scene(scene_seed(0, 1_000_001)).image)
@@ -183,22 +185,25 @@ def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
 
 
 def test_no_arguments_without_toy_heads_says_they_are_not_trained_yet(monkeypatch, tmp_path):
-    monkeypatch.setattr(job, "TOY_HEADS", tmp_path / "heads.safetensors")
+    monkeypatch.setattr(toyworld.models, "toy_heads", lambda: tmp_path / "heads.safetensors")
     with pytest.raises(SystemExit, match="toy heads .* do not exist yet"):
         job.main([])
 
 
 def test_no_arguments_evaluate_toy_heads_on_held_out_toy_shards(models, monkeypatch, tmp_path):
-    """The default path: toy LMM + toy SAM + toy heads (random ones here, the real ones are not
-    shipped yet), held-out shards generated into ./out/toy_shards/val, ./out/evaluate/metrics.json.
+    """The default path: toy LMM + toy SAM + toy heads (random ones here, so that the test does
+    not depend on the shipped ones), held-out shards generated into
+    ./out/toy/val, ./out/evaluate/metrics.json.
     ``--limit 1`` keeps it to one scene."""
-    sam = build_sam(sam_config("toy"), job.TOY_SAM)
-    heads = build_flmm(FrozenLlava.from_pretrained(str(job.TOY_LMM)), sam).heads
-    monkeypatch.setattr(job, "TOY_HEADS", save_heads(heads, tmp_path / "toy_heads.safetensors"))
+    toy = toyworld.models.toy_model_spec(heads=False)
+    sam = build_sam(sam_config("toy"), toy.sam_checkpoint)
+    heads = build_flmm(FrozenLlava.from_pretrained(toy.lmm), sam).heads
+    saved = save_heads(heads, tmp_path / "toy_heads.safetensors")
+    monkeypatch.setattr(toyworld.models, "toy_heads", lambda: saved)
     monkeypatch.chdir(tmp_path)
     job.main(["--limit", "1"])
     metrics = json.loads((tmp_path / "out" / "evaluate" / "metrics.json").read_text())
-    sample = next(read_samples([tmp_path / "out" / "toy_shards" / "val" / "val-000000.tar"]))
+    sample = next(read_samples([tmp_path / "out" / "toy" / "val" / "val-000000.tar"]))
     assert sample["key"] == "val_01000000"
     objects = sample["meta"]["objects"]
     assert metrics["val/flmm"]["refined"]["n"] == len(objects)

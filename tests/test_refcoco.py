@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from pipeline.decode import read_samples
+from pipeline.formats import decode_rle
 from pipeline.refcoco import PngConfig, RefcocoConfig, convert_png, convert_refcoco, load_refs
-from pipeline.shards import decode_rle, read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 # image id → (file name, width, height); image 4 is in instances.json but its file is missing.

@@ -8,7 +8,8 @@ import collections
 import numpy as np
 import pytest
 
-from pipeline.shards import decode_rle, read_samples, write_toy_shards
+from pipeline.decode import read_samples
+from pipeline.formats import decode_rle
 from toyworld.scenes import (
     COLOURS,
     POSITIONS,
@@ -18,6 +19,7 @@ from toyworld.scenes import (
     render_shape_mask,
     scene_seed,
 )
+from toyworld.shards import write_toy_shards
 
 CONFIG = SceneConfig()
 N_SCENES = 300

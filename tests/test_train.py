@@ -18,7 +18,6 @@ from flmm.heads import load_heads
 from flmm.optim import OptimConfig
 from pipeline.encode import EncodeActor, training_samples
 from pipeline.features import ImageFeatures
-from pipeline.shards import write_toy_shards
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 from pipeline.train import (
@@ -29,6 +28,7 @@ from pipeline.train import (
     lmm_dims,
     train_on_batch,
 )
+from toyworld.shards import write_toy_shards
 
 N_SCENES, BATCH = 12, 2
 

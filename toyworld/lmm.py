@@ -40,6 +40,7 @@ from flmm.optim import step as optim_step
 from flmm.prompt import PromptConfig, PromptLayout, build_prompt
 from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava
 from toyworld.scenes import (
+    EVAL_START,
     POSITIONS,
     Scene,
     SceneConfig,
@@ -61,7 +62,6 @@ from toyworld.vqa import (
     sample_question,
 )
 
-EVAL_START = 1_000_000  # held-out scenes are indices >= this (training uses 0 … steps·batch)
 VISION_START = 100_000_000  # the vision stage's scenes
 RECORD = "toy_world.json"
 

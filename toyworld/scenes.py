@@ -37,6 +37,7 @@ COLOURS = (
 )
 BACKGROUNDS = ("plain", "noise", "stripes", "checker")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
+EVAL_START = 1_000_000  # held-out scenes are indices >= this (training sets use indices below)
 
 # Background tones: grey level, per-channel tint, and the clip range that keeps them muted.
 _GREY_RANGE = (70, 150)
