@@ -81,12 +81,12 @@ class GroundingActor:
     def __init__(self, spec: ModelSpec, threshold: float = 0.5):
         if spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
-            # each op wait on the slowest thread (10x slower on a loaded 2-core machine).
+            # each op wait on the slowest thread, worst on a loaded machine.
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, round(cpus)))
         self.model = spec.build()
-        # NHWC convolutions for the U-Net, most of the heads' time at small LMMs (bench/NOTES.md:
-        # 10-15% faster on CPU; the same logits to ~1e-5)
+        # NHWC convolutions for the U-Net, most of the heads' time at small LMMs: faster on CPU,
+        # the same logits to rounding (measured in bench/NOTES.md)
         self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
         self.threshold = threshold
 
