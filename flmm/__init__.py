@@ -1,7 +1,8 @@
 """F-LMM: pixel grounding from a frozen LMM's word→image attention (pure torch + transformers)."""
 
+from flmm.build import load_heads
 from flmm.convert import convert_flmm_state_dict
-from flmm.heads import FLMMHeads, load_heads, save_heads
+from flmm.heads import FLMMHeads, save_heads
 from flmm.lmm import FrozenLlava
 from flmm.mask_decoder import MaskDecoder
 from flmm.model import FLMM, Grounding, grounding_loss

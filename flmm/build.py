@@ -27,54 +27,16 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from flmm.heads import FLMMHeads, heads_dims, heads_state_dict, load_heads_state
+from flmm.checkpoint import load_file_into, load_state, read_state_dict
+from flmm.convert import convert_flmm_state_dict
+from flmm.heads import FLMMHeads, heads_dims
 from flmm.lmm import FrozenLlava
 from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
 from flmm.refiner import SamRefiner
 from flmm.sam import SamImageEncoder
+from flmm.selector import KeywordSelector, split_selector
 from flmm.tiny_llava import TinyLlavaConfig
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints (shared by every section)
-# --------------------------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``torch.save`` file (weights only), on CPU."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def check_state_dict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError naming every missing, unexpected and shape-mismatched key."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} != model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"checkpoint does not match {type(module).__name__}:\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched}"
-        )
-
-
-def load_checkpoint(module: torch.nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``module`` after checking that keys and shapes match exactly."""
-    state_dict = read_state_dict(path)
-    check_state_dict(module, state_dict)
-    module.load_state_dict(state_dict, strict=True)
-
 
 # --------------------------------------------------------------------------------------------
 # SAM (paper: Mask Refiner)
@@ -229,7 +191,7 @@ def build_sam(config: SamConfig, checkpoint: str | Path | None = None) -> Sam:
         pixel_std=list(config.pixel_std),
     )
     if checkpoint is not None:
-        load_checkpoint(sam, checkpoint)
+        load_file_into(sam, checkpoint)
     return sam.eval()
 
 
@@ -296,14 +258,33 @@ def build_flmm(
     one, the U-Net is built as wide as the checkpoint's.
     """
     config = HeadsConfig.for_lmm(lmm)
+    selector = None
     if heads_checkpoint is None:
         heads = build_heads(config, sam)
     else:
-        state_dict = heads_state_dict(heads_checkpoint)
+        state_dict, selector = split_selector(read_heads_file(heads_checkpoint))
         base = heads_dims(state_dict)["unet_base_channels"]
         heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
-        load_heads_state(heads, state_dict)
-    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
+        load_state(heads, state_dict)
+    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype, selector)
+
+
+def read_heads_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A heads checkpoint's tensors under our keys: our ``.safetensors`` as stored (the heads'
+    keys, and the keyword selector's ``selector.*`` if it has one), or an F-LMM release ``.pth``
+    converted (``flmm.convert``)."""
+    state_dict = read_state_dict(path)
+    if Path(path).suffix == ".safetensors":
+        return state_dict
+    return convert_flmm_state_dict(state_dict)
+
+
+def load_heads(heads: FLMMHeads, path: str | Path) -> KeywordSelector | None:
+    """Load a heads checkpoint into ``heads`` (every key and shape must match exactly); return
+    the keyword selector the file holds, or None."""
+    state_dict, selector = split_selector(read_heads_file(path))
+    load_state(heads, state_dict)
+    return selector
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@
     refiner.mask_decoder.*         SAM mask decoder
 
 Checkpoints are safetensors with exactly these keys (checked with their shapes on load); F-LMM's
-released ``.pth`` head checkpoints are converted on the fly (see ``flmm.convert``).
+released ``.pth`` head checkpoints are converted on the fly (``flmm.build.read_heads_file``, with
+the key table of ``flmm.convert``). A heads file may also hold the keyword selector
+(``selector.*``, ``flmm.selector``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from flmm.checkpoint import save_tensors
 from flmm.lmm import ImageGeometry
 from flmm.mask_decoder import MaskDecoder
 from flmm.refiner import SamRefiner
@@ -81,45 +83,9 @@ class FLMMHeads(nn.Module):
         return results
 
 
-def heads_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a heads checkpoint: our ``.safetensors``, or F-LMM's ``.pth`` converted to our keys."""
-    from flmm.build import read_state_dict
-    from flmm.convert import convert_flmm_state_dict
-
-    state_dict = read_state_dict(path)
-    return (
-        state_dict if Path(path).suffix == ".safetensors" else convert_flmm_state_dict(state_dict)
-    )
-
-
-def load_heads(heads: FLMMHeads, path: str | Path) -> None:
-    """Load a heads checkpoint into ``heads``; every key and shape must match exactly."""
-    load_heads_state(heads, heads_state_dict(path))
-
-
-def load_heads_state(heads: FLMMHeads, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a heads state dict (our keys) into ``heads``; every key and shape must match."""
-    from flmm.build import check_state_dict
-
-    check_state_dict(heads, state_dict)
-    heads.load_state_dict(state_dict, strict=True)
-
-
 def save_heads(heads: FLMMHeads, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write the heads' state dict as safetensors."""
     return save_tensors(heads.state_dict(), path, metadata)
-
-
-def save_tensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
-) -> Path:
-    """Write ``tensors`` as safetensors via a temp name and a rename (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-    tmp.replace(path)
-    return path
 
 
 def heads_dims(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:

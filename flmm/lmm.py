@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm import capture
-from flmm.prompt import PromptConfig, PromptLayout, build_prompt
+from flmm.prompt import PromptConfig, PromptLayout, build_prompt, build_text_prompt
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,14 @@ class LMMOutput:
     longest sample's phrase-token count) over the N image tokens, before merging.
     attention: per sample ``[P, L·H, h, w]`` float32 maps, each summing to 1.
     hidden: per sample, per phrase ``[n_tok, L, D]`` hidden states (model dtype).
+    token_hidden ``[B, Q, L, D]``: the hidden states of every captured query slot (a text's
+    tokens in text mode, where the phrases are chosen after the prefill).
     """
 
     token_maps: torch.Tensor
     attention: list[torch.Tensor]
     hidden: list[list[torch.Tensor]]
+    token_hidden: torch.Tensor
 
 
 class FrozenLlava(nn.Module):
@@ -145,6 +148,50 @@ class FrozenLlava(nn.Module):
         prompt = build_prompt(self.layout, phrases, self.grid[0] * self.grid[1])
         return LMMSample(pixel_values, prompt.input_ids, prompt.phrase_tokens, geometry)
 
+    def prepare_text(
+        self, image: torch.Tensor, text: str
+    ) -> tuple[LMMSample, list[tuple[int, int]]]:
+        """image ``[H, W, 3]`` uint8 RGB; a free text (caption, description) whose every token
+        is captured as one query group (``build_text_prompt``) → the sample, and each text
+        token's ``[start, end)`` characters in ``text``."""
+        pixel_values, geometry = llava_pixels(self.processor.image_processor, image)
+        prompt, offsets = build_text_prompt(self.layout, text, self.grid[0] * self.grid[1])
+        return LMMSample(pixel_values, prompt.input_ids, prompt.phrase_tokens, geometry), offsets
+
+    @torch.inference_mode()
+    def describe(
+        self,
+        images: list[torch.Tensor],
+        max_new_tokens: int = 64,
+        instruction: str | None = None,
+    ) -> list[str]:
+        """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB, one batched ``generate`` (left
+        padded, KV cache) with the prompt's chat template and ``instruction`` (default: the
+        grounding prompt's, so that the description continues the prompt the heads read)."""
+        layout = self.layout
+        if instruction is not None:
+            layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
+        n_image = self.grid[0] * self.grid[1]
+        prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image)
+        rows = [layout.tokenizer(prefix, return_tensors="pt")["input_ids"][0]] * len(images)
+        pixels = [llava_pixels(self.processor.image_processor, image)[0] for image in images]
+        tok = self.processor.tokenizer
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(rows):
+            ids[b, length - len(row) :], mask[b, length - len(row) :] = row, 1
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            pixel_values=torch.stack(pixels).to(self.device, self.model.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        texts = tok.batch_decode(out[:, length:], skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
     def forward(self, samples: list[LMMSample]) -> LMMOutput:
         """One prefill over a padded batch of prepared samples."""
         tok = self.processor.tokenizer
@@ -167,11 +214,11 @@ class FrozenLlava(nn.Module):
         attention, phrase_hidden = [], []
         for b, sample in enumerate(samples):
             slots = _phrase_slots(sample.phrase_tokens)
-            attention.append(self._merge(token_maps[b], slots))
+            attention.append(self.merge_slots(token_maps[b], slots))
             phrase_hidden.append([hidden[b, s] for s in slots])
-        return LMMOutput(token_maps, attention, phrase_hidden)
+        return LMMOutput(token_maps, attention, phrase_hidden, hidden)
 
-    def _merge(self, maps: torch.Tensor, slots: list[slice]) -> torch.Tensor:
+    def merge_slots(self, maps: torch.Tensor, slots: list[slice]) -> torch.Tensor:
         """maps ``[L, H, Q, N]`` → ``[P, L·H, h, w]``, merged per phrase, each map summing to 1."""
         merged = []
         for s in slots:

@@ -7,6 +7,11 @@ Data path for a batch of B images with P_b phrases each:
     U-Net (all ΣP_b at once)     → logits [P_b, 1, h', w'] in the square frame
       crop to the image region   → ``unet`` [P_b, 1, hc, wc]; resized → ``coarse`` [P_b, 1, H, W]
     SAM refiner (per image)      → ``refined`` [P_b, 1, H, W] in the original frame
+
+Free text (a caption, a generated description) instead of phrases: the prefill captures every
+token of the text; the keyword selector reads the tokens' hidden states and picks the spans to
+ground; each span's attention maps and hidden states are taken from that same prefill
+(``select``), so the text costs one prefill however many spans it holds.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flmm.heads import FLMMHeads, Grounding
 from flmm.lmm import FrozenLlava, LMMSample
 from flmm.losses import mask_losses
 from flmm.sam import SamImageEncoder
+from flmm.selector import KeywordSelector, char_span
 
 
 @dataclass
@@ -28,12 +34,28 @@ class GroundingInput:
     """One image prepared for both frozen encoders (CPU tensors).
 
     lmm: the LMM's sample (pixels, prompt ids, phrase tokens, geometry);
-    sam_pixels ``[1, 3, S, S]`` in SAM's input frame; sam_input_size (h1, w1) before padding.
+    sam_pixels ``[1, 3, S, S]`` in SAM's input frame; sam_input_size (h1, w1) before padding;
+    text: the free text of a text input (phrases to be selected), None for given phrases;
+    text_offsets: each text token's ``[start, end)`` characters in ``text``.
     """
 
     lmm: LMMSample
     sam_pixels: torch.Tensor
     sam_input_size: tuple[int, int]
+    text: str | None = None
+    text_offsets: list[tuple[int, int]] | None = None
+
+
+@dataclass
+class Selection:
+    """What one input grounds: attention ``[P, L·H, h, w]``, hidden per phrase ``[n_tok, L, D]``;
+    for a text input, the selected phrases' ``[start, end)`` characters in the text and the
+    selector's confidences (empty lists for given phrases)."""
+
+    attention: torch.Tensor
+    hidden: list[torch.Tensor]
+    spans: list[tuple[int, int]]
+    confidences: list[float]
 
 
 class FLMM(nn.Module):
@@ -50,12 +72,14 @@ class FLMM(nn.Module):
         image_encoder: SamImageEncoder,
         heads: FLMMHeads,
         autocast_dtype: torch.dtype | None = None,
+        selector: KeywordSelector | None = None,
     ):
         super().__init__()
         self.lmm = lmm
         self.image_encoder = image_encoder
         self.heads = heads
         self.autocast_dtype = autocast_dtype
+        self.selector = selector
 
     def reduced_precision(self):
         """The autocast context of the SAM encoder and heads (a no-op without autocast_dtype, so
@@ -69,6 +93,68 @@ class FLMM(nn.Module):
         """image ``[H, W, 3]`` uint8 RGB; phrases to ground in it."""
         sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
         return GroundingInput(self.lmm.prepare(image, phrases), sam_pixels.cpu(), input_size)
+
+    def prepare_text(self, image: torch.Tensor, text: str) -> GroundingInput:
+        """image ``[H, W, 3]`` uint8 RGB; a free text whose groundable spans the keyword selector
+        picks (a heads file without a selector cannot: ValueError)."""
+        if self.selector is None:
+            raise ValueError(
+                "these heads have no keyword selector: they ground given phrases only (captions "
+                "and image-only samples need heads trained with a selector)"
+            )
+        sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
+        lmm, offsets = self.lmm.prepare_text(image, text)
+        return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, offsets)
+
+    def select(self, inputs: list[GroundingInput], lmm_out) -> list[Selection]:
+        """Per input, what to ground: given phrases as prepared; for a text input the selector's
+        spans (possibly none), their maps merged from the prefill's captured token rows."""
+        out = []
+        for b, x in enumerate(inputs):
+            if x.text is None:
+                out.append(Selection(lmm_out.attention[b], lmm_out.hidden[b], [], []))
+                continue
+            n = len(x.text_offsets)
+            hidden = lmm_out.token_hidden[b, :n]  # [T, L, D]
+            spans = self.selector.select(hidden)
+            slots = [slice(s.start, s.end) for s in spans]
+            maps = lmm_out.token_maps[b]  # [L, H, Q, N]
+            empty = maps.new_zeros((0, maps.shape[0] * maps.shape[1], *self.lmm.grid))
+            attention = self.lmm.merge_slots(maps, slots) if slots else empty
+            out.append(
+                Selection(
+                    attention,
+                    [hidden[s] for s in slots],
+                    [char_span(x.text_offsets, s, x.text) for s in spans],
+                    [s.confidence for s in spans],
+                )
+            )
+        return out
+
+    def ground(self, inputs: list[GroundingInput]) -> list[tuple[Selection, Grounding | None]]:
+        """``forward`` for inputs that may hold free text: per input its selection and its
+        grounding (None when a text has no span to ground)."""
+        lmm_out, embeddings = self.encode(inputs)
+        selections = self.select(inputs, lmm_out)
+        return list(zip(selections, self.decode_selected(inputs, selections, embeddings)))
+
+    def decode_selected(
+        self, inputs: list[GroundingInput], selections: list[Selection], embeddings: torch.Tensor
+    ) -> list[Grounding | None]:
+        """``decode`` over the inputs that have something to ground; None for the others."""
+        keep = [b for b, s in enumerate(selections) if len(s.hidden)]
+        if not keep:
+            return [None] * len(inputs)
+        decoded = self.decode(
+            [inputs[b] for b in keep],
+            [selections[b].attention for b in keep],
+            [selections[b].hidden for b in keep],
+            embeddings[keep],
+        )
+        out: list[Grounding | None] = [None] * len(inputs)
+        for b, grounding in zip(keep, decoded):
+            out[b] = grounding
+        return out
 
     def encode(self, inputs: list[GroundingInput]):
         """The frozen part: one LMM prefill and one SAM encoding for the whole batch."""

@@ -91,3 +91,27 @@ def build_prompt(layout: PromptLayout, phrases: list[str], n_image_tokens: int) 
             raise ValueError(f"phrase {phrase!r} maps to no token")
         phrase_tokens.append(positions)
     return Prompt(text, torch.tensor(enc["input_ids"], dtype=torch.long), phrase_tokens)
+
+
+def build_text_prompt(
+    layout: PromptLayout, text: str, n_image_tokens: int
+) -> tuple[Prompt, list[tuple[int, int]]]:
+    """The prompt whose answer is ``" " + text`` (a caption or a generated description) with
+    every token of the text as one query group (``phrase_tokens == [positions]``, so that one
+    prefill captures them all), and each of those tokens' ``[start, end)`` characters in
+    ``text`` (a token's range may include the space before it)."""
+    if not text.strip():
+        raise ValueError("empty text")
+    prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image_tokens)
+    start = len(prefix) + 1
+    enc = layout.tokenizer(prefix + " " + text, return_offsets_mapping=True)
+    positions = tokens_in_span(enc["offset_mapping"], start, start + len(text))
+    if len(positions) == 0:
+        raise ValueError(f"text {text[:40]!r} maps to no token")
+    offsets = [
+        (max(0, s - start), max(0, e - start))
+        for s, e in (enc["offset_mapping"][i] for i in positions.tolist())
+    ]
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    return Prompt(prefix + " " + text, ids, [positions]), offsets
+

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from flmm.build import HeadsConfig, build_heads, build_sam, sam_config
-from flmm.heads import FLMMHeads, load_heads, save_heads, save_tensors
+from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
+from flmm.checkpoint import save_tensors
+from flmm.heads import FLMMHeads, save_heads
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
 from pipeline.features import ImageFeatures
@@ -90,7 +91,7 @@ def save_checkpoint(directory: Path, heads: FLMMHeads, optim, schedule, global_s
     torch.save({**state, "step": global_step}, directory / STATE_FILE)
 
 
-def load_checkpoint(directory: Path, heads: FLMMHeads) -> dict:
+def restore_training_state(directory: Path, heads: FLMMHeads) -> dict:
     """Load the heads in place; returns the trainer state (optimizer, schedule, step)."""
     load_heads(heads, directory / HEADS_FILE)
     return torch.load(directory / STATE_FILE, weights_only=True)
@@ -110,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_checkpoint(Path(directory), heads)
+            state = restore_training_state(Path(directory), heads)
     # SAM's IoU head and multimask tokens get no gradient (single-mask output).
     model = ray.train.torch.prepare_model(
         heads, parallel_strategy_kwargs={"find_unused_parameters": True}

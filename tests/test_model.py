@@ -2,16 +2,19 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_image
 
-from flmm.build import build_flmm, build_sam, sam_config
+from flmm.build import build_flmm, build_sam, load_heads, sam_config
 from flmm.convert import to_flmm_state_dict
-from flmm.heads import load_heads, save_heads
+from flmm.heads import save_heads
 from flmm.lmm import FrozenLlava
 from flmm.model import grounding_loss
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGES = [
     ((40, 70), ["the red circle", "a small blue square below the big green triangle"]),
@@ -133,7 +136,7 @@ def test_heads_checkpoint_with_wrong_shapes_is_refused(flmm, tmp_path):
     state = dict(flmm.heads.state_dict())
     state["refiner.text_layer_weights"] = torch.ones(7)
     del state["mask_decoder.conv_seg.bias"]
-    from flmm.heads import save_tensors
+    from flmm.checkpoint import save_tensors
 
     path = save_tensors(state, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="refiner.text_layer_weights") as err:
@@ -157,7 +160,7 @@ def test_flmm_release_checkpoint_loads_directly_and_through_the_cli(flmm, tmp_pa
 
     dst = tmp_path / "converted.safetensors"
     run = subprocess.run(
-        [sys.executable, "-m", "flmm.convert", str(src), str(dst), "--sam", "tiny"],
+        [sys.executable, str(ROOT / "jobs" / "convert.py"), str(src), str(dst), "--sam", "tiny"],
         check=False,
         capture_output=True,
         text=True,

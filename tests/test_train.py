@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from flmm.heads import load_heads
+from flmm.build import load_heads
 from flmm.optim import OptimConfig
 from pipeline.encode import EncodeActor, training_samples
 from pipeline.features import ImageFeatures

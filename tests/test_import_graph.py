@@ -1,0 +1,87 @@
+"""The package layering, read from the source: ``flmm`` has no import cycle, neither ``flmm`` nor
+``pipeline`` imports the toy world, and ``flmm`` imports neither Ray nor pyarrow. Function-local
+imports count like top-level ones (they are where cycles used to hide)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("flmm", "pipeline", "jobs", "toyworld", "schemas")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file, as absolute dotted names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports (``from flmm import x`` counts as an
+    import of ``flmm.x`` when that is a module, else of ``flmm``)."""
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in PACKAGES
+        for path in (ROOT / package).glob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in imports_of(path) if m in modules and m != name}
+    return graph
+
+
+def cycle_in(graph: dict[str, set[str]], nodes: set[str]) -> list[str] | None:
+    """One import cycle among ``nodes`` (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node] & nodes):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(nodes):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_checker_finds_a_cycle_and_reads_local_imports(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert cycle_in(graph, set(graph)) == ["a", "b", "c", "a"]
+    assert cycle_in(graph, {"a", "b", "d"}) is None
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from flmm.build import x\n    import toyworld.scenes\n")
+    assert {"flmm.build", "flmm.build.x", "toyworld.scenes"} <= imports_of(source)
+
+
+def test_flmm_has_no_import_cycle():
+    graph = module_graph()
+    flmm = {m for m in graph if m == "flmm" or m.startswith("flmm.")} - {"flmm"}
+    assert len(flmm) > 10
+    assert cycle_in(graph, flmm) is None
+
+
+def test_flmm_and_pipeline_do_not_import_the_toy_world():
+    for path in [*ROOT.glob("flmm/*.py"), *ROOT.glob("pipeline/*.py")]:
+        toy = sorted(m for m in imports_of(path) if m.split(".")[0] == "toyworld")
+        assert not toy, f"{path.relative_to(ROOT)} imports {toy}"
+
+
+def test_flmm_imports_neither_ray_nor_pyarrow_nor_the_pipeline():
+    for path in ROOT.glob("flmm/*.py"):
+        banned = {"ray", "pyarrow", "pipeline", "schemas"}
+        hits = sorted(m for m in imports_of(path) if m.split(".")[0] in banned)
+        assert not hits, f"{path.relative_to(ROOT)} imports {hits}"
