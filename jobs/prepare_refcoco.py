@@ -18,7 +18,7 @@ is missing are skipped and counted (the stats file lists them); they do not stop
 Writes `png_coco-{split}-{000000..}.tar` and `png_coco-{split}.stats.json`: one sample per image,
 one object per grounded noun phrase (mask: the union of its panoptic segments). --split defaults
 to the {split} of a narratives file named png_coco_{split}.json. Phrases whose image, label PNG or
-segments are missing are skipped and counted. See pipeline/refcoco.py.
+segments are missing are skipped and counted. See pipeline/refcoco.py and pipeline/png.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.refcoco import PNG_NAME, PngConfig, RefcocoConfig, convert_png, convert_refcoco
+from pipeline.png import PNG_NAME, PngConfig, convert_png
+from pipeline.refcoco import RefcocoConfig, convert_refcoco
 
 REFCOCO_ONLY = ("refs", "instances", "split_by", "splits")
 PNG_ONLY = ("narratives", "panoptic", "panoptic_masks", "split")

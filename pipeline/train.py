@@ -98,79 +98,120 @@ def restore_training_state(directory: Path, heads: FLMMHeads) -> dict:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """The ``TorchTrainer`` worker function (``loop_config = {"config": TrainConfig}``)."""
-    import ray.train
-    import ray.train.torch
+    """The ``TorchTrainer`` worker function (``loop_config = {"config": TrainConfig}``): the
+    recipe, step by step (each step is a method of ``_WorkerRun``)."""
+    run = _WorkerRun(loop_config["config"])
+    while not run.finished:
+        for features, seconds in run.remaining_batches():
+            parts, grad_norm = run.train_step(features)
+            run.report(parts, run.metrics(parts, grad_norm, len(features), seconds))
+            if run.finished:
+                break
 
-    config: TrainConfig = loop_config["config"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    heads = build_trainable_heads(config)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+
+class _WorkerRun:
+    """One DDP worker's training state: heads (restored from Ray Train's latest checkpoint when
+    there is one), optimizer, schedule, the global step, and this worker's data shard."""
+
+    def __init__(self, config: TrainConfig):
+        import ray.train
+        import ray.train.torch
+
+        self.config = config
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.heads = build_trainable_heads(config)
+        state = self._restore()
+        # SAM's IoU head and multimask tokens get no gradient (single-mask output).
+        self.model = ray.train.torch.prepare_model(
+            self.heads, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+        self.optim, self.schedule = build_optimizer(self.model, config.total_steps, config.optim)
+        self.global_step = self.resumed_from = 0
+        if state is not None:
+            self._resume(state)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.config.total_steps
+
+    def _restore(self) -> dict | None:
+        """Heads from the latest checkpoint, in place; the trainer state (None: a fresh run)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
         with checkpoint.as_directory() as directory:
-            state = restore_training_state(Path(directory), heads)
-    # SAM's IoU head and multimask tokens get no gradient (single-mask output).
-    model = ray.train.torch.prepare_model(
-        heads, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
-    optim, schedule = build_optimizer(model, config.total_steps, config.optim)
-    global_step = resumed_from = 0
-    if state is not None:
-        optim.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        global_step = resumed_from = int(state["step"])
-        if rank == 0:
-            print(f"resumed from step {global_step} of {config.total_steps}")
-    shard = ray.train.get_dataset_shard("train")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    while global_step < config.total_steps:
-        skip = global_step % config.steps_per_epoch
-        batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy")
+            return restore_training_state(Path(directory), self.heads)
+
+    def _resume(self, state: dict) -> None:
+        self.optim.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.global_step = self.resumed_from = int(state["step"])
+        if self.rank == 0:
+            print(f"resumed from step {self.global_step} of {self.config.total_steps}")
+
+    def remaining_batches(self):
+        """One pass over the shard: ``(features, seconds since the previous batch)`` of the
+        batches of this epoch not yet trained on (a resumed epoch skips its first ones)."""
+        config = self.config
+        skip = self.global_step % config.steps_per_epoch
+        batches = self.shard.iter_batches(batch_size=config.batch_size, batch_format="numpy")
         tick = time.perf_counter()
         for i, batch in enumerate(batches):
             if i >= config.steps_per_epoch:
-                break
+                return
             if i < skip:
                 tick = time.perf_counter()
                 continue
             features = [ImageFeatures.from_bytes(blob) for blob in batch["features"]]
-            with autocast:
-                parts = train_on_batch(model, features, device)
-            loss = parts["total"]
-            grad_norm = step(loss, model, optim, schedule, config.optim)
-            global_step += 1
-            seconds = time.perf_counter() - tick
-            metrics = {
-                "step": global_step,
-                "epoch": (global_step - 1) // config.steps_per_epoch,
-                **{k: float(v) for k, v in parts.items() if k != "total"},
-                "loss": float(loss),
-                "resumed_from": resumed_from,
-                "world_size": world,
-                "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel),
-                "lr": schedule.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "samples_per_s": len(features) * world / max(seconds, 1e-9),
-            }
-            last = global_step == config.total_steps
-            if global_step % config.checkpoint_every == 0 or last:
-                _report_with_checkpoint(metrics, heads, optim, schedule, global_step, rank)
-            elif global_step % config.log_every == 0:
-                ray.train.report(metrics)
-            if rank == 0 and (global_step % config.log_every == 0 or last):
-                parts_text = " ".join(
-                    f"{k} {float(v):.3f}" for k, v in parts.items() if k != "total"
-                )
-                print(
-                    f"step {global_step}/{config.total_steps} loss {float(loss):.4f} "
-                    f"({parts_text}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} img/s"
-                )
-            if last:
-                break
+            yield features, time.perf_counter() - tick
             tick = time.perf_counter()
+
+    def train_step(self, features: list[ImageFeatures]) -> tuple[dict, float]:
+        """Forward, loss, backward, clipped optimizer step; the loss parts and the grad norm."""
+        with self.autocast:
+            parts = train_on_batch(self.model, features, self.device)
+        grad_norm = step(parts["total"], self.model, self.optim, self.schedule, self.config.optim)
+        self.global_step += 1
+        return parts, grad_norm
+
+    def metrics(self, parts: dict, grad_norm: float, n_images: int, seconds: float) -> dict:
+        return {
+            "step": self.global_step,
+            "epoch": (self.global_step - 1) // self.config.steps_per_epoch,
+            **{k: float(v) for k, v in parts.items() if k != "total"},
+            "loss": float(parts["total"]),
+            "resumed_from": self.resumed_from,
+            "world_size": self.world,
+            "ddp": isinstance(self.model, torch.nn.parallel.DistributedDataParallel),
+            "lr": self.schedule.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": n_images * self.world / max(seconds, 1e-9),
+        }
+
+    def report(self, parts: dict, metrics: dict) -> None:
+        """Metrics to Ray Train (with a checkpoint every ``checkpoint_every`` steps and at the
+        end), and a log line on rank 0 every ``log_every`` steps."""
+        import ray.train
+
+        config, last = self.config, self.finished
+        if self.global_step % config.checkpoint_every == 0 or last:
+            _report_with_checkpoint(
+                metrics, self.heads, self.optim, self.schedule, self.global_step, self.rank
+            )
+        elif self.global_step % config.log_every == 0:
+            ray.train.report(metrics)
+        if self.rank == 0 and (self.global_step % config.log_every == 0 or last):
+            parts_text = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items() if k != "total")
+            print(
+                f"step {self.global_step}/{config.total_steps} loss {metrics['loss']:.4f} "
+                f"({parts_text}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} img/s"
+            )
 
 
 def _report_with_checkpoint(metrics, heads, optim, schedule, global_step: int, rank: int) -> None:

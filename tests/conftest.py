@@ -35,6 +35,16 @@ def tiny_llava_right_dir(tmp_path_factory):
     return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava_right"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny tensors: more threads only add latency on shared
+    cores), restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     """``[H, W, 3]`` uint8 RGB noise."""
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,6 @@ markers, skip on rerun, --overwrite, no duplicates after an interruption or a ki
 import json
 import os
 import signal
-import time
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -26,7 +25,7 @@ from pipeline.decode import decode_image
 from pipeline.formats import IMAGE_EXTENSIONS, decode_rle
 from pipeline.sources import iter_tar_samples
 from pipeline.spec import ModelSpec
-from pipeline.writer import OutputDir
+from pipeline.writer import ANNOTATIONS, DONE, OutputDir
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
 
 
@@ -155,12 +154,15 @@ def test_overwrite_redoes_done_shards(ray_session, inputs, spec, tmp_path):
     shard = str(inputs / "good-000000.tar")
     config = AnnotateConfig((shard,), str(tmp_path / "out"), spec, batch_size=2)
     assert run_annotation(config).done == ["good-000000"]
-    before = OutputDir(config.output).read_done("good-000000")
-    time.sleep(1.1)  # finished_at has one-second resolution
+    output = OutputDir(config.output)
+    # Mark the finished outputs so that a rewrite is visible: an old done marker, a broken table.
+    stale = {**output.read_done("good-000000"), "finished_at": "2000-01-01T00:00:00+00:00"}
+    output.write_bytes(DONE, "good-000000.json", json.dumps(stale).encode())
+    output.write_bytes(ANNOTATIONS, "good-000000.parquet", b"not parquet")
     again = run_annotation(AnnotateConfig((shard,), config.output, spec, overwrite=True))
     assert again.done == ["good-000000"] and not again.skipped
-    after = OutputDir(config.output).read_done("good-000000")
-    assert after["finished_at"] > before["finished_at"]
+    assert output.read_done("good-000000")["finished_at"] > stale["finished_at"]
+    assert output.read_table(ANNOTATIONS, "good-000000").num_rows > 0
     assert samples_keys(tmp_path / "out") == Counter(input_keys(shard))
 
 

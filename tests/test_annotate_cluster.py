@@ -20,6 +20,8 @@ import pytest
 import yaml
 from annotate_inputs import write_good_shards
 
+pytestmark = pytest.mark.slow  # Ray clusters and job submission: ~90 s
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -114,7 +114,7 @@ def test_every_bad_sample_becomes_an_error_row_of_its_kind(tmp_path):
             assert pixels_of(row).shape == (row["height"], row["width"], 3)
             assert row["phrases"]
     caption = next(r for r in decoded.to_pylist() if r["key"] == "bad_caption_txt")
-    assert "phrase extraction from captions" in caption["error"]
+    assert "grounds given phrases only" in caption["error"]
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped():

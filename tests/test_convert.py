@@ -172,3 +172,83 @@ def test_wrapped_checkpoint_is_unwrapped(flmm_sd, wrapper) -> None:
 def test_unwrap_rejects_non_tensor_entries() -> None:
     with pytest.raises(ValueError, match="meta"):
         unwrap_checkpoint({"meta": {"epoch": 3}, "w": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------------------------
+# The release layout of LLaVA-1.5-7B + SAM ViT-L heads, written out from F-LMM's published code
+# (github.com/wusize/F-LMM): configs/llava/frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.py
+# (UNetHead: base 64, 4 stages, 2 convs per stage, GroupNorm(1), InterpConv upsampling);
+# flmm/models/frozen_llava.py (FrozenLlava: ``mask_head`` with in_channels = heads × layers =
+# 32 × 32, ``text_layer_weights`` [32]; FrozenLlavaSAM: ``sam`` = SAMWrapper, ``text_proj`` =
+# Linear(4096, 256)); flmm/models/mask_head/mask_decoder.py (UNetHead = mmseg's UNet +
+# ``conv_seg``); flmm/models/mask_head/mask_refiner.py (SAMWrapper: ``self.model`` = the SAM,
+# image encoder frozen). mmseg's UNet names: ``encoder.{i}`` = Sequential([MaxPool2d (i > 0),
+# BasicConvBlock]), BasicConvBlock.convs.{j} = mmcv ConvModule (``conv`` without bias, ``gn``),
+# ``decoder.{i}`` = UpConvBlock(conv_block, upsample = InterpConv(interp_upsample =
+# Sequential([Upsample, ConvModule 1×1]))). The trainable parameters are what the release holds.
+# --------------------------------------------------------------------------------------------
+
+
+def release_unet_layout() -> dict[str, tuple[int, ...]]:
+    """The ``mask_head.*`` keys and shapes of the 7B release."""
+    layout = {}
+    stages = [(1024, 64), (64, 128), (128, 256), (256, 512)]  # (in, out) per encoder stage
+    for i, (c_in, c_out) in enumerate(stages):
+        block = "mask_head.encoder.0.0" if i == 0 else f"mask_head.encoder.{i}.1"
+        for j, c in enumerate((c_in, c_out)):
+            layout[f"{block}.convs.{j}.conv.weight"] = (c_out, c, 3, 3)
+            layout[f"{block}.convs.{j}.gn.weight"] = (c_out,)
+            layout[f"{block}.convs.{j}.gn.bias"] = (c_out,)
+    for i, (skip, c_in) in enumerate([(64, 128), (128, 256), (256, 512)]):
+        up = f"mask_head.decoder.{i}.upsample.interp_upsample.1"
+        layout[f"{up}.conv.weight"] = (skip, c_in, 1, 1)
+        layout[f"{up}.gn.weight"] = layout[f"{up}.gn.bias"] = (skip,)
+        for j, c in enumerate((2 * skip, skip)):
+            conv = f"mask_head.decoder.{i}.conv_block.convs.{j}"
+            layout[f"{conv}.conv.weight"] = (skip, c, 3, 3)
+            layout[f"{conv}.gn.weight"] = layout[f"{conv}.gn.bias"] = (skip,)
+    layout["mask_head.conv_seg.weight"] = (1, 64, 1, 1)
+    layout["mask_head.conv_seg.bias"] = (1,)
+    layout["text_layer_weights"] = (32,)
+    layout["text_proj.weight"] = (256, 4096)
+    layout["text_proj.bias"] = (256,)
+    return layout
+
+
+def release_sam_layout() -> dict[str, tuple[int, ...]]:
+    """``sam.model.prompt_encoder.*`` / ``sam.model.mask_decoder.*``: segment-anything's own
+    module names (the release's SAM is that library's ``Sam``), at SAM's sizes (every variant
+    shares them: prompt dim 256, 64×64 embeddings of a 1024 px input)."""
+    from segment_anything.modeling import MaskDecoder as SamMaskDecoder
+    from segment_anything.modeling import PromptEncoder, TwoWayTransformer
+
+    with torch.device("meta"):
+        prompt = PromptEncoder(
+            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+            mask_in_chans=16,
+        )  # fmt: skip
+        transformer = TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
+        decoder = SamMaskDecoder(transformer_dim=256, transformer=transformer)
+    layout = {
+        f"sam.model.prompt_encoder.{k}": tuple(v.shape) for k, v in prompt.state_dict().items()
+    }
+    layout.update(
+        {f"sam.model.mask_decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()}
+    )
+    return layout
+
+
+def test_the_7b_release_layout_converts_and_fits_heads_built_for_llava_7b_and_sam_vit_l():
+    from flmm.build import HeadsConfig, build_heads, build_sam, sam_config
+    from flmm.checkpoint import check_state_dict
+
+    layout = {**release_unet_layout(), **release_sam_layout()}
+    assert len(release_unet_layout()) == 4 * 6 + 3 * 9 + 2 + 3
+    release = {key: torch.zeros(shape) for key, shape in layout.items()}
+    release["sam.model.image_encoder.neck.0.weight"] = torch.zeros(256, 1024, 1, 1)
+    result = convert_flmm_checkpoint({"state_dict": release})
+    assert result.dropped == ["sam.model.image_encoder.neck.0.weight"]
+    assert len(result.state_dict) == len(layout)
+    with torch.device("meta"):
+        heads = build_heads(HeadsConfig(32, 32, 4096), build_sam(sam_config("vit_l")))
+    check_state_dict(heads, result.state_dict)  # every key, every shape

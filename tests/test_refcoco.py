@@ -1,5 +1,5 @@
-"""RefCOCO and PNG conversion (pipeline/refcoco.py, jobs/prepare_refcoco.py) on tiny fixtures
-written here: real images, instances.json with polygon and RLE segmentations, a refs(unc).p; and a
+"""RefCOCO and PNG conversion (pipeline/refcoco.py, pipeline/png.py, jobs/prepare_refcoco.py) on
+tiny fixtures written here: real images, instances.json with polygon and RLE segmentations, a refs(unc).p; and a
 PNG split: panoptic JSON, RGB-encoded panoptic label PNGs, png_coco_val2017.json."""
 
 import json
@@ -18,7 +18,8 @@ from pycocotools.coco import COCO
 
 from pipeline.decode import read_samples
 from pipeline.formats import decode_rle
-from pipeline.refcoco import PngConfig, RefcocoConfig, convert_png, convert_refcoco, load_refs
+from pipeline.png import PngConfig, convert_png
+from pipeline.refcoco import RefcocoConfig, convert_refcoco, load_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 # image id → (file name, width, height); image 4 is in instances.json but its file is missing.

@@ -1,11 +1,13 @@
-"""The shipped toy heads (trained by jobs/train.py) ground held-out toy phrases better than the
-randomly initialised heads they started from."""
+"""The shipped toy heads (trained by jobs/train.py) ground held-out toy phrases as well as their
+documented figure says (models/toy/heads_metrics.json), far better than random heads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from flmm.build import build_flmm, build_sam, sam_config
@@ -13,6 +15,14 @@ from flmm.lmm import FrozenLlava
 from toyworld.scenes import make_scene, scene_seed
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def mean_iou(model, scenes) -> float:
@@ -28,23 +38,23 @@ def mean_iou(model, scenes) -> float:
     return float(np.mean(ious))
 
 
-def test_shipped_toy_heads_beat_their_random_initialisation_on_held_out_scenes():
-    torch.set_num_threads(1)
+def test_shipped_toy_heads_reach_their_documented_giou_on_held_out_scenes():
+    """The first expression of every object, all objects of an image in one sequence: the
+    ``flmm`` protocol, whose refined gIoU over 100 held-out scenes is documented. On these 12 of
+    them the heads measured 0.724 (documented 0.745; 6 scenes: 0.741): the margin of 0.08 covers
+    that sampling spread, and a real regression (random heads: 0.09) fails far below it."""
+    documented = json.loads((TOY / "heads_metrics.json").read_text())["val/flmm"]["refined"]
     lmm = FrozenLlava.from_pretrained(str(TOY / "llava"))
-    scenes = [make_scene(scene_seed(0, 1_000_000 + i)) for i in range(6)]  # held out
+    scenes = [make_scene(scene_seed(0, 1_000_000 + i)) for i in range(12)]  # held out
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
     trained = mean_iou(build_flmm(lmm, sam, TOY / "heads.safetensors"), scenes)
-    torch.manual_seed(0)
-    sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
-    untrained = mean_iou(build_flmm(lmm, sam), scenes)
-    assert trained > untrained + 0.1, (trained, untrained)
+    assert trained >= documented["giou"] - 0.08, (trained, documented["giou"])
 
 
 def test_bfloat16_sam_and_heads_keep_the_toy_masks():
     """``autocast_dtype=bfloat16`` (ModelSpec ``sam_heads_dtype``) runs SAM and the heads in bf16:
     SAM's matmuls run reduced (its embedding is not float32's bit for bit), the outputs stay
     float32, and the masks stay those of float32."""
-    torch.set_num_threads(1)
     lmm = FrozenLlava.from_pretrained(str(TOY / "llava"))
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
     full = build_flmm(lmm, sam, TOY / "heads.safetensors")

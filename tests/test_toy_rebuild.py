@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
+
+pytestmark = pytest.mark.slow  # the toy rebuild command, three subprocess runs: ~30 s
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

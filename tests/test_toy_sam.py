@@ -1,5 +1,6 @@
 """The shipped toy SAM (models/toy/sam.safetensors) and the recipe that pretrains it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,16 @@ def test_shipped_weights_are_fp16_sam_state_dict(shipped_sam):
         assert {f.get_slice(k).get_dtype() for k in keys} == {"F16"}
 
 
-def test_shipped_sam_segments_held_out_objects_from_their_box(shipped_sam):
-    """Box-prompted masks beat the box itself (stars, crosses, circles are not boxes)."""
+def test_shipped_sam_segments_held_out_objects_as_documented(shipped_sam):
+    """Box- and point-prompted masks on 10 held-out objects reach the mIoU that
+    models/toy/sam.json documents (measured over more objects) minus 0.1 for the small sample
+    (these 10 measured box 0.850 / point 0.790 against 0.846 / 0.781); box-prompted masks beat
+    the box itself (stars, crosses, circles are not boxes)."""
+    documented = json.loads(SHIPPED.with_name("sam.json").read_text())
     scores = evaluate(shipped_sam, seed=Recipe().seed, n_objects=10)
-    assert scores["box_miou"] >= 0.5
+    assert scores["box_miou"] >= documented["box_miou"] - 0.1, scores
+    assert scores["point_miou"] >= documented["point_miou"] - 0.1, scores
     assert scores["box_miou"] > scores["box_as_mask_miou"] + 0.05
-    assert scores["point_miou"] > 0.0
 
 
 def test_recipe_steps_reduce_loss_on_a_fixed_batch():

@@ -30,6 +30,8 @@ from pipeline.train import (
 )
 from toyworld.shards import write_toy_shards
 
+pytestmark = pytest.mark.slow  # Ray Train runs: ~7 minutes on 2 cores
+
 N_SCENES, BATCH = 12, 2
 
 
