@@ -35,6 +35,16 @@ def tiny_llava_right_dir(tmp_path_factory):
     return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava_right"))
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Every test leaves torch's intra-op thread count as it found it: one that lowers it for
+    itself (``one_thread``) must restore it, or the tests after it run slower or differently."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    assert after == before, f"torch threads {before} -> {after}: set_num_threads not restored"
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (tiny tensors: more threads only add latency on shared

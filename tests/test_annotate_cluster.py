@@ -20,8 +20,6 @@ import pytest
 import yaml
 from annotate_inputs import write_good_shards
 
-pytestmark = pytest.mark.slow  # Ray clusters and job submission: ~90 s
-
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -133,6 +131,7 @@ def wait_for_dashboard(address: str, head: subprocess.Popen, log: Path, timeout=
     raise TimeoutError(log.read_text()[-3000:])
 
 
+@pytest.mark.slow  # a Ray head of its own (ray start) and a submitted job: ~25 s
 def test_ray_job_submit_runs_the_job_on_a_running_head(ray_head, tiny_llava_dir, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -168,6 +167,7 @@ def test_ray_job_submit_runs_the_job_on_a_running_head(ray_head, tiny_llava_dir,
     assert (out / "preview.png").is_file()
 
 
+@pytest.mark.slow  # a three-node Ray Cluster in a child process: ~50 s
 def test_losing_the_model_actors_node_mid_run_loses_no_sample(tiny_llava_dir, tmp_path):
     paths = write_good_shards(tmp_path / "in", 4, 3)
     out = tmp_path / "out"

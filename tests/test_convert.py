@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
 from flmm.convert import (
     convert_flmm_checkpoint,
     convert_flmm_state_dict,
@@ -175,80 +176,169 @@ def test_unwrap_rejects_non_tensor_entries() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The release layout of LLaVA-1.5-7B + SAM ViT-L heads, written out from F-LMM's published code
-# (github.com/wusize/F-LMM): configs/llava/frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.py
-# (UNetHead: base 64, 4 stages, 2 convs per stage, GroupNorm(1), InterpConv upsampling);
-# flmm/models/frozen_llava.py (FrozenLlava: ``mask_head`` with in_channels = heads × layers =
-# 32 × 32, ``text_layer_weights`` [32]; FrozenLlavaSAM: ``sam`` = SAMWrapper, ``text_proj`` =
-# Linear(4096, 256)); flmm/models/mask_head/mask_decoder.py (UNetHead = mmseg's UNet +
-# ``conv_seg``); flmm/models/mask_head/mask_refiner.py (SAMWrapper: ``self.model`` = the SAM,
-# image encoder frozen). mmseg's UNet names: ``encoder.{i}`` = Sequential([MaxPool2d (i > 0),
-# BasicConvBlock]), BasicConvBlock.convs.{j} = mmcv ConvModule (``conv`` without bias, ``gn``),
-# ``decoder.{i}`` = UpConvBlock(conv_block, upsample = InterpConv(interp_upsample =
-# Sequential([Upsample, ConvModule 1×1]))). The trainable parameters are what the release holds.
+# The release layout of the LLaVA-1.5-7B + SAM ViT-L heads, written out below as facts (names and
+# shapes) read from F-LMM's published code, github.com/wusize/F-LMM:
+#   configs/llava/frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.py: the U-Net (UNetHead, base
+#     64, 4 stages, 2 convs per encoder and decoder stage, MaxPool downsampling, GroupNorm with one
+#     group, InterpConv upsampling), SAM "vit_l", LMM llava-hf/llava-1.5-7b-hf (Llama-2-7B text:
+#     32 layers x 32 heads, hidden 4096);
+#   flmm/models/frozen_llava.py: FrozenLlava's attributes ``mask_head`` (in_channels set to
+#     heads x layers = 1024, overriding the config's 2048) and ``text_layer_weights`` [layers];
+#     FrozenLlavaSAM's ``sam`` and ``text_proj`` (Linear from the hidden size to SAM's prompt dim);
+#   flmm/models/mask_head/mask_decoder.py: UNetHead = mmseg's UNet + ``conv_seg`` (base -> 1, 1x1);
+#   flmm/models/mask_head/mask_refiner.py: SAMWrapper's ``model`` (sam_model_registry), image
+#     encoder frozen and filtered out of its state dict;
+#   segment_anything/build_sam.py and segment_anything/modeling/{prompt_encoder,mask_decoder,
+#     transformer,common}.py (F-LMM's copy of SAM): prompt dim 256, 64x64 embedding grid,
+#     mask_in_chans 16, TwoWayTransformer depth 2 / mlp 2048 / attention downsample 2, 3 + 1 mask
+#     tokens, IoU head depth 3 and width 256;
+#   scripts/deepspeed2torch_state_dict.py: the released .pth is the flat state dict, torch.save'd.
+# Below ``mask_head`` the names are mmseg's UNet's (mmseg/models/backbones/unet.py: encoder.{i} =
+# Sequential of [MaxPool2d for i > 0, BasicConvBlock], BasicConvBlock.convs.{j}, decoder.{i} =
+# UpConvBlock with ``conv_block`` and ``upsample`` = InterpConv, whose ``interp_upsample`` is
+# [Upsample, 1x1 ConvModule]) and mmcv's ConvModule's (``conv``, bias-free beside a norm, and
+# ``gn`` for a GroupNorm). The release holds what training updates (and SAM's one persistent
+# buffer): no LLaVA weights, no SAM image encoder.
 # --------------------------------------------------------------------------------------------
 
+Layout = dict[str, tuple[int, ...]]
+C = 256  # SAM's prompt / transformer dim
 
-def release_unet_layout() -> dict[str, tuple[int, ...]]:
-    """The ``mask_head.*`` keys and shapes of the 7B release."""
+
+def release_unet_layout() -> Layout:
+    """``mask_head.*`` (the U-Net over 32 x 32 attention maps) and the text-prompt path."""
     layout = {}
     stages = [(1024, 64), (64, 128), (128, 256), (256, 512)]  # (in, out) per encoder stage
     for i, (c_in, c_out) in enumerate(stages):
         block = "mask_head.encoder.0.0" if i == 0 else f"mask_head.encoder.{i}.1"
         for j, c in enumerate((c_in, c_out)):
-            layout[f"{block}.convs.{j}.conv.weight"] = (c_out, c, 3, 3)
-            layout[f"{block}.convs.{j}.gn.weight"] = (c_out,)
-            layout[f"{block}.convs.{j}.gn.bias"] = (c_out,)
+            layout |= _conv_module(f"{block}.convs.{j}", c_out, c, 3)
     for i, (skip, c_in) in enumerate([(64, 128), (128, 256), (256, 512)]):
-        up = f"mask_head.decoder.{i}.upsample.interp_upsample.1"
-        layout[f"{up}.conv.weight"] = (skip, c_in, 1, 1)
-        layout[f"{up}.gn.weight"] = layout[f"{up}.gn.bias"] = (skip,)
+        layout |= _conv_module(f"mask_head.decoder.{i}.upsample.interp_upsample.1", skip, c_in, 1)
         for j, c in enumerate((2 * skip, skip)):
-            conv = f"mask_head.decoder.{i}.conv_block.convs.{j}"
-            layout[f"{conv}.conv.weight"] = (skip, c, 3, 3)
-            layout[f"{conv}.gn.weight"] = layout[f"{conv}.gn.bias"] = (skip,)
-    layout["mask_head.conv_seg.weight"] = (1, 64, 1, 1)
-    layout["mask_head.conv_seg.bias"] = (1,)
+            layout |= _conv_module(f"mask_head.decoder.{i}.conv_block.convs.{j}", skip, c, 3)
+    layout |= {"mask_head.conv_seg.weight": (1, 64, 1, 1), "mask_head.conv_seg.bias": (1,)}
     layout["text_layer_weights"] = (32,)
-    layout["text_proj.weight"] = (256, 4096)
-    layout["text_proj.bias"] = (256,)
+    return layout | _linear("text_proj", C, 4096)
+
+
+def release_sam_layout() -> Layout:
+    """``sam.model.prompt_encoder.*`` and ``sam.model.mask_decoder.*`` of SAM ViT-L."""
+    pe, md = "sam.model.prompt_encoder", "sam.model.mask_decoder"
+    layout = {f"{pe}.pe_layer.positional_encoding_gaussian_matrix": (2, C // 2)}
+    names = [f"point_embeddings.{i}" for i in range(4)] + ["not_a_point_embed", "no_mask_embed"]
+    layout |= {f"{pe}.{name}.weight": (1, C) for name in names}
+    # mask_downscaling: conv 1->4 (2x2), LayerNorm2d, GELU, conv 4->16 (2x2), LayerNorm2d, GELU,
+    # conv 16->256 (1x1).
+    layout |= _conv(f"{pe}.mask_downscaling.0", 4, 1, 2) | _norm(f"{pe}.mask_downscaling.1", 4)
+    layout |= _conv(f"{pe}.mask_downscaling.3", 16, 4, 2) | _norm(f"{pe}.mask_downscaling.4", 16)
+    layout |= _conv(f"{pe}.mask_downscaling.6", C, 16, 1)
+    for i in range(2):
+        layer = f"{md}.transformer.layers.{i}"
+        layout |= _attention(f"{layer}.self_attn", C)
+        layout |= _attention(f"{layer}.cross_attn_token_to_image", C // 2)
+        layout |= _attention(f"{layer}.cross_attn_image_to_token", C // 2)
+        layout |= _linear(f"{layer}.mlp.lin1", 2048, C) | _linear(f"{layer}.mlp.lin2", C, 2048)
+        for n in range(1, 5):
+            layout |= _norm(f"{layer}.norm{n}", C)
+    layout |= _attention(f"{md}.transformer.final_attn_token_to_image", C // 2)
+    layout |= _norm(f"{md}.transformer.norm_final_attn", C)
+    layout |= {f"{md}.iou_token.weight": (1, C), f"{md}.mask_tokens.weight": (4, C)}
+    # output_upscaling: transposed conv 256->64 (2x2), LayerNorm2d, GELU, transposed conv 64->32.
+    layout |= {f"{md}.output_upscaling.0.weight": (C, C // 4, 2, 2)}
+    layout |= {f"{md}.output_upscaling.0.bias": (C // 4,)} | _norm(f"{md}.output_upscaling.1", 64)
+    layout |= {f"{md}.output_upscaling.3.weight": (C // 4, C // 8, 2, 2)}
+    layout |= {f"{md}.output_upscaling.3.bias": (C // 8,)}
+    heads = [(f"output_hypernetworks_mlps.{i}", C // 8) for i in range(4)]
+    for head, out in [*heads, ("iou_prediction_head", 4)]:
+        for n, (o, i) in enumerate([(C, C), (C, C), (out, C)]):
+            layout |= _linear(f"{md}.{head}.layers.{n}", o, i)
     return layout
 
 
-def release_sam_layout() -> dict[str, tuple[int, ...]]:
-    """``sam.model.prompt_encoder.*`` / ``sam.model.mask_decoder.*``: segment-anything's own
-    module names (the release's SAM is that library's ``Sam``), at SAM's sizes (every variant
-    shares them: prompt dim 256, 64×64 embeddings of a 1024 px input)."""
-    from segment_anything.modeling import MaskDecoder as SamMaskDecoder
-    from segment_anything.modeling import PromptEncoder, TwoWayTransformer
-
-    with torch.device("meta"):
-        prompt = PromptEncoder(
-            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-            mask_in_chans=16,
-        )  # fmt: skip
-        transformer = TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)
-        decoder = SamMaskDecoder(transformer_dim=256, transformer=transformer)
-    layout = {
-        f"sam.model.prompt_encoder.{k}": tuple(v.shape) for k, v in prompt.state_dict().items()
-    }
-    layout.update(
-        {f"sam.model.mask_decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()}
-    )
-    return layout
+def _linear(prefix: str, out: int, inp: int) -> Layout:
+    return {f"{prefix}.weight": (out, inp), f"{prefix}.bias": (out,)}
 
 
-def test_the_7b_release_layout_converts_and_fits_heads_built_for_llava_7b_and_sam_vit_l():
-    from flmm.build import HeadsConfig, build_heads, build_sam, sam_config
-    from flmm.checkpoint import check_state_dict
+def _conv(prefix: str, out: int, inp: int, k: int) -> Layout:
+    return {f"{prefix}.weight": (out, inp, k, k), f"{prefix}.bias": (out,)}
 
-    layout = {**release_unet_layout(), **release_sam_layout()}
+
+def _attention(prefix: str, inner: int) -> Layout:
+    """SAM's Attention: q/k/v projections C -> inner (C / downsample rate), output inner -> C."""
+    qkv = [_linear(f"{prefix}.{p}_proj", inner, C) for p in "qkv"]
+    return qkv[0] | qkv[1] | qkv[2] | _linear(f"{prefix}.out_proj", C, inner)
+
+
+def _norm(prefix: str, channels: int) -> Layout:
+    return {f"{prefix}.weight": (channels,), f"{prefix}.bias": (channels,)}
+
+
+def _conv_module(prefix: str, out: int, inp: int, k: int) -> Layout:
+    """mmcv ConvModule with a GroupNorm: a bias-free conv and ``gn``."""
+    return {f"{prefix}.conv.weight": (out, inp, k, k)} | _norm(f"{prefix}.gn", out)
+
+
+RELEASE_7B: Layout = release_unet_layout() | release_sam_layout()
+
+
+def test_the_release_layout_has_the_counts_of_its_modules() -> None:
+    # U-Net: 4 encoder stages x 2 convs x 3 tensors, 3 decoder stages x (1 + 2) x 3, conv_seg 2;
+    # text path 3. SAM prompt encoder 17; mask decoder: 2 layers x 36 + 8 + 2 (transformer),
+    # 2 tokens, 6 upscaling, 4 hypernetwork MLPs x 6, IoU head 6.
     assert len(release_unet_layout()) == 4 * 6 + 3 * 9 + 2 + 3
-    release = {key: torch.zeros(shape) for key, shape in layout.items()}
-    release["sam.model.image_encoder.neck.0.weight"] = torch.zeros(256, 1024, 1, 1)
-    result = convert_flmm_checkpoint({"state_dict": release})
-    assert result.dropped == ["sam.model.image_encoder.neck.0.weight"]
-    assert len(result.state_dict) == len(layout)
-    with torch.device("meta"):
+    assert len(release_sam_layout()) == 17 + (2 * 36 + 8 + 2) + 2 + 6 + 4 * 6 + 6
+
+
+def test_the_hand_written_unet_pairs_spell_the_release_names() -> None:
+    assert {t for t, _ in mask_head_key_pairs()} == {
+        k for k in RELEASE_7B if k.startswith("mask_head.")
+    }
+
+
+@pytest.fixture(scope="module")
+def release_7b(tmp_path_factory) -> tuple[dict[str, torch.Tensor], object]:
+    """Random tensors in the 7B release layout, and the flat ``.pth`` they were saved to."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=generator) for k, shape in RELEASE_7B.items()}
+    path = tmp_path_factory.mktemp("release") / "frozen_llava_1_5_vicuna_7b_unet_sam_l.pth"
+    torch.save(tensors, path)
+    return tensors, path
+
+
+def test_the_7b_release_converts_key_for_key(release_7b) -> None:
+    tensors, _ = release_7b
+    result = convert_flmm_checkpoint(tensors)
+    assert result.dropped == []
+    assert len(result.state_dict) == len(tensors)
+    assert {id(v) for v in result.state_dict.values()} == {id(v) for v in tensors.values()}
+
+
+def test_the_7b_release_loads_strictly_into_heads_for_llava_7b_and_sam_vit_l(release_7b) -> None:
+    tensors, path = release_7b
+    with torch.device("meta"):  # SAM ViT-L's image encoder is never allocated
         heads = build_heads(HeadsConfig(32, 32, 4096), build_sam(sam_config("vit_l")))
-    check_state_dict(heads, result.state_dict)  # every key, every shape
+    heads.to_empty(device="cpu")
+    assert load_heads(heads, path) is None  # every key, every shape, strict=True
+    unet, refiner = heads.mask_decoder, heads.refiner
+    up = "mask_head.decoder.2.upsample.interp_upsample.1"
+    by_attribute = {
+        "mask_head.encoder.0.0.convs.0.conv.weight": unet.encoder[0].convs[0].conv.weight,
+        "mask_head.encoder.3.1.convs.1.gn.bias": unet.encoder[3].convs[1].norm.bias,
+        f"{up}.conv.weight": unet.decoder[2].up.conv.weight,
+        "mask_head.decoder.0.conv_block.convs.1.gn.weight": unet.decoder[0].convs[1].norm.weight,
+        "mask_head.conv_seg.bias": unet.conv_seg.bias,
+        "text_layer_weights": refiner.text_layer_weights,
+        "text_proj.weight": refiner.text_proj.weight,
+        "sam.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": (
+            refiner.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        ),
+        "sam.model.mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.weight": (
+            refiner.mask_decoder.transformer.layers[1].cross_attn_image_to_token.out_proj.weight
+        ),
+    }
+    for key, loaded in by_attribute.items():
+        assert torch.equal(loaded, tensors[key]), key
+    converted = convert_flmm_state_dict(tensors)
+    for key, value in heads.state_dict().items():
+        assert torch.equal(value, converted[key]), key

@@ -12,17 +12,10 @@ import torch
 
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLlava
-from toyworld.scenes import make_scene, scene_seed
+from toyworld.scenes import EVAL_START, make_scene, scene_seed
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, restored
 
 
 def mean_iou(model, scenes) -> float:
@@ -38,17 +31,36 @@ def mean_iou(model, scenes) -> float:
     return float(np.mean(ious))
 
 
-def test_shipped_toy_heads_reach_their_documented_giou_on_held_out_scenes():
-    """The first expression of every object, all objects of an image in one sequence: the
-    ``flmm`` protocol, whose refined gIoU over 100 held-out scenes is documented. On these 12 of
-    them the heads measured 0.724 (documented 0.745; 6 scenes: 0.741): the margin of 0.08 covers
-    that sampling spread, and a real regression (random heads: 0.09) fails far below it."""
-    documented = json.loads((TOY / "heads_metrics.json").read_text())["val/flmm"]["refined"]
+def documented_giou() -> float:
+    """The refined gIoU of the shipped heads under the ``flmm`` protocol (the first expression of
+    every object, all objects of an image in one sequence) on the 100 held-out scenes
+    ``scene_seed(0, EVAL_START + i)`` (267 objects), as jobs/evaluate.py measured it."""
+    return json.loads((TOY / "heads_metrics.json").read_text())["val/flmm"]["refined"]["giou"]
+
+
+def shipped_heads_miou(n_scenes: int) -> float:
     lmm = FrozenLlava.from_pretrained(str(TOY / "llava"))
-    scenes = [make_scene(scene_seed(0, 1_000_000 + i)) for i in range(12)]  # held out
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
-    trained = mean_iou(build_flmm(lmm, sam, TOY / "heads.safetensors"), scenes)
-    assert trained >= documented["giou"] - 0.08, (trained, documented["giou"])
+    scenes = [make_scene(scene_seed(0, EVAL_START + i)) for i in range(n_scenes)]  # held out
+    return mean_iou(build_flmm(lmm, sam, TOY / "heads.safetensors"), scenes)
+
+
+def test_shipped_toy_heads_reach_their_documented_giou_on_held_out_scenes():
+    """The first 12 of the documented 100 scenes, against the documented gIoU (0.745) minus 0.08.
+    Measured per 12-scene window of the 100: 0.686 to 0.854 (std 0.053; these 12: 0.724), so
+    0.08 (bar 0.665) passes the shipped heads on any such sample. Broken groundings fall below
+    it: the U-Net's masks without the SAM refiner 0.591, phrases paired with the wrong objects
+    0.030, random-init heads ~0.09."""
+    trained = shipped_heads_miou(12)
+    assert trained >= documented_giou() - 0.08, (trained, documented_giou())
+
+
+@pytest.mark.slow  # the LMM, SAM and heads over 100 scenes: ~10 s idle, ~30 s loaded
+def test_shipped_toy_heads_reproduce_their_documented_giou_on_all_100_scenes():
+    """The very scenes and protocol of the documented figure: the same number (measured here
+    0.74535 = documented to the last digit); 0.005 leaves room for other CPUs' rounding only."""
+    trained = shipped_heads_miou(100)
+    assert trained == pytest.approx(documented_giou(), abs=0.005), (trained, documented_giou())
 
 
 def test_bfloat16_sam_and_heads_keep_the_toy_masks():

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-pytestmark = pytest.mark.slow  # the toy rebuild command, three subprocess runs: ~30 s
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--sam-args",
@@ -29,6 +27,7 @@ def rebuild(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # both recipes for 2 steps each: ~10 s idle, ~20 s on a loaded machine
 def test_rebuild_writes_both_models_with_their_records_and_tags_their_output(tmp_path):
     done = rebuild(tmp_path, *TINY)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -53,6 +52,7 @@ def test_a_failing_recipe_fails_the_command_and_names_it(tmp_path):
     assert not (tmp_path / "llava").exists()
 
 
+@pytest.mark.slow  # the LMM recipe for 2 steps: ~11 s idle
 def test_the_other_recipe_still_finishes_when_one_fails(tmp_path):
     done = rebuild(tmp_path, "--sam-args", "--steps not-a-number", *TINY[2:])
     assert done.returncode != 0

@@ -29,15 +29,20 @@ def test_shipped_weights_are_fp16_sam_state_dict(shipped_sam):
 
 
 def test_shipped_sam_segments_held_out_objects_as_documented(shipped_sam):
-    """Box- and point-prompted masks on 10 held-out objects reach the mIoU that
-    models/toy/sam.json documents (measured over more objects) minus 0.1 for the small sample
-    (these 10 measured box 0.850 / point 0.790 against 0.846 / 0.781); box-prompted masks beat
-    the box itself (stars, crosses, circles are not boxes)."""
+    """Box- and point-prompted masks on the 200 held-out objects that models/toy/sam.json was
+    measured on (~3 s) reach its mIoUs (box 0.846, point 0.781) within 0.02. The objects are
+    the same, so the figures are too (equal to the last digit here); 0.02 is room for other
+    CPUs' rounding, not for sampling (10-object windows of these 200 spread 0.65 to 0.91 on
+    points). Broken point prompts fall far below: the first of the 3 masks instead of the best
+    by predicted IoU 0.57, x and y swapped 0.42, the point labelled negative 0.37, random
+    weights 0.06. Box-prompted masks also beat the box itself (0.565: stars, crosses and
+    circles are not boxes)."""
     documented = json.loads(SHIPPED.with_name("sam.json").read_text())
-    scores = evaluate(shipped_sam, seed=Recipe().seed, n_objects=10)
-    assert scores["box_miou"] >= documented["box_miou"] - 0.1, scores
-    assert scores["point_miou"] >= documented["point_miou"] - 0.1, scores
-    assert scores["box_miou"] > scores["box_as_mask_miou"] + 0.05
+    where = documented["eval"]
+    scores = evaluate(shipped_sam, where["seed"], where["objects"], where["first_index"])
+    assert scores["box_miou"] == pytest.approx(documented["box_miou"], abs=0.02), scores
+    assert scores["point_miou"] == pytest.approx(documented["point_miou"], abs=0.02), scores
+    assert scores["box_miou"] > scores["box_as_mask_miou"] + 0.2, scores
 
 
 def test_recipe_steps_reduce_loss_on_a_fixed_batch():
