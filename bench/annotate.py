@@ -173,6 +173,9 @@ def naive_worker(shards: Path, out: Path, spec: dict, threads: int) -> dict:
                     "scores": scores.tolist(),
                     "height": pixels.shape[0],
                     "width": pixels.shape[1],
+                    "source": "given",
+                    "text": "",
+                    "warning": "",
                 }
             )
         t = time.perf_counter()

@@ -108,7 +108,8 @@ class FLMM(nn.Module):
 
     def select(self, inputs: list[GroundingInput], lmm_out) -> list[Selection]:
         """Per input, what to ground: given phrases as prepared; for a text input the selector's
-        spans (possibly none), their maps merged from the prefill's captured token rows."""
+        spans (possibly none; a phrase repeated in the text is grounded once, at its first
+        span), their maps merged from the prefill's captured token rows."""
         out = []
         for b, x in enumerate(inputs):
             if x.text is None:
@@ -116,7 +117,7 @@ class FLMM(nn.Module):
                 continue
             n = len(x.text_offsets)
             hidden = lmm_out.token_hidden[b, :n]  # [T, L, D]
-            spans = self.selector.select(hidden)
+            spans = _first_of_each_phrase(self.selector.select(hidden), x)
             slots = [slice(s.start, s.end) for s in spans]
             maps = lmm_out.token_maps[b]  # [L, H, Q, N]
             empty = maps.new_zeros((0, maps.shape[0] * maps.shape[1], *self.lmm.grid))
@@ -191,6 +192,17 @@ class FLMM(nn.Module):
             replace(o, unet=o.unet.float(), coarse=o.coarse.float(), refined=o.refined.float())
             for o in outputs
         ]
+
+
+def _first_of_each_phrase(spans: list, x: GroundingInput) -> list:
+    """``spans`` without those whose text repeats an earlier span's."""
+    seen, kept = set(), []
+    for span in spans:
+        start, end = char_span(x.text_offsets, span, x.text)
+        if x.text[start:end] not in seen:
+            seen.add(x.text[start:end])
+            kept.append(span)
+    return kept
 
 
 def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -114,4 +114,3 @@ def build_text_prompt(
     ]
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     return Prompt(prefix + " " + text, ids, [positions]), offsets
-

@@ -44,6 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--force", action="store_true", help="run even if another run holds the output's lock"
     )
     p.add_argument("--preview-images", type=int, default=6, help="images in preview.png (0: none)")
+    p.add_argument(
+        "--describe",
+        action="store_true",
+        help="ground a generated description of every image, not its text (image-only samples "
+        "always are)",
+    )
+    p.add_argument("--describe-prompt", help="instruction for descriptions (default: the prompt's)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="description length limit")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
     return p.parse_args(argv)
@@ -70,6 +78,9 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         overwrite=args.overwrite,
         force=args.force,
         preview_images=args.preview_images,
+        describe=args.describe,
+        max_new_tokens=args.max_new_tokens,
+        describe_prompt=args.describe_prompt,
     )
 
 

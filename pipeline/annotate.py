@@ -1,7 +1,7 @@
 """The annotation job: WebDataset shards → Ray Data → per-shard Parquet, resumable.
 
     from_items(shards) ─ read_shard (CPU task per shard: raw bytes, one row per sample)
-      → decode_batch   (CPU tasks: pixels + phrases, or an error row)
+      → decode_batch   (CPU tasks: pixels + given phrases / caption / nothing, or an error row)
       → GroundingActor (actor pool, ``num_gpus`` each: F-LMM → RLE, box, score per phrase)
       → driver: groups rows by shard; a shard with all its keys is written (writer.OutputDir)
 
@@ -38,7 +38,9 @@ class AnnotateConfig:
     batch_size: samples per model call; actors: model actors in the pool; gpus_per_actor,
     cpus_per_actor: what each actor reserves; overwrite: redo done shards; force: take the
     output's lock from another run (``pipeline.lock``); threshold: on sigmoid(refined logits);
-    preview_images: images in preview.png (0: no preview)."""
+    preview_images: images in preview.png (0: no preview); describe: ground a generated
+    description of every image (image-only samples always are), of at most ``max_new_tokens``
+    tokens, asked for with ``describe_prompt`` (None: the grounding prompt's instruction)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -51,6 +53,9 @@ class AnnotateConfig:
     force: bool = False
     threshold: float = 0.5
     preview_images: int = 6
+    describe: bool = False
+    max_new_tokens: int = 64
+    describe_prompt: str | None = None
 
 
 @dataclass
@@ -146,11 +151,21 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
     items = [{"uri": uris[name], "shard": name} for name in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(decode_batch, batch_size=None, batch_format="pyarrow")
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"describe": config.describe},
+    )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     return ds.map_batches(
         GroundingActor,
-        fn_constructor_kwargs={"spec": config.model, "threshold": config.threshold},
+        fn_constructor_kwargs={
+            "spec": config.model,
+            "threshold": config.threshold,
+            "max_new_tokens": config.max_new_tokens,
+            "describe_prompt": config.describe_prompt,
+        },
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.actors),

@@ -2,7 +2,8 @@
 
 The parsing functions are shared by every job that reads the input format
 (``schemas/INPUT_FORMAT.md``): ``decode_image`` (any PIL mode → uint8 ``[H, W, 3]`` RGB),
-``parse_text`` (``<key>.json`` / ``<key>.txt`` → meta dict), ``phrases_of`` (what to ground) and
+``parse_text`` (``<key>.json`` / ``<key>.txt`` → meta dict), ``grounding_request`` / ``phrases_of``
+(what to ground: given phrases, a caption, or nothing: a description to generate) and
 ``object_targets`` / ``objects_of`` (training targets: per object / one mask per phrase). Each raises ``SampleError`` whose
 ``kind`` is one of ``ERROR_KINDS``.
 
@@ -18,6 +19,7 @@ import json
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,10 @@ ERROR_KINDS = {
     "multiple_images": "the sample has more than one image file",
     "empty_image": "the image file has zero bytes",
     "corrupt_image": "the image does not decode (or is too large to decode safely)",
-    "missing_text": "the sample has neither .json nor .txt",
+    "missing_text": "the .json has neither `phrases` nor `caption`",
     "bad_text": "the text is not UTF-8 / not a JSON object / phrases not a list of strings",
     "no_phrases": "the phrase list is empty, or a phrase is blank",
-    "caption_only": "only a caption, no `phrases`: this version grounds given phrases only",
+    "no_selector": "a caption / image-only sample, but the heads file has no keyword selector",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
     "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",
     "model_error": "the model raised on this sample",
@@ -53,7 +55,10 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.large_binary()),  # uint8 [height, width, 3] RGB, C order; b"" unless ok
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("phrases", pa.list_(pa.string())),
+        ("phrases", pa.list_(pa.string())),  # given phrases ("given"), else []
+        ("text", pa.string()),  # the caption to select phrases from ("caption"), else ""
+        ("source", pa.string()),  # "given" | "caption" | "generated" (to describe); "" unless ok
+        ("warning", pa.string()),  # e.g. a truncated caption; "" if none
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
         ("decode_s", pa.float64()),
@@ -137,18 +142,49 @@ def parse_text(data: bytes, ext: str) -> dict:
     return meta
 
 
-def phrases_of(meta: dict) -> list[str]:
-    """The phrases to ground: ``meta["phrases"]`` as given (non-empty strings, at least one).
-    A caption alone is the error ``caption_only``: this version grounds given phrases only."""
-    if "phrases" not in meta:
-        if isinstance(meta.get("caption"), str):
-            raise SampleError(
-                "caption_only",
-                "a caption without `phrases`: this version grounds given phrases only; give "
-                "`phrases` in <key>.json",
-            )
+SOURCES = ("given", "caption", "generated")
+MAX_TEXT_CHARS = 1000  # longer captions are cut here (with a warning): the LMM's context is finite
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to ground in a sample: ``phrases`` as given (source ``"given"``), or phrases the
+    keyword selector picks in ``text`` (``"caption"``), or in a description the LMM writes
+    (``"generated"``, text ""). ``warning``: something the user should know ("" if nothing)."""
+
+    source: str
+    phrases: tuple[str, ...] = ()
+    text: str = ""
+    warning: str = ""
+
+
+def grounding_request(meta: dict | None, describe: bool = False) -> Request:
+    """The request of a sample whose text parsed to ``meta`` (None: the sample has no text file).
+    ``describe``: generate a description for every sample, whatever its text."""
+    if describe or meta is None:
+        return Request("generated")
+    if "phrases" in meta:
+        return Request("given", tuple(phrases_of(meta)))
+    caption = meta.get("caption")
+    if caption is None:
         raise SampleError("missing_text", "json has neither `phrases` nor `caption`")
-    phrases = meta["phrases"]
+    if not isinstance(caption, str):
+        raise SampleError("bad_text", "`caption` must be a string")
+    caption = caption.strip()
+    if not caption:
+        raise SampleError("no_phrases", "the caption is empty")
+    if len(caption) <= MAX_TEXT_CHARS:
+        return Request("caption", text=caption)
+    cut = caption[:MAX_TEXT_CHARS]
+    warning = f"caption truncated from {len(caption)} to {MAX_TEXT_CHARS} characters"
+    return Request("caption", text=cut, warning=warning)
+
+
+def phrases_of(meta: dict) -> list[str]:
+    """The given phrases: ``meta["phrases"]``, non-empty strings, at least one."""
+    phrases = meta.get("phrases")
+    if phrases is None:
+        raise SampleError("missing_text", "json has no `phrases`")
     if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
         raise SampleError("bad_text", "`phrases` must be a list of strings")
     if not phrases:
@@ -195,8 +231,9 @@ def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def decode_sample(raw: Mapping) -> tuple[np.ndarray, dict]:
+def decode_sample(raw: Mapping, text_required: bool = True) -> tuple[np.ndarray, dict | None]:
     """One sample's raw files → (uint8 ``[H, W, 3]`` RGB, meta dict); raises SampleError.
+    Without ``text_required`` a sample without a text file gives meta None (image-only).
 
     ``raw`` holds the ``RAW_SCHEMA`` fields ``image``, ``image_ext``, ``text``, ``text_ext`` and
     ``exts`` (a ``pipeline.sources.read_shard`` row, or ``sources.sample_files``). The text is
@@ -208,6 +245,8 @@ def decode_sample(raw: Mapping) -> tuple[np.ndarray, dict]:
         raise SampleError("missing_image", f"no image among files {names}")
     if n_images > 1:
         raise SampleError("multiple_images", f"{n_images} image files: {names}")
+    if not raw["text_ext"] and not text_required:
+        return decode_image(raw["image"]), None
     meta = parse_text(raw["text"], raw["text_ext"])
     return decode_image(raw["image"]), meta
 
@@ -222,28 +261,32 @@ def read_samples(uris: Iterable[str | Path]) -> Iterator[dict]:
             yield {"key": key, "image": image, "meta": meta}
 
 
-def decode_batch(batch: pa.Table, chunk: int = 16) -> Iterator[pa.Table]:
+def decode_batch(batch: pa.Table, chunk: int = 16, describe: bool = False) -> Iterator[pa.Table]:
     """Pipeline stage: ``RAW_SCHEMA`` → ``DECODED_SCHEMA``, one row per row, never raising;
-    yields ``chunk`` rows at a time so that a whole shard is never held decoded."""
+    yields ``chunk`` rows at a time so that a whole shard is never held decoded. ``describe``:
+    every sample's phrases come from a generated description (``grounding_request``)."""
     for start in range(0, batch.num_rows, chunk):
         rows = batch.slice(start, chunk).to_pylist()
-        yield pa.Table.from_pylist([_decode_row(row) for row in rows], DECODED_SCHEMA)
+        yield pa.Table.from_pylist([_decode_row(row, describe) for row in rows], DECODED_SCHEMA)
 
 
-def _decode_row(row: dict) -> dict:
+def _decode_row(row: dict, describe: bool = False) -> dict:
     start = time.perf_counter()
     out = {name: row[name] for name in ("shard", "key", "n_samples", "shard_error", "read_s")}
     out.update(status="ok", error_kind="", error="", pixels=b"", height=0, width=0, phrases=[])
+    out.update(text="", source="", warning="")
     if not row["key"]:
         out["status"] = "shard"
     elif problem := key_problem(row["key"]):
         out.update(key=escape_key(row["key"]), status="error", error_kind="bad_key", error=problem)
     else:
         try:
-            pixels, meta = decode_sample(row)
-            phrases = phrases_of(meta)
+            pixels, meta = decode_sample(row, text_required=False)
+            request = grounding_request(meta, describe)
             height, width = pixels.shape[:2]
-            out.update(pixels=pixels.tobytes(), height=height, width=width, phrases=phrases)
+            out.update(pixels=pixels.tobytes(), height=height, width=width)
+            out.update(phrases=list(request.phrases), text=request.text, source=request.source)
+            out["warning"] = request.warning
         except SampleError as error:
             out.update(status="error", error_kind=error.kind, error=str(error))
         except Exception as error:  # noqa: BLE001 - a bug on one sample must not fail a shard

@@ -6,6 +6,12 @@
 shard-level rows pass through unchanged. A batch the model raises on is retried sample by
 sample, so one bad sample becomes a ``model_error`` row and the rest of the batch is kept.
 
+What a sample grounds (``DECODED_SCHEMA.source``): its given phrases; or the spans the keyword
+selector picks in its caption, from the same prefill; or, for an image-only sample, the spans of
+a description the LMM writes first (one batched greedy ``generate`` for the batch's image-only
+samples, then the description is prefilled like a caption). Heads without a selector turn
+caption and image-only samples into ``no_selector`` error rows.
+
 Postprocessing (``annotate_logits``): mask = sigmoid(refined) > threshold in the original image
 frame, as COCO RLE; bbox = the mask's tight box, XYWH pixels (zeros for an empty mask); score =
 the mean probability over the mask's pixels (0 for an empty mask), a confidence in [threshold, 1].
@@ -24,7 +30,7 @@ import torch
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
 
-STAGES = ("prepare_s", "lmm_s", "sam_s", "heads_s", "post_s")
+STAGES = ("describe_s", "prepare_s", "lmm_s", "sam_s", "heads_s", "post_s")
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -37,23 +43,29 @@ RESULT_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("phrases", pa.list_(pa.string())),  # parallel lists, one entry per phrase
+        ("spans", pa.list_(pa.list_(pa.int32()))),  # [start, end) in text; [] when given
+        ("selector_scores", pa.list_(pa.float32())),  # the selector's confidence; [] when given
         ("counts", pa.list_(pa.string())),  # COCO RLE counts of a [height, width] mask
         ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
         ("scores", pa.list_(pa.float32())),
         ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
+        ("text", pa.string()),  # the caption or generated description grounded ("" when given)
+        ("source", pa.string()),  # "given" | "caption" | "generated"
+        ("warning", pa.string()),
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
         ("decode_s", pa.float64()),
         ("model_s", pa.float64()),  # this sample's share of its batch's model time
         # model_s split by stage (shares of the batch's successful forward; 0 on error rows):
         # prepare (LMM + SAM preprocessing), LMM prefill, SAM image encoder, heads (U-Net +
-        # refiner), postprocess (threshold, RLE, box, score)
+        # refiner), postprocess (threshold, RLE, box, score); describe: generating the
+        # descriptions of image-only samples
         *((name, pa.float64()) for name in STAGES),
     ]
 )
 
 PASSED_THROUGH = ("shard", "key", "n_samples", "status", "error_kind", "error", "height", "width")
-PASSED_THROUGH += ("phrases", "shard_error", "read_s", "decode_s")
+PASSED_THROUGH += ("phrases", "text", "source", "warning", "shard_error", "read_s", "decode_s")
 
 
 def annotate_logits(logits: torch.Tensor, threshold: float = 0.5):
@@ -78,7 +90,13 @@ class GroundingActor:
     """One F-LMM per actor. Resources (``num_gpus``, pool size, batch size) are declared where
     the stage is added, in ``pipeline.annotate``."""
 
-    def __init__(self, spec: ModelSpec, threshold: float = 0.5):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        threshold: float = 0.5,
+        max_new_tokens: int = 64,
+        describe_prompt: str | None = None,
+    ):
         if spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
             # each op wait on the slowest thread, worst on a loaded machine.
@@ -89,9 +107,11 @@ class GroundingActor:
         # the same logits to rounding (measured in bench/NOTES.md)
         self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
         self.threshold = threshold
+        self.max_new_tokens = max_new_tokens
+        self.describe_prompt = describe_prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        rows = [self._check_selector(row) for row in batch.to_pylist()]
         ok = [row for row in rows if row["status"] == "ok"]
         start = time.perf_counter()
         outcomes = self._ground(ok)
@@ -101,6 +121,7 @@ class GroundingActor:
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
             result.update(counts=[], bboxes=[], scores=[], mask_size=[], model_s=0.0)
+            result.update(spans=[], selector_scores=[])
             result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
@@ -112,6 +133,17 @@ class GroundingActor:
                     result.update(outcome)
             out.append(result)
         return pa.Table.from_pylist(out, RESULT_SCHEMA)
+
+    def _check_selector(self, row: dict) -> dict:
+        """A caption / image-only row becomes a ``no_selector`` error row when the heads have
+        no keyword selector."""
+        if row["status"] != "ok" or row["source"] == "given" or self.model.selector is not None:
+            return row
+        error = (
+            f"a {row['source']} sample needs a keyword selector, and the heads file has none: "
+            "give heads trained with a selector, or `phrases`"
+        )
+        return {**row, "status": "error", "error_kind": "no_selector", "error": error}
 
     def _ground(self, rows: list[dict]) -> list[dict | Exception]:
         """Per row, in order: its annotations, or the exception the model raised on it alone.
@@ -133,32 +165,79 @@ class GroundingActor:
             return error
 
     def _forward(self, rows: list[dict]) -> list[dict]:
-        """``FLMM.forward`` stage by stage (one batched LMM prefill, one SAM encoding per image,
-        the heads over all phrases), each stage timed; per sample: annotations + stage shares."""
+        """``FLMM.ground`` stage by stage (descriptions of image-only samples, one batched LMM
+        prefill, one SAM encoding per image, the heads over all phrases), each stage timed; per
+        sample: annotations + stage shares. A generated description that is empty grounds
+        nothing (ok, 0 annotations, a warning)."""
         clock = _StageClock(self.model.image_encoder.pixel_mean.device)
         model = self.model
+        out = [_empty_result(row) for row in rows]
         with torch.inference_mode():
+            images = [torch.from_numpy(pixels_of(r).copy()) for r in rows]
+            texts = self._texts(rows, images)
+            clock.mark("describe_s")
+            todo = []
+            for b, text in enumerate(texts):
+                out[b]["text"] = text
+                if rows[b]["source"] == "generated" and not text.strip():
+                    out[b]["warning"] = "the generated description is empty"
+                else:
+                    todo.append(b)
             inputs = [
-                model.prepare(torch.from_numpy(pixels_of(r).copy()), r["phrases"]) for r in rows
+                model.prepare(images[b], rows[b]["phrases"])
+                if rows[b]["source"] == "given"
+                else model.prepare_text(images[b], texts[b])
+                for b in todo
             ]
             clock.mark("prepare_s")
-            lmm_out = model.lmm([x.lmm for x in inputs])
-            clock.mark("lmm_s")
-            embeddings = model.encode_images(inputs)
-            clock.mark("sam_s")
-            groundings = model.decode(inputs, lmm_out.attention, lmm_out.hidden, embeddings)
-            clock.mark("heads_s")
-        out = []
-        for grounding in groundings:
-            counts, bboxes, scores = annotate_logits(grounding.refined, self.threshold)
-            size = list(grounding.refined.shape[-2:])
-            out.append(
-                {"counts": counts, "bboxes": bboxes.tolist(), "scores": scores.tolist(),
-                 "mask_size": size}
-            )  # fmt: skip
+            if inputs:
+                lmm_out = model.lmm([x.lmm for x in inputs])
+                selections = model.select(inputs, lmm_out)
+                clock.mark("lmm_s")
+                embeddings = model.encode_images(inputs)
+                clock.mark("sam_s")
+                groundings = model.decode_selected(inputs, selections, embeddings)
+                clock.mark("heads_s")
+                for b, selection, grounding in zip(todo, selections, groundings):
+                    out[b].update(self._annotations(rows[b], texts[b], selection, grounding))
         clock.mark("post_s")
         shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
         return [{**o, **shares} for o in out]
+
+    def _annotations(self, row: dict, text: str, selection, grounding) -> dict:
+        """The phrase lists of one sample: its phrases (selected ones: their text, span and
+        confidence) and, per phrase, RLE counts, box and score."""
+        result = {}
+        if row["source"] != "given":
+            result["phrases"] = [text[a:b] for a, b in selection.spans]
+            result["spans"] = [list(span) for span in selection.spans]
+            result["selector_scores"] = selection.confidences
+        if grounding is not None:
+            counts, bboxes, scores = annotate_logits(grounding.refined, self.threshold)
+            result.update(counts=counts, bboxes=bboxes.tolist(), scores=scores.tolist())
+            result["mask_size"] = list(grounding.refined.shape[-2:])
+        return result
+
+    def _texts(self, rows: list[dict], images: list[torch.Tensor]) -> list[str]:
+        """Per row, the text to select phrases from: the caption, a description the LMM writes
+        (one batched generation for all image-only rows), or "" for given phrases."""
+        generated = [b for b, r in enumerate(rows) if r["source"] == "generated"]
+        texts = [r["text"] for r in rows]
+        if generated:
+            descriptions = self.model.lmm.describe(
+                [images[b] for b in generated], self.max_new_tokens, self.describe_prompt
+            )
+            for b, description in zip(generated, descriptions):
+                texts[b] = description
+        return texts
+
+
+def _empty_result(row: dict) -> dict:
+    """An ok sample's result before grounding: no phrase grounded yet, masks of its own size."""
+    empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
+    phrases = row["phrases"] if row["source"] == "given" else []
+    return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
+            "text": row["text"], "warning": row["warning"]}  # fmt: skip
 
 
 class _StageClock:

@@ -3,7 +3,8 @@ at a glance whether the labels are right.
 
 Reads the annotations Parquet of finished shards and the same samples' images from the input
 shards (with the job's own reader and decoder); draws each mask as a coloured
-overlay, its box as a rectangle and its phrase with its score underneath.
+overlay, its box as a rectangle and its phrase with its score and where the phrase came from
+(``given``, ``caption``, ``generated``) underneath.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _images(uri: str, keys: set[str]) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     for key, files, exts in iter_tar_samples(uri):
         if key in keys and key not in found:
-            found[key] = decode_sample(sample_files(files, exts))[0]
+            found[key] = decode_sample(sample_files(files, exts), text_required=False)[0]
     return found
 
 
@@ -78,7 +79,7 @@ def _tile(image: np.ndarray, annotations: list[dict]) -> Image.Image:
         x, y, w, h = (v * scale for v in row["bbox"])
         if w > 0 and h > 0:
             draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
-        label = f"{row['phrase']} ({row['score']:.2f})"
+        label = f"{row['phrase']} ({row['score']:.2f}, {row['source']})"
         draw.text((4, TILE_HEIGHT + 2 + i * LINE_HEIGHT), label, fill=colour, font=font)
     return tile
 

@@ -30,8 +30,8 @@ def add_model_args(
         "--lmm", help=f"llava-hf hub id or local LLaVA directory (default: {default} LMM)"
     )
     parser.add_argument(
-        "--sam", help=f"SAM variant: {', '.join(SAM_VARIANTS)} (default: {default}; vit_l "
-        "with --lmm)"
+        "--sam",
+        help=f"SAM variant: {', '.join(SAM_VARIANTS)} (default: {default}; vit_l with --lmm)",
     )
     parser.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
     parser.add_argument(

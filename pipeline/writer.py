@@ -99,6 +99,8 @@ def result_problem(row: dict) -> str:
     if size != expected:
         return f"{row['key']}: masks of size {size} for an image of [height, width] {expected}"
     lengths = {len(row[c]) for c in ("phrases", "counts", "bboxes", "scores")}
+    if row["source"] != "given":
+        lengths |= {len(row[c]) for c in ("spans", "selector_scores")}
     if len(lengths) != 1:
         return f"{row['key']}: {len(row['phrases'])} phrases but {len(row['counts'])} masks"
     return ""
@@ -117,7 +119,9 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
         n = len(row["counts"]) if ok else 0
         samples.append(
             {"key": row["key"], "shard": shard, "status": row["status"], "error": error,
-             "n_annotations": n}
+             "n_annotations": n, "source": row["source"] if ok else None,
+             "text": row["text"] if ok and row["source"] != "given" else None,
+             "warning": row["warning"] or None}
         )  # fmt: skip
         for i in range(n):
             annotations.append(_annotation(shard, row, i, model))
@@ -128,10 +132,14 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
 
 
 def _annotation(shard: str, row: dict, i: int, model: str) -> dict:
+    given = row["source"] == "given"
     return {
         "key": row["key"],
         "shard": shard,
         "phrase": row["phrases"][i],
+        "source": row["source"],
+        "span": None if given else row["spans"][i],
+        "selector_score": None if given else row["selector_scores"][i],
         "mask": {"size": [row["height"], row["width"]], "counts": row["counts"][i]},
         "bbox": row["bboxes"][i],
         "score": row["scores"][i],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: where phrases come from (source, span, selector_score; text)
 
 
 def _list(item: pa.DataType) -> pa.ListType:
@@ -37,6 +37,10 @@ ANNOTATIONS_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "given" | "caption" | "generated"
+        # [start, end) characters of the phrase in the sample's text; null when given
+        pa.field("span", _list(pa.int32()), nullable=True),
+        pa.field("selector_score", pa.float32(), nullable=True),  # null when given
         pa.field("mask", RLE_TYPE, nullable=False),
         pa.field("bbox", _list(pa.float32()), nullable=False),  # XYWH, original pixels
         pa.field("score", pa.float32(), nullable=False),
@@ -55,6 +59,10 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
         pa.field("error", pa.string(), nullable=True),  # "<kind>: <message>", null when ok
         pa.field("n_annotations", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=True),  # null for error rows
+        # the caption or generated description phrases were selected from; null otherwise
+        pa.field("text", pa.string(), nullable=True),
+        pa.field("warning", pa.string(), nullable=True),  # e.g. a truncated caption
     ],
     metadata=_metadata("samples"),
 )

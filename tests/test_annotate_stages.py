@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 from annotate_inputs import (
+    DECODE_EXPECTED,
     MIXED,
     MIXED_EXPECTED,
     image_bytes,
@@ -21,6 +22,7 @@ from PIL import Image
 
 from pipeline.decode import (
     DECODED_SCHEMA,
+    MAX_TEXT_CHARS,
     SampleError,
     decode_batch,
     decode_image,
@@ -104,17 +106,27 @@ def test_every_bad_sample_becomes_an_error_row_of_its_kind(tmp_path):
     path = write_mixed_shard(tmp_path / "mixed-000000.tar")
     raw = read_shard(pa.table({"uri": [str(path)], "shard": ["mixed-000000"]}))
     tables = list(decode_batch(raw, chunk=5))
-    assert [t.num_rows for t in tables] == [5, 5, 4]
+    assert [t.num_rows for t in tables] == [5, 5, 5, len(MIXED) - 15]
     decoded = pa.concat_tables(tables)
     assert decoded.schema.equals(DECODED_SCHEMA)
     for row in decoded.to_pylist():
-        status, kind = MIXED_EXPECTED[row["key"]]
+        status, kind = DECODE_EXPECTED[row["key"]]
         assert (row["status"], row["error_kind"] or None) == (status, kind), row["error"]
         if status == "ok":
             assert pixels_of(row).shape == (row["height"], row["width"], 3)
-            assert row["phrases"]
-    caption = next(r for r in decoded.to_pylist() if r["key"] == "bad_caption_txt")
-    assert "grounds given phrases only" in caption["error"]
+    rows = {r["key"]: r for r in decoded.to_pylist()}
+    assert rows["good_rgb"]["phrases"] and rows["good_rgb"]["source"] == "given"
+    assert (rows["caption_txt"]["source"], rows["caption_txt"]["text"]) == (
+        "caption",
+        "a red circle",
+    )
+    assert rows["caption_json"]["text"] == "a red circle" and not rows["caption_json"]["phrases"]
+    assert (rows["image_only"]["source"], rows["image_only"]["text"]) == ("generated", "")
+    long = rows["caption_long"]
+    assert len(long["text"]) == MAX_TEXT_CHARS and long["warning"] == (
+        f"caption truncated from 19007 to {MAX_TEXT_CHARS} characters"
+    )
+    assert "`caption`" in rows["bad_no_caption"]["error"]
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped():
@@ -189,6 +201,8 @@ def _result_row(key, status="ok", n=2):
         "error": "" if status == "ok" else "broken", "height": 4, "width": 5,
         "phrases": ["a", "b"][:n], "counts": ["04", "04"][:n] if status == "ok" else [],
         "bboxes": [[0.0, 0.0, 1.0, 1.0]] * n, "scores": [0.5] * n, "mask_size": [4, 5],
+        "source": "given" if status == "ok" else "", "text": "", "warning": "",
+        "spans": [], "selector_scores": [],
     }  # fmt: skip
 
 
@@ -199,8 +213,9 @@ def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_pa
     assert samples.schema.equals(SAMPLES_SCHEMA, check_metadata=True)
     assert samples.to_pylist() == [
         {"key": "k1", "shard": "s", "status": "error", "error": "corrupt_image: broken",
-         "n_annotations": 0},
-        {"key": "k2", "shard": "s", "status": "ok", "error": None, "n_annotations": 2},
+         "n_annotations": 0, "source": None, "text": None, "warning": None},
+        {"key": "k2", "shard": "s", "status": "ok", "error": None, "n_annotations": 2,
+         "source": "given", "text": None, "warning": None},
     ]  # fmt: skip
     assert annotations.column("phrase").to_pylist() == ["a", "b"]
     out = OutputDir(str(tmp_path / "out"))
@@ -215,16 +230,19 @@ def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_pa
 
 def test_schemas_have_exactly_the_issue_columns():
     assert ANNOTATIONS_SCHEMA.names == [
-        "key", "shard", "phrase", "mask", "bbox", "score", "width", "height", "model"
+        "key", "shard", "phrase", "source", "span", "selector_score", "mask", "bbox", "score",
+        "width", "height", "model",
     ]  # fmt: skip
-    assert SAMPLES_SCHEMA.names == ["key", "shard", "status", "error", "n_annotations"]
+    assert SAMPLES_SCHEMA.names == [
+        "key", "shard", "status", "error", "n_annotations", "source", "text", "warning"
+    ]  # fmt: skip
     assert ANNOTATIONS_SCHEMA.field("mask").type == pa.struct(
         [
             pa.field("size", pa.list_(pa.field("element", pa.int32())), False),
             pa.field("counts", pa.string(), False),
         ]
     )
-    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"1"
+    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"2"
 
 
 def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sample(
@@ -232,7 +250,7 @@ def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sa
 ):
     path = write_mixed_shard(tmp_path / "mixed-000000.tar")
     raw = read_shard(pa.table({"uri": [str(path)], "shard": ["mixed-000000"]}))
-    keys = ("good_rgb", "good_16bit", "bad_corrupt", "bad_caption_txt")
+    keys = ("good_rgb", "good_16bit", "bad_corrupt", "caption_txt")
     rows = [r for r in pa.concat_tables(decode_batch(raw)).to_pylist() if r["key"] in keys]
     degenerate = dict(rows[0], key="zero_size", pixels=b"", height=0, width=0)  # status "ok"
     batch = pa.Table.from_pylist([*rows, degenerate], DECODED_SCHEMA)
