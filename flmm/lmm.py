@@ -165,31 +165,28 @@ class FrozenLlava(nn.Module):
         max_new_tokens: int = 64,
         instruction: str | None = None,
     ) -> list[str]:
-        """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB, one batched ``generate`` (left
-        padded, KV cache) with the prompt's chat template and ``instruction`` (default: the
-        grounding prompt's, so that the description continues the prompt the heads read)."""
+        """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB, one batched ``generate`` (KV
+        cache) with the prompt's chat template and ``instruction`` (default: the grounding
+        prompt's, so that the description continues the prompt the heads read)."""
         layout = self.layout
         if instruction is not None:
             layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
         n_image = self.grid[0] * self.grid[1]
         prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image)
-        rows = [layout.tokenizer(prefix, return_tensors="pt")["input_ids"][0]] * len(images)
+        # Every image has the same prompt: no padding, one row repeated.
+        row = layout.tokenizer(prefix, return_tensors="pt")["input_ids"]
+        ids = row.expand(len(images), -1)
         pixels = [llava_pixels(self.processor.image_processor, image)[0] for image in images]
         tok = self.processor.tokenizer
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, row in enumerate(rows):
-            ids[b, length - len(row) :], mask[b, length - len(row) :] = row, 1
         out = self.model.generate(
             input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            attention_mask=torch.ones_like(ids).to(self.device),
             pixel_values=torch.stack(pixels).to(self.device, self.model.dtype),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
-        texts = tok.batch_decode(out[:, length:], skip_special_tokens=True)
+        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
 
     def forward(self, samples: list[LMMSample]) -> LMMOutput:

@@ -117,27 +117,22 @@ class FLMM(nn.Module):
                 continue
             n = len(x.text_offsets)
             hidden = lmm_out.token_hidden[b, :n]  # [T, L, D]
-            spans = _first_of_each_phrase(self.selector.select(hidden), x)
+            spans, chars = [], {}  # a phrase's characters → its first span
+            for span in self.selector.select(hidden):
+                start, end = char_span(x.text_offsets, span, x.text)
+                if x.text[start:end] not in chars:
+                    chars[x.text[start:end]] = (start, end)
+                    spans.append(span)
             slots = [slice(s.start, s.end) for s in spans]
             maps = lmm_out.token_maps[b]  # [L, H, Q, N]
-            empty = maps.new_zeros((0, maps.shape[0] * maps.shape[1], *self.lmm.grid))
-            attention = self.lmm.merge_slots(maps, slots) if slots else empty
-            out.append(
-                Selection(
-                    attention,
-                    [hidden[s] for s in slots],
-                    [char_span(x.text_offsets, s, x.text) for s in spans],
-                    [s.confidence for s in spans],
-                )
-            )
+            if slots:
+                attention = self.lmm.merge_slots(maps, slots)
+            else:
+                attention = maps.new_zeros((0, maps.shape[0] * maps.shape[1], *self.lmm.grid))
+            hiddens = [hidden[s] for s in slots]
+            confidences = [s.confidence for s in spans]
+            out.append(Selection(attention, hiddens, list(chars.values()), confidences))
         return out
-
-    def ground(self, inputs: list[GroundingInput]) -> list[tuple[Selection, Grounding | None]]:
-        """``forward`` for inputs that may hold free text: per input its selection and its
-        grounding (None when a text has no span to ground)."""
-        lmm_out, embeddings = self.encode(inputs)
-        selections = self.select(inputs, lmm_out)
-        return list(zip(selections, self.decode_selected(inputs, selections, embeddings)))
 
     def decode_selected(
         self, inputs: list[GroundingInput], selections: list[Selection], embeddings: torch.Tensor
@@ -192,17 +187,6 @@ class FLMM(nn.Module):
             replace(o, unet=o.unet.float(), coarse=o.coarse.float(), refined=o.refined.float())
             for o in outputs
         ]
-
-
-def _first_of_each_phrase(spans: list, x: GroundingInput) -> list:
-    """``spans`` without those whose text repeats an earlier span's."""
-    seen, kept = set(), []
-    for span in spans:
-        start, end = char_span(x.text_offsets, span, x.text)
-        if x.text[start:end] not in seen:
-            seen.add(x.text[start:end])
-            kept.append(span)
-    return kept
 
 
 def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:

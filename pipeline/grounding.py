@@ -165,20 +165,20 @@ class GroundingActor:
             return error
 
     def _forward(self, rows: list[dict]) -> list[dict]:
-        """``FLMM.ground`` stage by stage (descriptions of image-only samples, one batched LMM
-        prefill, one SAM encoding per image, the heads over all phrases), each stage timed; per
+        """The model stage by stage (descriptions of image-only samples, one batched LMM prefill
+        and ``FLMM.select``, one SAM encoding per image, ``FLMM.decode_selected``: the heads
+        over all phrases), each stage timed; per
         sample: annotations + stage shares. A generated description that is empty grounds
         nothing (ok, 0 annotations, a warning)."""
         clock = _StageClock(self.model.image_encoder.pixel_mean.device)
         model = self.model
-        out = [_empty_result(row) for row in rows]
         with torch.inference_mode():
             images = [torch.from_numpy(pixels_of(r).copy()) for r in rows]
             texts = self._texts(rows, images)
             clock.mark("describe_s")
+            out = [_empty_result(row, text) for row, text in zip(rows, texts)]
             todo = []
             for b, text in enumerate(texts):
-                out[b]["text"] = text
                 if rows[b]["source"] == "generated" and not text.strip():
                     out[b]["warning"] = "the generated description is empty"
                 else:
@@ -232,12 +232,13 @@ class GroundingActor:
         return texts
 
 
-def _empty_result(row: dict) -> dict:
-    """An ok sample's result before grounding: no phrase grounded yet, masks of its own size."""
+def _empty_result(row: dict, text: str) -> dict:
+    """An ok sample's result before grounding (``text``: the one its phrases are picked from):
+    no phrase grounded yet, masks of its own size."""
     empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
     phrases = row["phrases"] if row["source"] == "given" else []
     return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
-            "text": row["text"], "warning": row["warning"]}  # fmt: skip
+            "text": text, "warning": row["warning"]}  # fmt: skip
 
 
 class _StageClock:

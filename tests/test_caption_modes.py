@@ -90,7 +90,7 @@ def test_image_only_samples_ground_the_description_the_lmm_writes(spec, decoded,
     image = image.view(row["height"], row["width"], 3)
     (expected,) = actor.model.lmm.describe([image], max_new_tokens=6)
     assert expected.strip()  # the tiny LMM's greedy words, whatever they mean
-    # batched generation (left padding, another image beside it) writes the same description
+    # batched generation (another image of another size beside it) writes the same description
     assert actor.model.lmm.describe([image, image[:10]], max_new_tokens=6)[0] == expected
     assert result["status"] == "ok" and result["source"] == "generated"
     assert result["text"] == expected
