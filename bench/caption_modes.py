@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.formats import decode_rle
+from pipeline.grounding import STAGES
 from toyworld.captions import make_caption
 from toyworld.models import toy_model_spec
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
@@ -91,8 +92,7 @@ def score(out: Path, mode: str, n: int) -> dict:
         n_pred += len(found)
     done = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
     images = sum(d["samples"] for d in done)
-    stages = ("describe_s", "prepare_s", "lmm_s", "sam_s", "heads_s", "post_s")
-    per_image = {s: sum(d["timings"].get(s, 0.0) for d in done) / images for s in stages}
+    per_image = {s: sum(d["timings"][s] for d in done) / images for s in STAGES}
     result = {"images": images, "annotations": len(rows), "model_s_per_image": per_image}
     if mode == "image":
         result.update(

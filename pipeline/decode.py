@@ -142,7 +142,6 @@ def parse_text(data: bytes, ext: str) -> dict:
     return meta
 
 
-SOURCES = ("given", "caption", "generated")
 MAX_TEXT_CHARS = 1000  # longer captions are cut here (with a warning): the LMM's context is finite
 
 
