@@ -38,6 +38,7 @@ from flmm.selector import (
     SelectorConfig,
     bio_tags,
     char_span,
+    read_spans,
     selector_state,
     span_f1,
 )
@@ -159,10 +160,11 @@ def evaluate(selector: KeywordSelector, features: list[CaptionFeatures]) -> dict
     tp = fp = fn = 0
     with torch.no_grad():
         for f in features:
-            spans = selector.select(f.hidden)
+            probs = torch.softmax(selector(f.hidden), dim=-1)  # as KeywordSelector.select
+            spans = read_spans(probs, selector.config.min_confidence)
             predicted.append({char_span(f.offsets, s, f.text) for s in spans})
             gold.append(set(f.spans))
-            pred_tok = selector(f.hidden).argmax(-1) != OUTSIDE
+            pred_tok = probs.argmax(-1) != OUTSIDE
             gold_tok = f.tags != OUTSIDE
             tp += int((pred_tok & gold_tok).sum())
             fp += int((pred_tok & ~gold_tok).sum())
