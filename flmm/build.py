@@ -27,7 +27,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from flmm.checkpoint import load_file_into, load_state, read_state_dict
+from flmm.checkpoint import load_file_into, load_state, read_metadata, read_state_dict
 from flmm.convert import convert_flmm_state_dict
 from flmm.heads import FLMMHeads, heads_dims
 from flmm.lmm import FrozenLlava
@@ -35,7 +35,7 @@ from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
 from flmm.refiner import SamRefiner
 from flmm.sam import SamImageEncoder
-from flmm.selector import KeywordSelector, split_selector
+from flmm.selector import KeywordSelector, selector_state, split_selector
 from flmm.tiny_llava import TinyLlavaConfig
 
 # --------------------------------------------------------------------------------------------
@@ -258,33 +258,38 @@ def build_flmm(
     one, the U-Net is built as wide as the checkpoint's.
     """
     config = HeadsConfig.for_lmm(lmm)
-    selector = None
     if heads_checkpoint is None:
         heads = build_heads(config, sam)
     else:
-        state_dict, selector = split_selector(read_heads_file(heads_checkpoint))
+        state_dict, _ = read_heads_file(heads_checkpoint)
         base = heads_dims(state_dict)["unet_base_channels"]
         heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
-        load_state(heads, state_dict)
-    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype, selector)
+        load_heads(heads, heads_checkpoint)
+    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
 
 
-def read_heads_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A heads checkpoint's tensors under our keys: our ``.safetensors`` as stored (the heads'
-    keys, and the keyword selector's ``selector.*`` if it has one), or an F-LMM release ``.pth``
-    converted (``flmm.convert``)."""
+def read_heads_file(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], KeywordSelector | None]:
+    """A heads checkpoint → (the heads' tensors under our keys, its keyword selector or None):
+    our ``.safetensors`` as stored (the heads' keys, the selector's ``selector.*`` and its
+    metadata), or an F-LMM release ``.pth`` converted (``flmm.convert``; no selector)."""
     state_dict = read_state_dict(path)
     if Path(path).suffix == ".safetensors":
-        return state_dict
-    return convert_flmm_state_dict(state_dict)
+        return split_selector(state_dict, read_metadata(path))
+    return split_selector(convert_flmm_state_dict(state_dict))
 
 
-def load_heads(heads: FLMMHeads, path: str | Path) -> KeywordSelector | None:
-    """Load a heads checkpoint into ``heads`` (every key and shape must match exactly); return
-    the keyword selector the file holds, or None."""
-    state_dict, selector = split_selector(read_heads_file(path))
+def load_heads(heads: FLMMHeads, path: str | Path) -> None:
+    """Load a heads checkpoint into ``heads`` (every key and shape must match exactly). A
+    keyword selector in the file replaces ``heads.selector`` (config and weights); a file
+    without one leaves ``heads.selector`` as it is (None, or a fresh one to be trained)."""
+    state_dict, selector = read_heads_file(path)
+    if selector is not None:
+        heads.selector = selector
+    if heads.selector is not None:
+        state_dict = {**state_dict, **selector_state(heads.selector)}
     load_state(heads, state_dict)
-    return selector
 
 
 # --------------------------------------------------------------------------------------------

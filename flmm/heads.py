@@ -10,8 +10,9 @@
 
 Checkpoints are safetensors with exactly these keys (checked with their shapes on load); F-LMM's
 released ``.pth`` head checkpoints are converted on the fly (``flmm.build.read_heads_file``, with
-the key table of ``flmm.convert``). A heads file may also hold the keyword selector
-(``selector.*``, ``flmm.selector``).
+the key table of ``flmm.convert``). Heads may also hold a keyword selector (``selector.*``,
+``flmm.selector``: it picks the spans of free text to ground), trained beside them by the
+training job; its describe instruction is kept in the file's metadata.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flmm.checkpoint import save_tensors
 from flmm.lmm import ImageGeometry
 from flmm.mask_decoder import MaskDecoder
 from flmm.refiner import SamRefiner
+from flmm.selector import KeywordSelector, selector_metadata
 
 
 @dataclass
@@ -34,21 +36,32 @@ class Grounding:
 
     unet ``[P, 1, hc, wc]``: U-Net logits cropped to the image region (U-Net scale);
     coarse ``[P, 1, H, W]``: the same, resized to the original frame;
-    refined ``[P, 1, H, W]``: SAM-refined logits, original frame.
+    refined ``[P, 1, H, W]``: SAM-refined logits, original frame;
+    tags ``[T, 3]``: the keyword selector's tag logits of the image's text tokens, when the heads
+    were given their hidden states (training the selector), else None.
     """
 
     unet: torch.Tensor
     coarse: torch.Tensor
     refined: torch.Tensor
+    tags: torch.Tensor | None = None
 
 
 class FLMMHeads(nn.Module):
-    """U-Net mask decoder + SAM refiner, the parameters F-LMM trains."""
+    """U-Net mask decoder + SAM refiner, the parameters F-LMM trains; and an optional keyword
+    selector (``forward`` does not use it: it reads text tokens, see ``flmm.model.FLMM.select``
+    and ``selector_loss``)."""
 
-    def __init__(self, mask_decoder: MaskDecoder, refiner: SamRefiner):
+    def __init__(
+        self,
+        mask_decoder: MaskDecoder,
+        refiner: SamRefiner,
+        selector: KeywordSelector | None = None,
+    ):
         super().__init__()
         self.mask_decoder = mask_decoder
         self.refiner = refiner
+        self.selector = selector
 
     def forward(
         self,
@@ -57,13 +70,16 @@ class FLMMHeads(nn.Module):
         embeddings: torch.Tensor,
         geometries: list[ImageGeometry],
         sam_input_sizes: list[tuple[int, int]],
+        text_hidden: list[torch.Tensor | None] | None = None,
     ) -> list[Grounding]:
         """Everything trainable, from the frozen encoders' outputs for B images.
 
         attention: per image ``[P, L·H, h, w]``; hidden: per image, per phrase ``[n_tok, L, D]``;
         embeddings ``[B, C, He, We]`` (SAM image embeddings); geometries: where each image sits
-        in the LMM's square frame; sam_input_sizes: (h1, w1) of each image in SAM's input frame.
-        Being the module's ``forward``, it is what DDP wraps when the heads are trained.
+        in the LMM's square frame; sam_input_sizes: (h1, w1) of each image in SAM's input frame;
+        text_hidden: per image, the hidden states ``[T, L, D]`` of a text's tokens (or None)
+        for the selector to tag (``Grounding.tags``). Being the module's ``forward``, it is what
+        DDP wraps when the heads are trained.
         """
         device = embeddings.device
         counts = [a.shape[0] for a in attention]
@@ -79,12 +95,19 @@ class FLMMHeads(nn.Module):
                 sam_input_sizes[b],
                 (geometry.height, geometry.width),
             )
-            results.append(Grounding(geometry.crop(unet), coarse, refined))
+            tags = None
+            if text_hidden is not None and text_hidden[b] is not None:
+                if self.selector is None:
+                    raise ValueError("text hidden states given to heads without a selector")
+                tags = self.selector(text_hidden[b].to(device))
+            results.append(Grounding(geometry.crop(unet), coarse, refined, tags))
         return results
 
 
 def save_heads(heads: FLMMHeads, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the heads' state dict as safetensors."""
+    """Write the heads' state dict as safetensors (with the selector's metadata if it has one)."""
+    if heads.selector is not None:
+        metadata = {**(metadata or {}), **selector_metadata(heads.selector)}
     return save_tensors(heads.state_dict(), path, metadata)
 
 

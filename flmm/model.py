@@ -26,7 +26,7 @@ from flmm.heads import FLMMHeads, Grounding
 from flmm.lmm import FrozenLlava, LMMSample
 from flmm.losses import mask_losses
 from flmm.sam import SamImageEncoder
-from flmm.selector import KeywordSelector, char_span
+from flmm.selector import KeywordSelector, char_span, tag_loss
 
 
 @dataclass
@@ -72,14 +72,17 @@ class FLMM(nn.Module):
         image_encoder: SamImageEncoder,
         heads: FLMMHeads,
         autocast_dtype: torch.dtype | None = None,
-        selector: KeywordSelector | None = None,
     ):
         super().__init__()
         self.lmm = lmm
         self.image_encoder = image_encoder
         self.heads = heads
         self.autocast_dtype = autocast_dtype
-        self.selector = selector
+
+    @property
+    def selector(self) -> KeywordSelector | None:
+        """The heads' keyword selector (None: the heads ground given phrases only)."""
+        return self.heads.selector
 
     def reduced_precision(self):
         """The autocast context of the SAM encoder and heads (a no-op without autocast_dtype, so
@@ -189,11 +192,22 @@ class FLMM(nn.Module):
         ]
 
 
-def grounding_loss(outputs: list[Grounding], masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """F-LMM's loss over a batch: BCE + Dice on U-Net and refined logits, averaged over images.
+def grounding_loss(
+    outputs: list[Grounding],
+    masks: list[torch.Tensor],
+    tags: list[torch.Tensor | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """F-LMM's loss over a batch: BCE + Dice on U-Net and refined logits, averaged over images;
+    with gold ``tags`` (per image ``[T]`` or None) and the outputs' tag logits, the keyword
+    selector's loss (``flmm.selector.tag_loss``) is added to the total as ``selector``.
 
     masks: per image ``[P, H, W]`` ground truth in {0, 1}, original frame. The U-Net terms compare
     the cropped U-Net logits with the ground truth resized (nearest) to their size.
     """
     parts = [mask_losses(o.unet, o.refined, m.to(o.refined.device)) for o, m in zip(outputs, masks)]
-    return {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+    loss = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+    tagged = [(o.tags, t) for o, t in zip(outputs, tags or []) if t is not None]
+    if tagged:
+        loss["selector"] = tag_loss([o for o, _ in tagged], [t for _, t in tagged])
+        loss["total"] = loss["total"] + loss["selector"]
+    return loss

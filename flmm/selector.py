@@ -35,12 +35,14 @@ OUTSIDE, BEGIN, INSIDE = range(3)
 class SelectorConfig:
     """num_layers, hidden_size: the LMM's text layers and width (as ``FrozenLlava``'s);
     context: tokens seen on each side of the one tagged; min_confidence: spans read with a lower
-    mean tag probability are dropped."""
+    mean tag probability are dropped; describe_instruction: the instruction whose answers the
+    selector was trained to read (asked for image-only samples; None: the grounding prompt's)."""
 
     num_layers: int
     hidden_size: int
     context: int = 2
     min_confidence: float = 0.5
+    describe_instruction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,16 @@ class KeywordSelector(nn.Module):
     def select(self, hidden: torch.Tensor) -> list[Span]:
         """The spans of one text: hidden ``[T, L, D]`` → spans in token order."""
         return read_spans(torch.softmax(self(hidden), dim=-1), self.config.min_confidence)
+
+
+def tag_loss(logits: list[torch.Tensor], tags: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of tag logits (per text ``[T, 3]``) against gold tags (``[T]`` long) over
+    every token of the texts, each tag weighted by its inverse frequency among them (tokens
+    inside spans are the minority)."""
+    gold = torch.cat(tags).to(logits[0].device)
+    counts = torch.bincount(gold, minlength=len(TAGS)).float().clamp(min=1)
+    weight = counts.sum() / (len(TAGS) * counts)
+    return F.cross_entropy(torch.cat(logits).float(), gold, weight=weight)
 
 
 def read_spans(probs: torch.Tensor, min_confidence: float = 0.0) -> list[Span]:
@@ -135,6 +147,7 @@ def span_f1(predicted: list[set], gold: list[set]) -> float:
 
 
 PREFIX = "selector."  # the selector's tensors in a heads file, beside the heads' own
+DESCRIBE_KEY = PREFIX + "describe_instruction"  # heads-file metadata: the config's instruction
 
 
 def selector_state(selector: KeywordSelector) -> dict[str, torch.Tensor]:
@@ -142,12 +155,19 @@ def selector_state(selector: KeywordSelector) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in selector.state_dict().items()}
 
 
+def selector_metadata(selector: KeywordSelector) -> dict[str, str]:
+    """The selector's config that its tensors' shapes do not give, as heads-file metadata."""
+    instruction = selector.config.describe_instruction
+    return {} if instruction is None else {DESCRIBE_KEY: instruction}
+
+
 def split_selector(
-    state_dict: dict[str, torch.Tensor],
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], KeywordSelector | None]:
-    """A heads file's tensors → (the heads' own, the keyword selector or None). The selector's
-    config is read from its tensors' shapes: layers from ``layer_logits``, width from ``norm``,
-    context from the convolution's width."""
+    """A heads file's tensors (and string metadata) → (the heads' own, the keyword selector or
+    None). The selector's config is read from its tensors' shapes: layers from
+    ``layer_logits``, width from ``norm``, context from the convolution's width; its describe
+    instruction from the metadata."""
     own = {k[len(PREFIX) :]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
     heads = {k: v for k, v in state_dict.items() if not k.startswith(PREFIX)}
     if not own:
@@ -157,6 +177,7 @@ def split_selector(
         num_layers=own["layer_logits"].shape[0],
         hidden_size=own["norm.weight"].shape[0],
         context=(width - 1) // 2,
+        describe_instruction=(metadata or {}).get(DESCRIBE_KEY),
     )
     selector = KeywordSelector(config)
     selector.load_state_dict(own, strict=True)

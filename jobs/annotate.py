@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.annotate import AnnotateConfig, Summary, run_annotation
 from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
@@ -50,7 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ground a generated description of every image, not its text (image-only samples "
         "always are)",
     )
-    p.add_argument("--describe-prompt", help="instruction for descriptions (default: the prompt's)")
+    p.add_argument(
+        "--describe-prompt",
+        help="instruction for descriptions (default: the one the heads file's selector was "
+        "trained to read, else the grounding prompt's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="description length limit")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
@@ -101,10 +105,15 @@ def main(argv=None) -> None:
         sys.exit(1)
 
 
-def _progress(name: str, done: dict) -> None:
+def _progress(name: str, done: dict, summary: Summary) -> None:
+    """One line per finished shard: its counts, shards done of those planned, and an ETA."""
+    finished = len(summary.done) + len(summary.failed)
+    elapsed = done["timings"]["finished_after_s"]
+    eta = elapsed / finished * (summary.planned - finished) if finished else 0.0
     print(
         f"shard {name}: {done['samples']} samples, {done['annotations']} annotations, "
-        f"{done['errors']} errors",
+        f"{done['errors']} errors [{finished}/{summary.planned} shards, {elapsed:.0f} s, "
+        f"ETA {eta:.0f} s]",
         flush=True,
     )
 

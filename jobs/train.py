@@ -9,8 +9,10 @@
 
 With no arguments it trains the toy world's heads: toy training shards (written once to
 out/toy/train/), toy LMM + toy SAM from models/toy/, heads to out/train/heads.safetensors.
-Rerunning the same command (same --name and --storage) resumes from the latest checkpoint; a
-finished run is not trained again, its heads are exported. Each worker logs its step metrics.
+Samples whose JSON has a caption and their objects' spans in it also train the keyword selector
+(saved in the same heads file: caption and image-only annotation need it). Rerunning the same
+command (same --name and --storage) resumes from the latest checkpoint; a finished run is not
+trained again, its heads are exported. Each worker logs its step metrics.
 Joins the Ray cluster named by --address or RAY_ADDRESS (``ray job submit`` sets it), else starts
 a local Ray.
 """
@@ -29,6 +31,7 @@ from pipeline.spec import add_model_args, model_spec
 from pipeline.train import TrainJob, fit_heads
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards
+from toyworld.vqa import LIST_INSTRUCTION
 
 TOY_EPOCHS, TOY_LR = 8, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
 TOY_UNET_CHANNELS = 32  # a quarter of F-LMM's U-Net weights: 16 attention channels need no more
@@ -60,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="steps")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--describe-prompt",
+        help="the instruction image-only samples are to be described with, recorded with the "
+        "keyword selector (default: the grounding prompt's; toy: the toy LMM's list question)",
+    )
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
     p.add_argument("--summary", help="also write the run summary here (JSON)")
@@ -74,6 +82,7 @@ def toy_defaults(args: argparse.Namespace) -> None:
         args.epochs = args.epochs or TOY_EPOCHS
         args.lr = args.lr or TOY_LR
         args.unet_channels = args.unet_channels or TOY_UNET_CHANNELS
+        args.describe_prompt = args.describe_prompt or LIST_INSTRUCTION
     args.epochs = args.epochs or 1
     args.lr = args.lr or OptimConfig.lr
     args.unet_channels = args.unet_channels or TrainJob.unet_channels
@@ -103,6 +112,7 @@ def job_of(args: argparse.Namespace) -> TrainJob:
         max_failures=args.max_failures,
         seed=args.seed,
         optim=OptimConfig(lr=args.lr),
+        describe_prompt=args.describe_prompt,
     )
 
 

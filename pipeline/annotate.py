@@ -40,7 +40,8 @@ class AnnotateConfig:
     output's lock from another run (``pipeline.lock``); threshold: on sigmoid(refined logits);
     preview_images: images in preview.png (0: no preview); describe: ground a generated
     description of every image (image-only samples always are), of at most ``max_new_tokens``
-    tokens, asked for with ``describe_prompt`` (None: the grounding prompt's instruction)."""
+    tokens, asked for with ``describe_prompt`` (None: the selector's own describe instruction,
+    else the grounding prompt's)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -72,6 +73,7 @@ class Summary:
     annotations: int = 0
     seconds: float = 0.0
     write_s: float = 0.0
+    planned: int = 0  # shards to run (not skipped)
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
@@ -94,11 +96,11 @@ class _ShardBuffer:
 
 def run_annotation(
     config: AnnotateConfig,
-    on_shard: Callable[[str, dict], None] | None = None,
+    on_shard: Callable[[str, dict, Summary], None] | None = None,
     start_ray: Callable[[], None] | None = None,
 ) -> Summary:
-    """Annotate every shard of ``config.inputs`` not yet done; ``on_shard(name, done_marker)``
-    is called after each shard is written (progress, tests).
+    """Annotate every shard of ``config.inputs`` not yet done; ``on_shard(name, done_marker,
+    summary)`` is called after each shard is written (progress, tests).
 
     Before anything is loaded, the inputs are resolved (ValueError), the output is proven
     writable (OSError) and its lock taken (``pipeline.lock.OutputLocked`` if another run holds
@@ -116,6 +118,7 @@ def run_annotation(
 def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on_shard, start):
     summary = Summary(config.output)
     todo = _plan(uris, out, config.overwrite, summary)
+    summary.planned = len(todo)
     if todo:
         collector = _Collector(out, config.model.model_id(), summary, on_shard, start)
         collector.expect({name: uris[name] for name in todo})
@@ -230,7 +233,7 @@ class _Collector:
         self.summary.errors += done["errors"]
         self.summary.annotations += done["annotations"]
         if self.on_shard is not None:
-            self.on_shard(name, done)
+            self.on_shard(name, done, self.summary)
 
 
 def _done_marker(name, buffer, rows, annotations: pa.Table, model_id: str, elapsed: float):

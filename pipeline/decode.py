@@ -39,6 +39,7 @@ ERROR_KINDS = {
     "no_phrases": "the phrase list is empty, or a phrase is blank",
     "no_selector": "a caption / image-only sample, but the heads file has no keyword selector",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
+    "bad_spans": "objects' caption spans are not [start, end) inside the caption (training only)",
     "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",
     "model_error": "the model raised on this sample",
     "internal_error": "an unexpected exception while decoding (a bug: see the message)",
@@ -213,6 +214,32 @@ def object_targets(meta: dict, height: int, width: int) -> list[tuple[list[str],
     except Exception as error:  # noqa: BLE001 - malformed JSON structures of any kind
         raise SampleError("bad_objects", f"{type(error).__name__}: {error}") from None
     return targets
+
+
+def caption_spans(meta: dict) -> tuple[str, list[tuple[int, int]]] | None:
+    """A training sample's text and its groundable spans: ``caption`` and every object's
+    ``spans`` (``[start, end)`` characters in it), sorted and de-duplicated; None when the sample
+    has no caption or no object has spans. Validates the spans (SampleError ``bad_spans``)."""
+    caption, objects = meta.get("caption"), meta.get("objects")
+    if not isinstance(caption, str) or not isinstance(objects, list):
+        return None
+    spans = set()
+    for obj in objects:
+        given = obj.get("spans", []) if isinstance(obj, dict) else []
+        if not isinstance(given, list):
+            raise SampleError("bad_spans", f"`spans` is {type(given).__name__}, not a list")
+        for span in given:
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                and 0 <= span[0] < span[1] <= len(caption)
+            ):
+                raise SampleError(
+                    "bad_spans", f"span {span!r} is not [start, end) inside the caption"
+                )
+            spans.add((span[0], span[1]))
+    return (caption, sorted(spans)) if spans else None
 
 
 def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarray]:

@@ -6,6 +6,9 @@
 The same reader and parsers as the annotation job. A training sample grounds one expression per
 annotated object (drawn afresh every time the stream is read, i.e. every epoch), all objects of
 an image in one sequence, each with its object's mask as target — F-LMM's training layout.
+A sample whose JSON has a ``caption`` and objects' ``spans`` in it (``schemas/INPUT_FORMAT.md``)
+also trains the keyword selector: its caption gets a prefill of its own (image + caption), whose
+text tokens' hidden states travel with their gold tags.
 Samples that cannot be used (bad image, no objects, …) are dropped here and counted by
 ``count_training_samples``; they never fail a shard.
 """
@@ -17,7 +20,8 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.decode import SampleError, decode_sample, object_targets
+from flmm.selector import bio_tags
+from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
 from pipeline.features import ImageFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
@@ -33,6 +37,8 @@ SAMPLE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("phrases", pa.list_(pa.string())),  # one expression per object
         ("masks", pa.large_binary()),  # uint8 [P, height, width], 0/1
+        ("text", pa.string()),  # a caption to train the keyword selector on ("" if none)
+        ("text_spans", pa.list_(pa.list_(pa.int32(), 2))),  # its groundable [start, end)
     ]
 )
 FEATURE_SCHEMA = pa.schema(
@@ -44,7 +50,7 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
     """A ``RAW_SCHEMA`` row → a ``SAMPLE_SCHEMA`` row (status "error" with the reason if the
     sample is unusable for training)."""
     out = {"shard": row["shard"], "key": row["key"], "status": "ok", "error": ""}
-    out.update(pixels=b"", height=0, width=0, phrases=[], masks=b"")
+    out.update(pixels=b"", height=0, width=0, phrases=[], masks=b"", text="", text_spans=[])
     try:
         if row["shard_error"] or not row["key"]:
             raise SampleError("internal_error", row["shard_error"] or "empty shard")
@@ -56,6 +62,9 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
         out.update(pixels=pixels.tobytes(), height=height, width=width)
         out["phrases"] = [e[int(rng.integers(len(e)))] for e, _ in targets]
         out["masks"] = np.stack([m for _, m in targets]).astype(np.uint8).tobytes()
+        text = caption_spans(meta)
+        if text is not None:
+            out["text"], out["text_spans"] = text[0], [list(span) for span in text[1]]
     except SampleError as error:
         out.update(status="error", error=f"{error.kind}: {error}")
     return out
@@ -70,7 +79,8 @@ def training_samples(batch: pa.Table) -> pa.Table:
 
 class EncodeActor:
     """Holds the frozen LMM and SAM image encoder (``spec.build()``; the heads are not used) and
-    runs one batched LMM prefill + SAM encoding per batch of images."""
+    runs one batched LMM prefill + SAM encoding per batch of images, and one more prefill for
+    the captions of those that have one (keyword selector targets)."""
 
     def __init__(self, spec: ModelSpec):
         self.model = spec.build()
@@ -78,13 +88,15 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         with torch.inference_mode():
-            inputs = []
+            inputs, images = [], []
             for row in rows:
                 image = np.frombuffer(row["pixels"], np.uint8).reshape(
                     row["height"], row["width"], 3
                 )
-                inputs.append(self.model.prepare(torch.from_numpy(image.copy()), row["phrases"]))
+                images.append(torch.from_numpy(image.copy()))
+                inputs.append(self.model.prepare(images[-1], row["phrases"]))
             lmm_out, embeddings = self.model.encode(inputs)
+            texts = self._caption_features(rows, images)
         out = []
         for b, row in enumerate(rows):
             shape = (len(row["phrases"]), row["height"], row["width"])
@@ -95,9 +107,27 @@ class EncodeActor:
                 embedding=embeddings[b],
                 masks=masks,
                 sam_input_size=inputs[b].sam_input_size,
+                **texts.get(b, {}),
             )
             out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})
         return pa.Table.from_pylist(out, FEATURE_SCHEMA)
+
+    def _caption_features(self, rows: list[dict], images: list[torch.Tensor]) -> dict[int, dict]:
+        """Row index → ``text_hidden`` ``[T, L, D]`` and ``text_tags`` ``[T]`` of its caption
+        (rows with one), from one batched prefill of image + caption."""
+        chosen = [b for b, row in enumerate(rows) if row["text"]]
+        if not chosen:
+            return {}
+        prepared = [self.model.lmm.prepare_text(images[b], rows[b]["text"]) for b in chosen]
+        hidden = self.model.lmm([sample for sample, _ in prepared]).token_hidden
+        out = {}
+        for k, (b, (_, offsets)) in enumerate(zip(chosen, prepared)):
+            spans = [tuple(span) for span in rows[b]["text_spans"]]
+            out[b] = {
+                "text_hidden": hidden[k, : len(offsets)].cpu(),
+                "text_tags": bio_tags(offsets, spans),
+            }
+        return out
 
 
 READ_CPUS = 0.25  # read + decode tasks are light; whole CPUs would starve a small node
@@ -109,18 +139,21 @@ def _raw(uris: dict[str, str]) -> ray.data.Dataset:
     return ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
-def count_training_samples(uris: dict[str, str]) -> tuple[int, int]:
-    """(usable, unusable) samples in the shards: one cheap pass that reads and decodes."""
+def count_training_samples(uris: dict[str, str]) -> tuple[int, int, int]:
+    """(usable, unusable, usable with a caption for the selector) samples in the shards: one
+    cheap pass that reads and decodes."""
 
     def tally(batch: pa.Table) -> pa.Table:
         rows = [training_sample(row, np.random.default_rng(0)) for row in batch.to_pylist()]
-        return pa.table({"ok": [r["status"] == "ok" for r in rows]})
+        ok = [r["status"] == "ok" for r in rows]
+        return pa.table({"ok": ok, "text": [o and bool(r["text"]) for o, r in zip(ok, rows)]})
 
     counted = _raw(uris).map_batches(
         tally, batch_size=16, batch_format="pyarrow", num_cpus=READ_CPUS
     )
-    flags = counted.to_pandas()["ok"]
-    return int(flags.sum()), int((~flags).sum())
+    flags = counted.to_pandas()
+    ok = flags["ok"]
+    return int(ok.sum()), int((~ok).sum()), int(flags["text"].sum())
 
 
 def features_dataset(

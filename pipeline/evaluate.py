@@ -34,7 +34,8 @@ import torch
 from flmm.metrics import MaskIoU
 from flmm.model import FLMM, GroundingInput
 from pipeline.decode import SampleError, decode_sample, object_targets
-from pipeline.sources import iter_tar_samples, sample_files
+from pipeline.progress import track
+from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
 
 PROTOCOLS = ("standard", "flmm")
@@ -48,32 +49,35 @@ OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A named list of ``.tar`` shards, read in order."""
+    """A named list of ``.tar`` shards (paths or URIs), read in order."""
 
     name: str
-    paths: tuple[Path, ...]
+    paths: tuple[str, ...]
 
 
-def split_name(shard: Path) -> str:
+def split_name(shard: str) -> str:
     """``val-000003.tar`` → ``val``; ``refcoco_unc-testA-000000.tar`` → ``refcoco_unc-testA``."""
-    stem = shard.name.removesuffix(".tar")
+    stem = shard_name(shard)
     prefix, _, number = stem.rpartition("-")
     return prefix if prefix and number.isdigit() else stem
 
 
 def eval_sets(specs: Iterable[str]) -> list[EvalSet]:
-    """Parse ``--shards`` values: ``[name=]path``, path a ``.tar`` file or a directory of them.
+    """Parse ``--shards`` values: ``[name=]path``, path a ``.tar`` file, a directory of them or a
+    brace pattern, local or a URI (``s3://...``), found as the annotation job finds its inputs
+    (``pipeline.sources.resolve_shards``).
 
     Without a name, shards are grouped by split name (``split_name``), so a directory written by
     ``jobs/prepare_refcoco.py`` gives one set per split. Sets with the same name are merged.
     """
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, path_text = spec.rpartition("=")
-        path = Path(path_text if sep else spec)
-        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
-        if not shards or not all(p.is_file() for p in shards):
-            raise ValueError(f"--shards {spec}: no .tar shards at {path}")
+        path = path_text if sep else spec
+        try:
+            shards = resolve_shards([path])
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--shards {spec}: no .tar shards at {path} ({error})") from None
         for shard in shards:
             paths = groups.setdefault(name if sep else split_name(shard), [])
             if shard not in paths:
@@ -139,7 +143,7 @@ class Skipped:
         )
 
 
-def iter_samples(paths: Iterable[Path], skipped: Skipped, limit: int | None = None):
+def iter_samples(paths: Iterable[str], skipped: Skipped, limit: int | None = None):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
     bad samples go to ``skipped``. Shards are read by the annotation job's reader, so a cut or
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
@@ -244,7 +248,8 @@ def evaluate_set(
     """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images."""
     result = SetResult({p: {o: MaskIoU() for o in OUTPUTS} for p in protocols})
     start = last_log = time.perf_counter()
-    for batch in batched(iter_samples(eval_set.paths, result.skipped, limit), batch_size):
+    paths = track(eval_set.paths, len(eval_set.paths), f"{eval_set.name} shards")
+    for batch in batched(iter_samples(paths, result.skipped, limit), batch_size):
         seqs = [
             s
             for b, x in enumerate(batch)

@@ -9,6 +9,9 @@ Arrow tensor extension, and the bytes are the same on every node):
     embedding  [C, He, We]      SAM image embedding (float16)
     masks      [P, H, W]        ground-truth masks, original frame (uint8 0/1)
     sam_input  [2]              (h1, w1): the image's size inside SAM's input frame (int64)
+    text_hidden [T, L, D]       hidden states of a text's tokens (float16), and
+    text_tags  [T]              their gold keyword tags (int64, ``flmm.selector.TAGS``): only
+                                for samples with a text and its groundable spans
 
 The LMM's square-frame geometry follows from (H, W) (``ImageGeometry.of``).
 """
@@ -32,6 +35,8 @@ class ImageFeatures:
     embedding: torch.Tensor
     masks: torch.Tensor
     sam_input_size: tuple[int, int]
+    text_hidden: torch.Tensor | None = None
+    text_tags: torch.Tensor | None = None
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -46,6 +51,9 @@ class ImageFeatures:
         }
         for i, h in enumerate(self.hidden):
             tensors[f"hidden_{i}"] = h.to(torch.float16)
+        if self.text_hidden is not None:
+            tensors["text_hidden"] = self.text_hidden.to(torch.float16)
+            tensors["text_tags"] = self.text_tags.to(torch.int64)
         return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
     @classmethod
@@ -59,4 +67,6 @@ class ImageFeatures:
             embedding=tensors["embedding"],
             masks=tensors["masks"],
             sam_input_size=(h1, w1),
+            text_hidden=tensors.get("text_hidden"),
+            text_tags=tensors.get("text_tags"),
         )

@@ -225,11 +225,18 @@ class GroundingActor:
         texts = [r["text"] for r in rows]
         if generated:
             descriptions = self.model.lmm.describe(
-                [images[b] for b in generated], self.max_new_tokens, self.describe_prompt
+                [images[b] for b in generated], self.max_new_tokens, self._describe_instruction()
             )
             for b, description in zip(generated, descriptions):
                 texts[b] = description
         return texts
+
+    def _describe_instruction(self) -> str | None:
+        """``--describe-prompt``, else the instruction the selector was trained to read, else
+        None (the grounding prompt's)."""
+        if self.describe_prompt is not None:
+            return self.describe_prompt
+        return self.model.selector.config.describe_instruction if self.model.selector else None
 
 
 def _empty_result(row: dict, text: str) -> dict:

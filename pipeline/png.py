@@ -25,7 +25,10 @@ grounded noun phrase, key ``f"{split}_{image_id:012d}"``: the original image byt
 (its ``utterance``) as the single expression, the union of its panoptic segments as the mask (COCO
 RLE), ``segment_ids``, ``categories`` (one per segment), ``plural``, ``narrative`` and ``segment``
 (indices into the file and into the narrative's ``segments``); beside them ``phrases``,
-``narratives`` (the image's captions), ``width``, ``height``, ``image_id``. The stats file
+``narratives`` (the image's captions), ``width``, ``height``, ``image_id``. The first narrative is
+also the sample's ``caption``, and each of its phrases found in it carries its ``spans`` there
+(``[start, end)`` characters, found piece after piece from where the previous piece ended): the
+training job trains the keyword selector on them. The stats file
 ``png_coco-{split}.stats.json`` also counts the narratives read and the pieces that are not grounded
 noun phrases (``ungrounded_phrases``, not skips).
 
@@ -44,6 +47,7 @@ from PIL import Image
 
 from pipeline.coco import SplitStats, check_name, image_sample, read_image, write_split_shards
 from pipeline.formats import encode_rle
+from pipeline.progress import track
 
 PNG_NAME = "png_coco"  # shard prefix: png_coco-{split}-000000.tar
 
@@ -173,6 +177,7 @@ class GroundedPhrase:
     text: str
     segment_ids: tuple[int, ...]
     plural: bool | None
+    span: tuple[int, int] | None = None  # [start, end) of ``text`` in the narrative's caption
 
 
 def grounded_phrases(
@@ -181,7 +186,17 @@ def grounded_phrases(
     """The grounded noun phrases of one narrative, in order. Pieces that are not (``noun`` false
     or no ``segment_ids``) are counted in ``stats.ungrounded``; malformed ones are skipped."""
     phrases = []
+    caption = narrative.get("caption")
+    caption = caption if isinstance(caption, str) else ""
+    cursor = 0  # pieces are consecutive: each is looked for after the previous one
     for k, piece in enumerate(narrative["segments"]):
+        utterance = piece.get("utterance") if isinstance(piece, dict) else None
+        span = None
+        if isinstance(utterance, str) and utterance.strip():
+            found = caption.find(utterance.strip(), cursor)
+            if found >= 0:
+                span = (found, found + len(utterance.strip()))
+                cursor = span[1]
         ids = piece.get("segment_ids") if isinstance(piece, dict) else None
         if not isinstance(ids, list):
             stats.skip_phrase("malformed segment", image_id, index, k)
@@ -203,6 +218,7 @@ def grounded_phrases(
                 text,
                 tuple(dict.fromkeys(parsed)),
                 plural if isinstance(plural, bool) else None,
+                span,
             )
         )
     return phrases
@@ -292,8 +308,14 @@ def build_png_sample(
                 "segment": phrase.segment,
             }
         )
+        first = narratives[0][0]
+        if phrase.narrative == first and phrase.span is not None:
+            objects[-1]["spans"] = [list(phrase.span)]
     captions = [narrative.get("caption") for _, narrative in narratives]
-    return image_sample(split, image_id, image, read, objects, stats, narratives=captions)
+    extra = {"narratives": captions}
+    if isinstance(captions[0], str) and any("spans" in obj for obj in objects):
+        extra["caption"] = captions[0]
+    return image_sample(split, image_id, image, read, objects, stats, **extra)
 
 
 def convert_png(config: PngConfig) -> dict[str, PngSplitStats]:
@@ -311,7 +333,7 @@ def convert_png(config: PngConfig) -> dict[str, PngSplitStats]:
     grouped = group_narratives(narratives, stats)
     samples = (
         build_png_sample(config.split, image_id, grouped[image_id], panoptic, config, stats)
-        for image_id in sorted(grouped)
+        for image_id in track(sorted(grouped), len(grouped), f"{config.split} images")
     )
     prefix = f"{PNG_NAME}-{config.split}"
     return {

@@ -54,3 +54,14 @@ def _duration(seconds: float) -> str:
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def track(items, total: int, label: str, stream: TextIO | None = None):
+    """Yield ``items`` (``total`` of them) while a ``Progress`` counts them."""
+    bar = Progress(label, total, stream)
+    try:
+        for i, item in enumerate(items, 1):
+            yield item
+            bar.update(i)
+    finally:
+        bar.close()

@@ -36,6 +36,7 @@ from pipeline.coco import (
     segmentation_rle,
     write_split_shards,
 )
+from pipeline.progress import track
 
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
@@ -185,7 +186,7 @@ def write_split(
         build_sample(
             split, image_id, refs_by_image[image_id], instances, Path(config.images), stats
         )
-        for image_id in sorted(refs_by_image)
+        for image_id in track(sorted(refs_by_image), len(refs_by_image), f"{split} images")
     )
     prefix = f"{config.dataset}_{config.split_by}-{split}"
     return write_split_shards(prefix, config.out, config.samples_per_shard, samples, stats)

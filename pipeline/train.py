@@ -3,7 +3,9 @@
 The frozen encoders run upstream in Ray Data actors (``pipeline.encode``); every worker of the
 ``TorchTrainer`` receives ``ImageFeatures`` blobs from its split of that stream and trains the
 F-LMM heads — U-Net, text layer weights / projection, SAM prompt encoder + mask decoder — with
-F-LMM's loss and recipe (``flmm.optim``).
+F-LMM's loss and recipe (``flmm.optim``). When training samples carry captions with their
+groundable spans, a keyword selector (``flmm.selector``) is trained beside the heads on the
+captions' token hidden states (its loss added to F-LMM's) and saved in the same heads file.
 
 Every worker runs exactly ``steps_per_epoch`` steps per epoch (the stream is split equally and a
 worker stops at that count), so DDP's collectives always pair up. A checkpoint directory holds
@@ -27,10 +29,11 @@ import torch
 from safetensors.torch import load_file
 
 from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
-from flmm.checkpoint import save_tensors
+from flmm.checkpoint import read_metadata, save_tensors
 from flmm.heads import FLMMHeads, save_heads
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
+from flmm.selector import KeywordSelector, SelectorConfig
 from pipeline.features import ImageFeatures
 from pipeline.spec import ModelSpec
 
@@ -40,7 +43,9 @@ STATE_FILE = "trainer.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What a worker needs. ``batch_size``: images per worker per step."""
+    """What a worker needs. ``batch_size``: images per worker per step; ``selector``: train a
+    keyword selector of this config beside the heads (None: none, unless ``init_heads`` has
+    one: it is then kept as it is)."""
 
     heads: HeadsConfig
     sam_variant: str
@@ -53,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     init_heads: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
+    selector: SelectorConfig | None = None
 
     @property
     def total_steps(self) -> int:
@@ -61,10 +67,13 @@ class TrainConfig:
 
 def build_trainable_heads(config: TrainConfig) -> FLMMHeads:
     """Heads on SAM's pretrained prompt encoder / mask decoder (its image encoder is not kept),
-    a seeded random U-Net, or ``init_heads`` when given."""
+    a seeded random U-Net (and a fresh selector if configured), or ``init_heads`` when given
+    (its selector, if it has one, replaces the fresh one)."""
     torch.manual_seed(config.seed)
     sam = build_sam(sam_config(config.sam_variant), config.sam_checkpoint)
     heads = build_heads(config.heads, sam)
+    if config.selector is not None:
+        heads.selector = KeywordSelector(config.selector)
     if config.init_heads:
         load_heads(heads, config.init_heads)
     return heads.train()
@@ -75,14 +84,26 @@ def train_on_batch(
 ) -> dict[str, torch.Tensor]:
     """Heads forward over one batch of images and F-LMM's loss parts (BCE + Dice, U-Net and
     refined). ``model`` is ``FLMMHeads`` or its DDP wrapper."""
+    text_hidden = [_text_hidden(f, model) for f in features]
     outputs = model(
         [f.attention.float() for f in features],
         [[h.float() for h in f.hidden] for f in features],
         torch.stack([f.embedding for f in features]).to(device, torch.float32),
         [f.geometry for f in features],
         [f.sam_input_size for f in features],
+        text_hidden=text_hidden,
     )
-    return grounding_loss(outputs, [f.masks.float() for f in features])
+    tags = [f.text_tags if h is not None else None for f, h in zip(features, text_hidden)]
+    return grounding_loss(outputs, [f.masks.float() for f in features], tags)
+
+
+def _text_hidden(features: ImageFeatures, model: torch.nn.Module) -> torch.Tensor | None:
+    """The image's caption hidden states for the selector, if both exist (a run without a
+    selector ignores the captions)."""
+    heads = getattr(model, "module", model)  # DDP wraps the heads
+    if features.text_hidden is None or heads.selector is None:
+        return None
+    return features.text_hidden.float()
 
 
 def save_checkpoint(directory: Path, heads: FLMMHeads, optim, schedule, global_step: int) -> None:
@@ -132,6 +153,7 @@ class _WorkerRun:
         if state is not None:
             self._resume(state)
         self.shard = ray.train.get_dataset_shard("train")
+        self.started = time.perf_counter()
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda")
 
     @property
@@ -194,6 +216,12 @@ class _WorkerRun:
             "samples_per_s": n_images * self.world / max(seconds, 1e-9),
         }
 
+    def eta(self) -> float:
+        """Seconds left at this run's pace so far (steps since the start or resume)."""
+        done = self.global_step - self.resumed_from
+        left = self.config.total_steps - self.global_step
+        return (time.perf_counter() - self.started) / max(1, done) * left
+
     def report(self, parts: dict, metrics: dict) -> None:
         """Metrics to Ray Train (with a checkpoint every ``checkpoint_every`` steps and at the
         end), and a log line on rank 0 every ``log_every`` steps."""
@@ -210,7 +238,8 @@ class _WorkerRun:
             parts_text = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items() if k != "total")
             print(
                 f"step {self.global_step}/{config.total_steps} loss {metrics['loss']:.4f} "
-                f"({parts_text}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} img/s"
+                f"({parts_text}) lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} img/s, "
+                f"ETA {self.eta():.0f} s"
             )
 
 
@@ -262,6 +291,12 @@ class TrainJob:
     max_failures: int = 3
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
+    describe_prompt: str | None = None  # recorded with a trained selector (see SelectorConfig)
+
+
+def _storage_path(storage: str) -> str:
+    """Ray Train's storage: a URI (``s3://bucket/runs``) as given, a local path made absolute."""
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 def lmm_dims(lmm: str, unet_channels: int = HeadsConfig.unet_base_channels) -> HeadsConfig:
@@ -285,15 +320,21 @@ def fit_heads(job: TrainJob) -> dict:
 
     start = time.perf_counter()
     uris = {shard_name(uri): uri for uri in resolve_shards(list(job.shards))}
-    usable, unusable = count_training_samples(uris)
+    usable, unusable, captioned = count_training_samples(uris)
     steps_per_epoch = usable // (job.batch_size * job.workers)
     if steps_per_epoch == 0:
         raise ValueError(
             f"{usable} usable training samples ({unusable} unusable) in {len(uris)} shards: "
             f"fewer than one step of {job.batch_size} images x {job.workers} workers"
         )
+    heads = lmm_dims(job.spec.lmm, job.unet_channels)
+    selector = None
+    if captioned:
+        selector = SelectorConfig(
+            heads.num_layers, heads.hidden_size, describe_instruction=job.describe_prompt
+        )
     config = TrainConfig(
-        heads=lmm_dims(job.spec.lmm, job.unet_channels),
+        heads=heads,
         sam_variant=job.spec.sam_variant,
         sam_checkpoint=job.spec.sam_checkpoint,
         epochs=job.epochs,
@@ -304,11 +345,13 @@ def fit_heads(job: TrainJob) -> dict:
         seed=job.seed,
         init_heads=job.spec.heads,
         optim=job.optim,
+        selector=selector,
     )
     print(
         f"training heads: {usable} samples ({unusable} unusable, skipped) in {len(uris)} shards, "
         f"{job.epochs} epochs x {steps_per_epoch} steps of {job.batch_size} images x "
         f"{job.workers} workers"
+        + (f"; keyword selector on {captioned} captions" if captioned else "")
     )
     resources = {"CPU": job.cpus_per_worker}
     if job.gpus_per_worker:
@@ -323,7 +366,7 @@ def fit_heads(job: TrainJob) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
-            storage_path=str(Path(job.storage).resolve()),
+            storage_path=_storage_path(job.storage),
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -345,13 +388,15 @@ def fit_heads(job: TrainJob) -> dict:
         # the worker validated the heads when it saved them; the driver only copies them (it
         # need not have the SAM checkpoint, nor build SAM)
         step_done = int(torch.load(Path(directory) / STATE_FILE, weights_only=True)["step"])
-        metadata = {"steps": str(step_done), "lmm": job.spec.lmm}
-        save_tensors(load_file(Path(directory) / HEADS_FILE), job.output, metadata)
+        heads_file = Path(directory) / HEADS_FILE
+        metadata = {**read_metadata(heads_file), "steps": str(step_done), "lmm": job.spec.lmm}
+        save_tensors(load_file(heads_file), job.output, metadata)
     return {
         "steps": step_done,
         "total_steps": config.total_steps,
         "samples": usable,
         "unusable_samples": unusable,
+        "captioned_samples": captioned,
         "metrics": result.metrics,
         "checkpoint": result.checkpoint.path,
         "output": job.output,

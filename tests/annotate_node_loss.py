@@ -32,7 +32,7 @@ def main(shards: str, out: str, llava: str) -> None:
         cluster.wait_for_nodes()
         removed: dict = {}
 
-        def remove_actor_node(name: str, done: dict) -> None:
+        def remove_actor_node(name: str, done: dict, summary) -> None:
             if removed:
                 return
             actors = [

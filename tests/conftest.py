@@ -62,9 +62,10 @@ def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One local Ray for the whole test session (2 real cores here; 4 logical CPUs so that a
-    model actor, read tasks and decode tasks can run side by side)."""
+    model actor, read tasks and decode tasks can run side by side). Started after the session's
+    S3 server, so that its workers inherit the variables that point S3 at it."""
     import ray
 
     if ray.is_initialized():  # another fixture already started it

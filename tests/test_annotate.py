@@ -175,7 +175,7 @@ def test_an_interrupted_run_resumes_without_duplicates(ray_session, spec, tmp_pa
     paths = write_good_shards(tmp_path / "in", 3, 2)
     config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1)
 
-    def die(name, done):
+    def die(name, done, summary):
         raise DriverDied(name)
 
     with pytest.raises(DriverDied) as died:
@@ -199,7 +199,7 @@ def test_a_killed_actor_is_restarted_and_every_key_still_appears_once(ray_sessio
     config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1)
     killed: dict[str, int] = {}
 
-    def kill_actor_once(name, done):
+    def kill_actor_once(name, done, summary):
         if killed:
             return
         alive = {i: a for i, a in grounding_actors().items() if a["State"] == "ALIVE"}
@@ -220,3 +220,29 @@ def test_a_killed_actor_is_restarted_and_every_key_still_appears_once(ray_sessio
 
 def test_image_extensions_match_the_input_format():
     assert IMAGE_EXTENSIONS == ("jpg", "jpeg", "png", "webp")
+
+
+def test_annotate_reads_and_writes_s3_and_a_rerun_skips_its_done_shards(
+    ray_session, s3_bucket, spec, tmp_path
+):
+    """Shards on an S3 API (moto on loopback, the standard AWS variables), output to it too."""
+    import pyarrow.fs as pafs
+
+    local = write_good_shards(tmp_path, 2, 3, prefix="s3good")
+    s3, _ = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")
+    for path in local:
+        pafs.copy_files(str(path), f"{s3_bucket}/in/{path.name}", destination_filesystem=s3)
+    config = AnnotateConfig((f"s3://{s3_bucket}/in/",), f"s3://{s3_bucket}/out", spec, batch_size=2)
+    summary = run_annotation(config)
+    assert sorted(summary.done) == ["s3good-000000", "s3good-000001"] and not summary.failed
+    out = OutputDir(config.output)
+    for path in local:
+        name = path.name.removesuffix(".tar")
+        assert out.is_done(name)
+        assert out.read_done(name)["input"] == f"s3://{s3_bucket}/in/{path.name}"
+        keys = out.read_table("samples", name).column("key").to_pylist()
+        assert sorted(keys) == sorted(input_keys(path))
+        annotations = out.read_table(ANNOTATIONS, name)
+        assert annotations.num_rows > 0 and annotations.schema.equals(ANNOTATIONS_SCHEMA)
+    again = run_annotation(config)
+    assert again.done == [] and sorted(again.skipped) == ["s3good-000000", "s3good-000001"]

@@ -16,8 +16,11 @@ def test_no_arguments_mean_the_toy_world_sample_shards_and_toy_models(tmp_path, 
     config = job.config_of(job.parse_args([]))
     assert config.inputs == ("out/toy/sample",)
     assert sorted(p.name for p in (tmp_path / "out/toy/sample").iterdir()) == [
-        "sample-000000.tar", "sample-000001.tar", "sample-000002.tar"
+        "VERSION", "sample-000000.tar", "sample-000001.tar", "sample-000002.tar"
     ]  # fmt: skip
+    from toyworld.shards import TOY_SHARDS_VERSION
+
+    assert (tmp_path / "out/toy/sample/VERSION").read_text().strip() == str(TOY_SHARDS_VERSION)
     model = config.model
     assert model.lmm == str(ROOT / "models/toy/llava") and Path(model.lmm, "config.json").is_file()
     assert (model.sam_variant, model.sam_checkpoint) == (

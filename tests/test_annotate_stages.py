@@ -24,6 +24,7 @@ from pipeline.decode import (
     DECODED_SCHEMA,
     MAX_TEXT_CHARS,
     SampleError,
+    caption_spans,
     decode_batch,
     decode_image,
     objects_of,
@@ -173,6 +174,20 @@ def test_objects_of_gives_one_mask_per_expression_as_the_toy_world_writes_them(t
     with pytest.raises(SampleError) as error:
         objects_of(sample["meta"], height + 1, width)
     assert error.value.kind == "bad_objects"
+
+
+def test_caption_spans_are_read_from_the_objects_and_checked():
+    meta = {
+        "caption": "a red dot and a cat",
+        "objects": [{"spans": [[0, 9]]}, {"spans": [[14, 19]]}],
+    }
+    assert caption_spans(meta) == ("a red dot and a cat", [(0, 9), (14, 19)])
+    assert caption_spans({"caption": "x", "objects": [{}]}) is None  # no spans: no selector text
+    assert caption_spans({"objects": [{"spans": [[0, 1]]}]}) is None  # no caption
+    for bad in ([[5, 3]], [[0, 99]], [[0.5, 2]], [[True, 2]], [[1]], "0-3"):
+        with pytest.raises(SampleError) as error:
+            caption_spans({"caption": "a red dot and a cat", "objects": [{"spans": bad}]})
+        assert error.value.kind == "bad_spans"
 
 
 # ------------------------------------------------------------------------------------------

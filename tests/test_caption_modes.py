@@ -18,7 +18,6 @@ from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 from pipeline.writer import shard_tables
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
-from toyworld.selector import add_selector
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +29,12 @@ def spec(tiny_llava_dir, tmp_path_factory):
     sam = build_sam(sam_config("tiny"))
     save_file(sam.state_dict(), str(out / "sam.safetensors"))
     lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
-    heads = save_heads(build_flmm(lmm, sam).heads, out / "heads.safetensors")
-    selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
+    heads = build_flmm(lmm, sam).heads
+    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
     with torch.no_grad():
-        selector.classify.weight.zero_()
-        selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    add_selector(heads, selector)
+        heads.selector.classify.weight.zero_()
+        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    heads = save_heads(heads, out / "heads.safetensors")
     return ModelSpec(str(tiny_llava_dir), "tiny", str(out / "sam.safetensors"), str(heads))
 
 

@@ -20,7 +20,9 @@ from pipeline.decode import read_samples
 from pipeline.evaluate import (
     EvalSet,
     Sequence,
+    Skipped,
     eval_sets,
+    iter_samples,
     sequences,
     split_name,
 )
@@ -121,10 +123,11 @@ def test_sequences_follow_each_protocol():
 def test_shards_are_grouped_by_split_unless_named(tmp_path):
     for name in ("refcoco_unc-val-000000", "refcoco_unc-val-000001", "refcoco_unc-testA-000000"):
         (tmp_path / f"{name}.tar").write_bytes(b"")
-    assert split_name(Path("val-000003.tar")) == "val"
+    assert split_name("val-000003.tar") == "val"
+    assert split_name("s3://bucket/dir/refcoco_unc-val-000003.tar") == "refcoco_unc-val"
     assert eval_sets([str(tmp_path)]) == [
-        EvalSet("refcoco_unc-testA", (tmp_path / "refcoco_unc-testA-000000.tar",)),
-        EvalSet("refcoco_unc-val", tuple(sorted(tmp_path.glob("refcoco_unc-val-*.tar")))),
+        EvalSet("refcoco_unc-testA", (str(tmp_path / "refcoco_unc-testA-000000.tar"),)),
+        EvalSet("refcoco_unc-val", tuple(map(str, sorted(tmp_path.glob("refcoco_unc-val-*.tar"))))),
     ]
     named = eval_sets([f"all={tmp_path}"])
     assert [s.name for s in named] == ["all"] and len(named[0].paths) == 3
@@ -208,3 +211,22 @@ def test_no_arguments_evaluate_toy_heads_on_held_out_toy_shards(models, monkeypa
     objects = sample["meta"]["objects"]
     assert metrics["val/flmm"]["refined"]["n"] == len(objects)
     assert metrics["val/standard"]["unet"]["n"] == sum(len(o["expressions"]) for o in objects)
+
+
+def test_eval_shards_are_found_and_read_on_s3(tmp_path, s3_bucket):
+    import pyarrow.fs as pafs
+
+    local = write_toy_shards(tmp_path, 3, 2, seed=4, config=SCENES, split_name="val")
+    s3, _ = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")
+    for path in local:
+        pafs.copy_files(str(path), f"{s3_bucket}/eval/{path.name}", destination_filesystem=s3)
+    (remote,) = eval_sets([f"s3://{s3_bucket}/eval/"])
+    assert remote.name == "val"
+    assert remote.paths == tuple(f"s3://{s3_bucket}/eval/{p.name}" for p in local)
+    skipped_local, skipped_remote = Skipped(), Skipped()
+    expected = list(iter_samples([str(p) for p in local], skipped_local))
+    got = list(iter_samples(remote.paths, skipped_remote))
+    assert [s.key for s in got] == [s.key for s in expected] and len(got) == 3
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.masks, b.masks)

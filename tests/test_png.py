@@ -178,6 +178,14 @@ def test_png_conversion_unions_the_segments_of_each_grounded_phrase(png_dir, tmp
     assert [o["plural"] for o in first["objects"]] == [True, False, False]
     assert [(o["narrative"], o["segment"]) for o in first["objects"]] == [(0, 1), (0, 3), (5, 0)]
     assert first["narratives"] == [PNG_NARRATIVES[0]["caption"], "the man"]
+    # the first narrative is the caption; its phrases' spans in it, by hand: "a man and his dog"
+    # at 16 (the utterance's spaces trimmed), "the blue sky" at 40; "the man" is another's
+    caption = PNG_NARRATIVES[0]["caption"]
+    assert first["caption"] == caption
+    assert [o.get("spans") for o in first["objects"]] == [[[16, 33]], [[40, 52]], None]
+    assert caption[16:33] == "a man and his dog" and caption[40:52] == "the blue sky"
+    assert samples[1]["meta"]["caption"] == "the dog a cloud a shadow"
+    assert samples[1]["meta"]["objects"][0]["spans"] == [[0, 7]]
 
 
 def test_png_skips_are_counted_and_ungrounded_pieces_are_not_skips(png_dir, tmp_path):

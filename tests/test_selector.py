@@ -1,6 +1,7 @@
 """The keyword selector (flmm/selector.py): BIO tags from character spans, spans read back,
-the selector saved in a heads file and built with the model, and the toy recipe learning to
-pick toy-caption expressions from the frozen LMM's hidden states."""
+its loss, and the selector saved in a heads file (with its describe instruction) and built with
+the model. Its training beside the heads: tests/test_train_steps.py; the shipped toy selector:
+tests/test_toy_heads.py."""
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from flmm.selector import (
     char_span,
     read_spans,
     span_f1,
+    tag_loss,
 )
-from toyworld.selector import SelectorRecipe, add_selector, caption_features, evaluate, train
 
 
 def one_hot(tags: list[int], p: float = 0.9) -> torch.Tensor:
@@ -64,7 +65,19 @@ def test_the_convolution_sees_the_right_context_and_padding_reads_as_zeros():
     torch.testing.assert_close(selector(padded, mask)[0, :5], alone)
 
 
+def test_the_tag_loss_weights_each_tag_by_its_inverse_frequency():
+    logits = [torch.randn(5, 3), torch.randn(3, 3)]
+    tags = [torch.tensor([0, 0, 1, 2, 0]), torch.tensor([0, 1, 0])]
+    # by hand: 5 O, 2 B, 1 I over 8 tokens -> weights 8/15, 8/6, 8/3; weighted mean of the NLLs
+    weight = torch.tensor([8 / 15, 8 / 6, 8 / 3])
+    gold = torch.cat(tags)
+    nll = -torch.log_softmax(torch.cat(logits), -1)[torch.arange(8), gold]
+    expected = (weight[gold] * nll).sum() / weight[gold].sum()
+    torch.testing.assert_close(tag_loss(logits, tags), expected)
+
+
 def test_a_selector_saved_in_the_heads_file_comes_back_with_the_model(tiny_llava_dir, tmp_path):
+    from flmm.checkpoint import read_metadata
     from flmm.heads import save_heads
 
     lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
@@ -73,29 +86,14 @@ def test_a_selector_saved_in_the_heads_file_comes_back_with_the_model(tiny_llava
     path = save_heads(model.heads, tmp_path / "heads.safetensors", {"note": "kept"})
     assert build_flmm(lmm, sam, path).selector is None
     torch.manual_seed(1)
-    selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size, context=3))
-    add_selector(path, selector)
+    config = SelectorConfig(lmm.num_layers, lmm.hidden_size, 3, describe_instruction="List.")
+    model.heads.selector = KeywordSelector(config)
+    save_heads(model.heads, path, {"note": "kept"})
     loaded = build_flmm(lmm, sam, path).selector
-    assert loaded is not None and loaded.config == selector.config
-    for k, v in selector.state_dict().items():
+    assert loaded is not None and loaded.config == config
+    for k, v in model.heads.selector.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
-    assert load_heads(model.heads, path) is not None  # the heads load beside it, strictly
-    from flmm.checkpoint import read_metadata
-
-    assert read_metadata(path) == {"note": "kept"}
-
-
-def test_the_toy_recipe_learns_to_select_caption_expressions(one_thread):
-    """The shipped toy LMM's hidden states of toy captions: a few hundred captions train a
-    selector whose held-out exact-span F1 is far above an untrained one."""
-    lmm = FrozenLlava.from_pretrained("models/toy/llava")
-    recipe = SelectorRecipe(scenes=160, epochs=15, batch=16)
-    train_set = caption_features(lmm, 0, 0, recipe.scenes)
-    held_out = caption_features(lmm, 0, 1_000_000, 40)
-    config = SelectorConfig(lmm.num_layers, lmm.hidden_size)
-    torch.manual_seed(0)
-    untrained = evaluate(KeywordSelector(config), held_out)
-    selector, _ = train(train_set, config, recipe)
-    trained = evaluate(selector, held_out)
-    assert trained["span_f1"] >= 0.8 and trained["token_f1"] >= 0.9, trained
-    assert untrained["span_f1"] < 0.3, untrained
+    fresh = build_flmm(lmm, sam).heads
+    load_heads(fresh, path)  # the heads load strictly, and the file's selector comes with them
+    assert fresh.selector.config == config
+    assert read_metadata(path) == {"note": "kept", "selector.describe_instruction": "List."}

@@ -3,6 +3,7 @@ generator is deterministic and truthful; the pretraining recipe trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from toyworld.lmm import (
     ToyData,
     answer_loss,
     attention_lift,
+    build_toy_lmm,
     cell_labels,
     corpus,
     eval_examples,
@@ -32,7 +34,15 @@ from toyworld.lmm import (
     score,
 )
 from toyworld.scenes import make_scene, position_tags, scene_seed
-from toyworld.vqa import KINDS, SCENE_CONFIG, WHERE, answer_options, ask, describe
+from toyworld.vqa import (
+    KINDS,
+    LIST_INSTRUCTION,
+    SCENE_CONFIG,
+    WHERE,
+    answer_options,
+    ask,
+    describe,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "llava"
 
@@ -73,21 +83,7 @@ def test_shipped_toy_lmm_phrase_attention_falls_on_the_phrase_object(shipped):
     assert attention_lift(shipped, data, n_scenes=10)["best_channel"] >= 2.0
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "colour",
-        pytest.param(
-            "shape",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: shape answers are weak (0.45 on the record's 200 held-out "
-                "questions, chance 0.17) and on this test's 20 they fall below twice chance "
-                "(0.20); the vision tower tells shapes apart (stage-1 probe ~79% on object cells)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["colour", "shape"])
 def test_shipped_toy_lmm_answers_held_out_questions_well_above_chance(shipped, kind):
     seed = json.loads((SHIPPED / RECORD).read_text())["recipe"]["seed"]
     data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], seed, SCENE_CONFIG)
@@ -95,6 +91,24 @@ def test_shipped_toy_lmm_answers_held_out_questions_well_above_chance(shipped, k
     answers = generate_answers(shipped.model, data, examples, max_new=6)
     accuracy = np.mean([a[:1] == [e.question.answer] for e, a in zip(examples, answers)])
     assert accuracy >= 2 / len(answer_options(kind))
+
+
+def test_shipped_toy_lmm_lists_the_objects_of_held_out_scenes(shipped):
+    """The list question (what image-only annotation asks): on the first 20 held-out scenes,
+    the share of objects the greedy list names exactly. Measured on the first 100 held-out
+    scenes: 74.5%, per 20-scene window 62% to 90% (these 20: 63%); the bar, 55%, sits below
+    every window. Before the list stage the model named 34% of the objects when describing."""
+    from toyworld.vqa import list_name
+
+    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], 0, SCENE_CONFIG)
+    examples = eval_examples(data, "list", 20)
+    answers = generate_answers(shipped.model, data, examples, max_new=40)
+    named = total = 0
+    for example, items in zip(examples, answers):
+        names = [list_name(o) for o in data.scene(example.index).objects]
+        named += sum(name in items for name in names)
+        total += len(names)
+    assert named / total >= 0.55, named / total
 
 
 def test_cell_labels_name_the_object_covering_each_token_cell():
@@ -118,6 +132,9 @@ def test_cell_labels_name_the_object_covering_each_token_cell():
 def _owner(scene, name):
     (obj,) = [o for o in scene.objects if name in o.expressions]
     return obj
+
+
+COLOURS = [name for name, _ in SCENE_CONFIG.colours]
 
 
 def test_questions_are_deterministic_and_their_answers_match_the_scene():
@@ -145,10 +162,21 @@ def test_questions_are_deterministic_and_their_answers_match_the_scene():
                 colour, shape = text.rstrip("?").split()[-2:]
                 present = any((o.colour, o.shape) == (colour, shape) for o in scene.objects)
                 assert answer == ("yes" if present else "no")
+            elif kind == "list":  # every object once, by colour, then shape, then size
+                keys = [
+                    (COLOURS.index(o.colour), SCENE_CONFIG.shapes.index(o.shape), o.size != "small")
+                    for o in scene.objects
+                ]
+                expected = [
+                    scene.objects[i] for i in sorted(range(len(keys)), key=keys.__getitem__)
+                ]
+                assert question.phrases == tuple(
+                    f"the {o.size} {o.colour} {o.shape}" for o in expected
+                )
             else:
                 owners = [_owner(scene, phrase) for phrase in question.phrases]
                 assert sorted(map(id, owners)) == sorted(map(id, scene.objects))
-            assert kind == "describe" or answer in answer_options(kind)
+            assert kind in ("describe", "list") or answer in answer_options(kind)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +247,43 @@ def test_detailed_descriptions_follow_each_expression_with_its_objects_attribute
         assert score(question, scene, wrong) < 1.0  # the first object given another's details
         plain = describe(scene, np.random.default_rng(index))
         assert plain.phrases == expressions  # same draws: details only add segments
+
+
+def test_list_answers_name_every_object_once_and_score_only_when_whole():
+    for index in range(30):
+        scene = make_scene(scene_seed(0, index))
+        question = ask(scene, "list", np.random.default_rng(index))
+        assert question.instruction == LIST_INSTRUCTION
+        assert sorted(question.phrases) == sorted(
+            f"the {o.size} {o.colour} {o.shape}" for o in scene.objects
+        )
+        assert score(question, scene, list(question.phrases)) == 1.0
+        assert score(question, scene, list(question.phrases[:-1])) == 0.0
+        assert score(question, scene, list(question.phrases[::-1])) == float(
+            question.phrases[::-1] == question.phrases
+        )
+
+
+def test_stage_3_from_a_saved_stage_2_model_equals_the_whole_recipe(tmp_path):
+    recipe = Recipe(
+        vision_steps=2, vision_batch=2, steps=2, batch=2, warmup=1, list_steps=2, list_warmup=1,
+        log_every=100,
+    )  # fmt: skip
+    quiet = {"n_eval": 1, "log": lambda line: None}
+    whole = build_toy_lmm(tmp_path / "whole", recipe, **quiet)
+    build_toy_lmm(tmp_path / "stage2", dataclasses.replace(recipe, list_steps=0), **quiet)
+    resumed = build_toy_lmm(tmp_path / "stage3", recipe, **quiet, stage3_from=tmp_path / "stage2")
+    weights = {
+        name: (tmp_path / name / "model.safetensors").read_bytes()
+        for name in ("whole", "stage2", "stage3")
+    }
+    assert weights["stage3"] == weights["whole"] != weights["stage2"]
+    assert resumed["final_list_stage_loss"] == whole["final_list_stage_loss"]
+    assert resumed["final_loss"] == whole["final_loss"]  # stage 2's record carried over
+    with pytest.raises(ValueError, match="different recipe"):
+        build_toy_lmm(
+            tmp_path / "other", dataclasses.replace(recipe, lr=0.5), **quiet,
+            stage3_from=tmp_path / "stage2",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="stage 3 already"):
+        build_toy_lmm(tmp_path / "again", recipe, **quiet, stage3_from=tmp_path / "whole")

@@ -123,6 +123,15 @@ def test_shards_round_trip_images_and_masks(tmp_path):
         for stored, obj in zip(meta["objects"], scene.objects, strict=True):
             assert isinstance(stored["mask"]["counts"], str)
             np.testing.assert_array_equal(decode_rle(stored["mask"]), obj.mask)
+        # the selector's text: each object's spans in the caption name that object
+        text = meta["caption"]
+        assert any(o["spans"] for o in meta["objects"])
+        for stored, obj in zip(meta["objects"], scene.objects):
+            for start, end in stored["spans"]:
+                named = text[start:end]
+                assert (
+                    named in obj.expressions or named == f"the {obj.size} {obj.colour} {obj.shape}"
+                )
 
 
 def test_shards_are_byte_identical_across_runs(tmp_path):
@@ -171,3 +180,20 @@ def _is_extreme(obj, where: str, scene) -> bool:
     margin = CONFIG.position_margin * (width, height)[axis]
     others = [o.centre[axis] for o in scene.objects if o is not obj]
     return all(sign * (other - obj.centre[axis]) >= margin for other in others)
+
+
+def test_a_toy_cache_of_an_older_format_is_written_again(tmp_path):
+    from toyworld.shards import TOY_SHARDS_VERSION, toy_shards
+
+    directory = toy_shards("val", tmp_path, n_scenes=2)
+    (shard,) = directory.glob("*.tar")
+    assert (directory / "VERSION").read_text().strip() == str(TOY_SHARDS_VERSION)
+    first = shard.read_bytes()
+    shard.write_bytes(b"stale")  # an older cache: same names, other content, older VERSION
+    (directory / "VERSION").write_text("1\n")
+    toy_shards("val", tmp_path, n_scenes=2)
+    assert shard.read_bytes() == first
+    assert (directory / "VERSION").read_text().strip() == str(TOY_SHARDS_VERSION)
+    shard.write_bytes(b"kept")  # the current version is not written again
+    toy_shards("val", tmp_path, n_scenes=2)
+    assert shard.read_bytes() == b"kept"

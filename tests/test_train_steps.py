@@ -5,6 +5,8 @@ checkpoint from which a run resumes exactly where it stopped."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 import torch
@@ -120,3 +122,52 @@ def test_a_run_resumed_from_its_checkpoint_continues_as_if_never_stopped(
     optim, schedule = build_optimizer(partial, total, config.optim)
     train(partial, optim, schedule, config, features, stop, total - stop)
     assert any(not torch.allclose(partial.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_a_keyword_selector_trains_beside_the_heads_on_the_captions(features, config, tmp_path):
+    """Toy samples carry a text with their objects' spans: the frozen stage prefills it once
+    more and hands its tokens' hidden states and gold tags on; the heads' selector learns them
+    (its loss falls and its spans come to match), and it is saved with the heads."""
+    from flmm.heads import save_heads
+    from flmm.selector import OUTSIDE, SelectorConfig, read_spans
+
+    assert all(f.text_hidden is not None for f in features)
+    assert all(f.text_hidden.shape[0] == f.text_tags.shape[0] for f in features)
+    assert all((f.text_tags != OUTSIDE).any() for f in features)
+    dims = config.heads
+    with_selector = dataclasses.replace(
+        config,
+        epochs=20,
+        selector=SelectorConfig(dims.num_layers, dims.hidden_size, describe_instruction="List."),
+        optim=OptimConfig(lr=5e-3),
+    )
+    heads = build_trainable_heads(with_selector)
+    assert heads.selector is not None
+
+    def selector_state():
+        with torch.no_grad():
+            parts = train_on_batch(heads, features, CPU)
+            spans = [
+                [
+                    (s.start, s.end)
+                    for s in read_spans(torch.softmax(heads.selector(f.text_hidden.float()), -1))
+                ]
+                for f in features
+            ]
+        return float(parts["selector"]), spans
+
+    before, _ = selector_state()
+    optim, schedule = build_optimizer(heads, with_selector.total_steps, with_selector.optim)
+    train(heads, optim, schedule, with_selector, features, 0, with_selector.total_steps)
+    after, spans = selector_state()
+    gold = [
+        [(s.start, s.end) for s in read_spans(torch.nn.functional.one_hot(f.text_tags, 3).float())]
+        for f in features
+    ]
+    assert after < 0.3 * before, (before, after)
+    assert spans == gold
+    path = save_heads(heads, tmp_path / "heads.safetensors")
+    restored = build_trainable_heads(dataclasses.replace(config, init_heads=str(path)))
+    assert restored.selector.config.describe_instruction == "List."
+    for key, value in heads.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value, msg=key)

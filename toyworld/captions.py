@@ -9,6 +9,9 @@ A description is what the toy LMM learnt to write (``toyworld.vqa.describe``, de
 object's expression followed by its size, colour and shape, ``"the circle on the left. big red
 circle. the blue object. small blue star."``; only the expressions are gold spans (a detail names
 the object just named again).
+
+A list is what the toy LMM answers to ``toyworld.vqa.LIST_INSTRUCTION`` (what the image-only mode
+asks it): ``"the big red circle. the small blue star."``, every segment a gold span.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from toyworld.scenes import Scene
-from toyworld.vqa import describe
+from toyworld.vqa import describe, list_name, listed_objects
 
 OPENERS = (
     "",
@@ -82,6 +85,31 @@ def make_description(scene: Scene, rng: np.random.Generator) -> Caption:
             objects.append(_object_of(scene, segment))
         text += "."
     return Caption(text, tuple(spans), tuple(objects))
+
+
+def make_list(scene: Scene) -> Caption:
+    """The toy list of the scene's objects (``toyworld.vqa.list_objects``), every item a span."""
+    text, spans, objects = "", [], []
+    for obj in listed_objects(scene):
+        phrase = list_name(obj)
+        text += ("" if not text else " ") + phrase
+        spans.append((len(text) - len(phrase), len(text)))
+        objects.append(next(i for i, o in enumerate(scene.objects) if o is obj))
+        text += "."
+    return Caption(text, tuple(spans), tuple(objects))
+
+
+def scene_text(scene: Scene) -> Caption:
+    """The text a toy training sample carries for the keyword selector (``caption`` and objects'
+    ``spans`` in its JSON), drawn from the scene's seed: a list (a third of the scenes: what
+    the image-only mode grounds), a description (a sixth) or a caption (the rest)."""
+    rng = np.random.default_rng([scene.seed, 7])
+    draw = rng.random()
+    if draw < 1 / 3:
+        return make_list(scene)
+    if draw < 1 / 2:
+        return make_description(scene, rng)
+    return make_caption(scene, rng)
 
 
 def _object_of(scene: Scene, expression: str) -> int:

@@ -9,8 +9,13 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
    scenes: half ``describe`` (phrases in the assistant turn, laid out exactly as grounding lays
    them out, each expression followed by its object's size, colour and shape: see
    ``toyworld.vqa``), half short-answer questions. Loss only on the answer tokens and a final EOS;
-3. saved in fp16 with ``save_pretrained`` (plus ``toy_world.json``, the recipe and its results);
-   then frozen forever: the F-LMM heads are trained on its phrase→image attention;
+3. saved in fp16 with ``save_pretrained``; then a third stage, from those fp16 weights: 70% of
+   the questions ask to list every object (``toyworld.vqa.list_objects``,
+   one right answer per scene, what the image-only mode asks), the rest as in stage 2 so that
+   nothing learnt is lost; saved in fp16 again (plus ``toy_world.json``, the recipe and its results);
+   then frozen forever: the F-LMM heads are trained on its phrase→image attention. Because stage
+   3 starts from the saved stage-2 weights, ``--stage3-from DIR`` runs it alone from a saved
+   stage-2 model and gives what the whole recipe gives;
 4. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
    and how much of each phrase's attention falls on its object (``attention_lift``).
 
@@ -23,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +57,7 @@ from toyworld.scenes import (
 from toyworld.vqa import (
     DESCRIBE,
     KINDS,
+    LIST,
     NUMBER_WORDS,
     SCENE_CONFIG,
     TEMPLATES,
@@ -59,10 +66,12 @@ from toyworld.vqa import (
     answer_options,
     ask,
     existence_instruction,
+    list_objects,
     sample_question,
 )
 
 VISION_START = 100_000_000  # the vision stage's scenes
+LIST_START = 200_000_000  # the list stage's scenes
 RECORD = "toy_world.json"
 
 
@@ -88,6 +97,11 @@ class Recipe:
     describe_fraction: float = 0.5
     detail_fraction: float = 1.0  # of the descriptions: each expression + its object's attributes
     vqa_tower_lr_scale: float = 1.0  # the vision tower's lr in the VQA stage, × lr (0: frozen)
+    list_steps: int = 2000  # stage 3 (0: none); batch as stage 2
+    list_lr: float = 1e-3
+    list_warmup: int = 20
+    list_tower_lr_scale: float = 1.0  # the vision tower's lr in stage 3, × list_lr (0: frozen)
+    list_fraction: float = 0.7  # of stage 3's questions; the rest drawn as in stage 2
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -217,6 +231,24 @@ class ToyData:
             question = sample_question(
                 scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
             )
+            examples.append(self.example(index, question, self.pixels(scene)))
+        return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
+
+    def list_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Stage 3: scenes ``LIST_START + step·batch …``, a list question with probability
+        ``list_fraction``, else a question drawn as in stage 2; padded."""
+        examples = []
+        for index in range(
+            LIST_START + step * recipe.batch, LIST_START + (step + 1) * recipe.batch
+        ):
+            scene = self.scene(index)
+            rng = np.random.default_rng([self.seed, index])
+            if rng.random() < recipe.list_fraction:
+                question = list_objects(scene, self.scenes)
+            else:
+                question = sample_question(
+                    scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
+                )
             examples.append(self.example(index, question, self.pixels(scene)))
         return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
 
@@ -390,9 +422,12 @@ def pretrain(
     data: ToyData,
     recipe: Recipe,
     log: Callable[[str], None] = print,
+    batches: Callable[[int, Recipe], dict[str, torch.Tensor]] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``recipe.steps`` steps (every weight; the vision tower frozen when
-    ``recipe.vqa_tower_lr_scale`` is 0); returns the loss per step."""
+    ``recipe.vqa_tower_lr_scale`` is 0) on ``batches(step, recipe)`` (default: stage 2's
+    ``data.training_batch``); returns the loss per step."""
+    batches = batches or data.training_batch
     torch.manual_seed(recipe.seed)
     model.train().requires_grad_(True)
     if recipe.vqa_tower_lr_scale == 0:
@@ -401,13 +436,39 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
     losses, start = [], time.perf_counter()
     for step in range(recipe.steps):
-        batch = data.training_batch(step, recipe)
+        batch = batches(step, recipe)
         labels = batch.pop("labels")
         loss = answer_loss(model(**batch).logits, labels)
         optim_step(loss, model, optimizer, schedule, OptimConfig(grad_clip=recipe.grad_clip))
         losses.append(loss.item())
         _log_progress(log, "step", losses, recipe.steps, recipe.log_every, start)
     return losses
+
+
+def list_stage_recipe(recipe: Recipe) -> Recipe:
+    """Stage 3's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
+    return dataclasses.replace(
+        recipe,
+        steps=recipe.list_steps,
+        lr=recipe.list_lr,
+        warmup=recipe.list_warmup,
+        vqa_tower_lr_scale=recipe.list_tower_lr_scale,
+    )
+
+
+def train_list_stage(
+    out_dir: Path, recipe: Recipe, log: Callable[[str], None] = print
+) -> tuple[list[float], float]:
+    """Stage 3 on the fp16 stage-2 model saved in ``out_dir``, saved back there in fp16; returns
+    the loss per step and the seconds it took."""
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out_dir)
+    data = ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+    start = time.perf_counter()
+    losses = pretrain(model, data, list_stage_recipe(recipe), log, data.list_batch)
+    seconds = time.perf_counter() - start
+    model.half().save_pretrained(out_dir)
+    return losses, seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,10 +506,12 @@ def generate_answers(
 
 
 def score(question: Question, scene: Scene, phrases: list[str]) -> float:
-    """1 for a right short answer; for ``describe``, the fraction of the generated segments
+    """1 for a right short answer or a right whole list; for ``describe``, the fraction of the generated segments
     that are right (0 for none): an expression is right when it is a unique expression of an
     object of the scene, a detail (``"big red circle"``, after an expression) when it gives the
     size, colour and shape of the object the expression before it names."""
+    if question.kind == LIST:
+        return float(tuple(phrases) == question.phrases)
     if question.kind != DESCRIBE:
         return float(phrases[:1] == [question.answer])
     named = {e: obj for obj in scene.objects for e in obj.expressions}
@@ -471,13 +534,13 @@ def evaluate(
     table = {}
     for kind in KINDS:
         examples = eval_examples(data, kind, n)
-        max_new = 40 if kind == DESCRIBE else 6
+        max_new = 40 if kind in (DESCRIBE, LIST) else 6
         scores = []
         for i in range(0, n, batch):
             chunk = examples[i : i + batch]
             for example, phrases in zip(chunk, generate_answers(model, data, chunk, max_new)):
                 scores.append(score(example.question, data.scene(example.index), phrases))
-        chance = 0.0 if kind == DESCRIBE else 1 / len(answer_options(kind, data.scenes))
+        chance = 0.0 if kind in (DESCRIBE, LIST) else 1 / len(answer_options(kind, data.scenes))
         table[kind] = {"accuracy": float(np.mean(scores)), "n": len(scores), "chance": chance}
     return table
 
@@ -532,12 +595,45 @@ def build_toy_lmm(
     recipe: Recipe = Recipe(),
     n_eval: int = 200,
     log: Callable[[str], None] = print,
+    stage3_from: str | Path | None = None,
 ) -> dict:
-    """Initialise, pretrain, save (fp16) and evaluate the toy LMM in ``out_dir``; returns the
-    record also written to ``out_dir/toy_world.json``."""
+    """Initialise, pretrain (stages 1-2), save (fp16), run stage 3 from the saved weights, save
+    and evaluate the toy LMM in ``out_dir``; returns the record also written to
+    ``out_dir/toy_world.json``. ``stage3_from``: a saved stage-2 model (its ``toy_world.json``
+    recipe must equal ``recipe``'s stages 1-2) to run stage 3 from instead of stages 1-2."""
     torch.set_num_threads(recipe.threads)
     out_dir = Path(out_dir)
     config = toy_config(recipe.seed)
+    if stage3_from is None:
+        record = _train_stages_1_2(out_dir, config, recipe, log)
+    else:
+        record = _copy_stage_2(Path(stage3_from), out_dir, recipe)
+    if recipe.list_steps:
+        losses, seconds = train_list_stage(out_dir, recipe, log)
+        record["final_list_stage_loss"] = float(np.mean(losses[-recipe.log_every :]))
+        record["list_stage_seconds"] = round(seconds, 1)
+    lmm = FrozenLlava.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
+    processor = AutoProcessor.from_pretrained(out_dir)
+    data = ToyData(processor, n_image_tokens(lmm.model), recipe.seed, SCENE_CONFIG)
+    record.update(
+        recipe=dataclasses.asdict(recipe),
+        eval_scene_start=EVAL_START,
+        eval=evaluate(lmm.model, data, n_eval),
+        attention_lift=attention_lift(lmm, data, n_scenes=50),
+        torch=torch.__version__,
+    )
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+STAGE_2_RECORD = (
+    "variant", "parameters", "final_vision_loss", "vision_probe_accuracy", "final_loss",
+    "train_seconds",
+)  # fmt: skip
+
+
+def _train_stages_1_2(out_dir: Path, config: TinyLlavaConfig, recipe: Recipe, log) -> dict:
+    """Stages 1-2 from a fresh model, saved in fp16 to ``out_dir``; their part of the record."""
     write_tiny_llava(config, corpus(), out_dir)
     model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out_dir)
@@ -550,22 +646,33 @@ def build_toy_lmm(
     train_s = time.perf_counter() - start
     model.half().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    lmm = FrozenLlava.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
-    record = {
-        "recipe": dataclasses.asdict(recipe),
+    return {
         "variant": dataclasses.asdict(config),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_vision_loss": float(np.mean(vision_losses[-recipe.log_every :])),
         "vision_probe_accuracy": probe_eval,
         "final_loss": float(np.mean(losses[-recipe.log_every :])),
         "train_seconds": round(train_s, 1),
-        "eval_scene_start": EVAL_START,
-        "eval": evaluate(lmm.model, data, n_eval),
-        "attention_lift": attention_lift(lmm, data, n_scenes=50),
-        "torch": torch.__version__,
     }
-    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+
+
+def _copy_stage_2(source: Path, out_dir: Path, recipe: Recipe) -> dict:
+    """A saved stage-2 model copied to ``out_dir``; the stage-2 part of its record. Refused when
+    its recorded recipe differs from ``recipe`` in anything but stage 3's fields."""
+    saved = json.loads((source / RECORD).read_text())
+    ours = dataclasses.asdict(recipe)
+    stage_3 = {f for f in ours if f.startswith("list_")}
+    differ = sorted(k for k in ours if k not in stage_3 and saved["recipe"].get(k) != ours[k])
+    if differ:
+        raise ValueError(f"{source} was trained with a different recipe ({differ})")
+    if saved.get("final_list_stage_loss") is not None:
+        raise ValueError(f"{source} has had stage 3 already: start from a stage-2 model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != out_dir.resolve():
+        for path in source.iterdir():
+            if path.is_file() and path.name not in (RECORD, "signal_check.json"):
+                shutil.copyfile(path, out_dir / path.name)
+    return {k: saved[k] for k in STAGE_2_RECORD}
 
 
 def format_table(record: dict) -> str:
@@ -589,7 +696,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=Recipe.lr)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--threads", type=int, default=Recipe.threads)
+    parser.add_argument("--list-steps", type=int, default=Recipe.list_steps)
+    parser.add_argument("--list-lr", type=float, default=Recipe.list_lr)
+    parser.add_argument("--list-fraction", type=float, default=Recipe.list_fraction)
+    parser.add_argument("--list-tower-lr-scale", type=float, default=Recipe.list_tower_lr_scale)
     parser.add_argument("--eval-questions", type=int, default=200, help="per question kind")
+    parser.add_argument(
+        "--stage3-from", help="a saved stage-2 model (same recipe): run stage 3 only, from it"
+    )
     args = parser.parse_args(argv)
     recipe = Recipe(
         vision_steps=args.vision_steps,
@@ -598,13 +712,18 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
+        list_steps=args.list_steps,
+        list_lr=args.list_lr,
+        list_fraction=args.list_fraction,
+        list_tower_lr_scale=args.list_tower_lr_scale,
     )
     start = time.perf_counter()
-    record = build_toy_lmm(args.out, recipe, args.eval_questions)
+    record = build_toy_lmm(args.out, recipe, args.eval_questions, stage3_from=args.stage3_from)
     print(format_table(record))
     print(
         f"trained {record['train_seconds']:.0f} s (vision stage loss "
-        f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}), "
+        f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}, list "
+        f"stage loss {record.get('final_list_stage_loss', float('nan')):.4f}), "
         f"total {time.perf_counter() - start:.0f} s"
     )
 

@@ -1,10 +1,11 @@
 """Toy-world scenes as shards of the input format, and the one on-disk cache of them.
 
 Each scene is one sample in one of three forms (``MODES``): ``given``: ``<key>.png`` (lossless) +
-``<key>.json`` (phrases, objects with COCO RLE masks, width, height, and the toy world's
-attributes); ``caption``: ``<key>.png`` + ``<key>.txt``, a caption naming some of the objects
+``<key>.json`` (phrases, objects with COCO RLE masks, width, height, the toy world's attributes,
+and a text with each object's spans in it for the keyword selector); ``caption``: ``<key>.png`` + ``<key>.txt``, a caption naming some of the objects
 (``toyworld.captions``); ``image``: ``<key>.png`` alone. The jobs' toy defaults read the splits of
-``TOY_SPLITS`` from ``out/toy/<split>/``, written on first use.
+``TOY_SPLITS`` from ``out/toy/<split>/``, written on first use and again when
+``TOY_SHARDS_VERSION`` (in ``out/toy/<split>/VERSION``) changes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from pipeline.formats import encode_rle, png_bytes
 from pipeline.shards import write_shards
-from toyworld.captions import make_caption
+from toyworld.captions import make_caption, scene_text
 from toyworld.scenes import EVAL_START, Scene, SceneConfig, make_scene, scene_seed
 
 TOY_CACHE = Path("out/toy")
@@ -26,8 +27,11 @@ MODES = ("given", "caption", "image")
 
 def scene_metadata(scene: Scene) -> dict:
     """The ``<key>.json`` of a scene. Beyond the input format's fields, objects carry the toy
-    world's attributes (optional fields: shape, colour, size, centre (x, y) pixels, kinds)."""
+    world's attributes (optional fields: shape, colour, size, centre (x, y) pixels, kinds), and
+    ``caption`` is the scene's ``toyworld.captions.scene_text`` with each object's ``spans`` in
+    it (what the training job trains the keyword selector on)."""
     height, width = scene.image.shape[:2]
+    text = scene_text(scene)
     objects = [
         {
             "expressions": list(obj.expressions),
@@ -37,11 +41,13 @@ def scene_metadata(scene: Scene) -> dict:
             "colour": obj.colour,
             "size": obj.size,
             "centre": list(obj.centre),
+            "spans": [list(s) for s, o in zip(text.spans, text.objects) if o == index],
         }
-        for obj in scene.objects
+        for index, obj in enumerate(scene.objects)
     ]
     return {
         "phrases": scene.phrases,
+        "caption": text.text,
         "objects": objects,
         "width": width,
         "height": height,
@@ -95,6 +101,9 @@ def write_toy_shards(
     return write_shards(out_dir, split_name, samples, scenes_per_shard)
 
 
+TOY_SHARDS_VERSION = 2  # 2: captions with spans in the JSON
+
+
 @dataclass(frozen=True)
 class ToySplit:
     """A split of the toy world's cached shards: ``n_scenes`` scenes of ``seed`` from scene
@@ -127,7 +136,9 @@ def toy_shards(name: str, cache: str | Path = TOY_CACHE, n_scenes: int | None = 
     n_scenes = n_scenes or split.n_scenes
     out_dir = Path(cache) / name
     n_shards = -(-n_scenes // split.scenes_per_shard)
-    if not all((out_dir / f"{name}-{i:06d}.tar").is_file() for i in range(n_shards)):
+    version = out_dir / "VERSION"
+    current = version.is_file() and version.read_text().strip() == str(TOY_SHARDS_VERSION)
+    if not current or not all((out_dir / f"{name}-{i:06d}.tar").is_file() for i in range(n_shards)):
         print(f"writing {n_scenes} toy-world {name} scenes to {out_dir}/")
         out_dir.mkdir(parents=True, exist_ok=True)
         write_toy_shards(
@@ -140,4 +151,5 @@ def toy_shards(name: str, cache: str | Path = TOY_CACHE, n_scenes: int | None = 
             split.first_index,
             split.modes,
         )
+        version.write_text(f"{TOY_SHARDS_VERSION}\n")
     return out_dir

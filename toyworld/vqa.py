@@ -11,6 +11,10 @@ grounding lays out phrases (``flmm.prompt.answer_text``: ``" p1. p2."``):
   grounding prompt (causal attention sees only the prefix), and it is what the heads read.
 - ``colour``, ``shape``, ``size``, ``position``, ``count``, ``existence``: one-word answers. An
   object is named by one of its unique expressions that does not contain the answer.
+- ``list`` (the recipe's third stage): ``LIST_INSTRUCTION`` answered by every object once, as
+  ``"the {size} {colour} {shape}"``, in the world's colour order (then shape, then size): one
+  answer per scene, so that greedy decoding can learn to name every object and stop, which the
+  random order and wording of ``describe`` does not teach (the image-only mode asks this).
 
 A question is a pure function of the scene and a ``numpy.random.Generator``.
 """
@@ -26,8 +30,10 @@ from flmm.prompt import PromptConfig
 from toyworld.scenes import Scene, SceneConfig, SceneObject, position_tags
 
 DESCRIBE = "describe"
+LIST = "list"
 VQA_KINDS = ("colour", "shape", "size", "position", "count", "existence")
-KINDS = (DESCRIBE, *VQA_KINDS)
+KINDS = (DESCRIBE, *VQA_KINDS, LIST)  # LIST last: the other kinds' eval seeds use their index
+LIST_INSTRUCTION = "List the objects by colour."
 SCENE_CONFIG = SceneConfig()  # the default world
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -73,6 +79,8 @@ def ask(
     """
     if kind == DESCRIBE:
         return describe(scene, rng)
+    if kind == LIST:
+        return list_objects(scene, config)
     if kind not in _ASKERS:
         raise ValueError(f"unknown question kind {kind!r}; known kinds: {KINDS}")
     return _ASKERS[kind](scene, rng, config)
@@ -115,6 +123,28 @@ def describe(scene: Scene, rng: np.random.Generator, detailed: bool = False) -> 
         details = (f"{obj.size} {obj.colour} {obj.shape}" for obj in objects)
         phrases = tuple(x for pair in zip(phrases, details) for x in pair)
     return Question(DESCRIBE, PromptConfig().instruction, phrases)
+
+
+def listed_objects(scene: Scene, config: SceneConfig = SCENE_CONFIG) -> list[SceneObject]:
+    """The scene's objects in list order: by colour, shape and size as ``config`` lists them."""
+    colours = [name for name, _ in config.colours]
+    sizes = [name for name, _ in config.size_fractions]
+    return sorted(
+        scene.objects,
+        key=lambda o: (colours.index(o.colour), config.shapes.index(o.shape), sizes.index(o.size)),
+    )
+
+
+def list_objects(scene: Scene, config: SceneConfig = SCENE_CONFIG) -> Question:
+    """Every object as ``"the {size} {colour} {shape}"``, in ``listed_objects`` order (a pure
+    function of the scene: one right answer)."""
+    phrases = tuple(list_name(o) for o in listed_objects(scene, config))
+    return Question(LIST, LIST_INSTRUCTION, phrases)
+
+
+def list_name(obj: SceneObject) -> str:
+    """An object's name in a list: ``"the {size} {colour} {shape}"``."""
+    return f"the {obj.size} {obj.colour} {obj.shape}"
 
 
 def answer_options(kind: str, config: SceneConfig = SCENE_CONFIG) -> tuple[str, ...]:
