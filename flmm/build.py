@@ -261,10 +261,10 @@ def build_flmm(
     if heads_checkpoint is None:
         heads = build_heads(config, sam)
     else:
-        state_dict, _ = read_heads_file(heads_checkpoint)
+        state_dict, selector = read_heads_file(heads_checkpoint)
         base = heads_dims(state_dict)["unet_base_channels"]
         heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
-        load_heads(heads, heads_checkpoint)
+        _load_read_heads(heads, state_dict, selector)
     return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
 
 
@@ -284,7 +284,13 @@ def load_heads(heads: FLMMHeads, path: str | Path) -> None:
     """Load a heads checkpoint into ``heads`` (every key and shape must match exactly). A
     keyword selector in the file replaces ``heads.selector`` (config and weights); a file
     without one leaves ``heads.selector`` as it is (None, or a fresh one to be trained)."""
-    state_dict, selector = read_heads_file(path)
+    _load_read_heads(heads, *read_heads_file(path))
+
+
+def _load_read_heads(
+    heads: FLMMHeads, state_dict: dict[str, torch.Tensor], selector: KeywordSelector | None
+) -> None:
+    """``load_heads`` for a file already read (``read_heads_file``)."""
     if selector is not None:
         heads.selector = selector
     if heads.selector is not None:

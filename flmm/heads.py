@@ -49,8 +49,8 @@ class Grounding:
 
 class FLMMHeads(nn.Module):
     """U-Net mask decoder + SAM refiner, the parameters F-LMM trains; and an optional keyword
-    selector (``forward`` does not use it: it reads text tokens, see ``flmm.model.FLMM.select``
-    and ``selector_loss``)."""
+    selector, which tags text tokens (at inference ``flmm.model.FLMM.select``; in training
+    ``forward``'s ``text_hidden``, scored by ``flmm.selector.tag_loss``)."""
 
     def __init__(
         self,

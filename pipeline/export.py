@@ -48,7 +48,7 @@ from pycocotools import mask as mask_utils
 from pipeline.decode import decode_sample
 from pipeline.formats import decode_rle
 from pipeline.render import colour, mask_layer
-from pipeline.sources import iter_tar_samples, sample_files
+from pipeline.sources import raw_samples
 from pipeline.writer import ANNOTATIONS, DONE, SAMPLES, OutputDir
 
 CATEGORY_MODES = ("phrase", "object")
@@ -107,10 +107,7 @@ class ShardOutput:
     def inputs(self, keys: set[str]) -> dict[str, dict]:
         """``key → raw fields`` (``pipeline.sources.sample_files``: image, image_ext, text,
         text_ext, exts) of the wanted samples, from the input shard the done marker names."""
-        found = {}
-        for key, files, exts in iter_tar_samples(self.done["input"]):
-            if key in keys and key not in found:
-                found[key] = sample_files(files, exts)
+        found = raw_samples(self.done["input"], keys)
         missing = keys - found.keys()
         if missing:
             raise ValueError(
@@ -222,13 +219,16 @@ def _write_coco(uri: str, head: dict, images: str, annotations: str) -> None:
         stream.write(b"}\n")
 
 
-def _rle_entry(rle: dict) -> dict:
-    """segmentation (as stored), area and bbox of a COCO RLE ``{size, counts: str}``."""
+def _rle_entry(rle: dict, bbox: list[float] | None = None) -> dict:
+    """segmentation (as stored), area and bbox (``bbox``, else the mask's) of a COCO RLE
+    ``{size, counts: str}``."""
     encoded = {"size": list(rle["size"]), "counts": rle["counts"].encode()}
+    if bbox is None:
+        bbox = mask_utils.toBbox(encoded)
     return {
         "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
         "area": float(mask_utils.area(encoded)),
-        "bbox": [float(v) for v in mask_utils.toBbox(encoded)],
+        "bbox": [float(v) for v in bbox],
     }
 
 
@@ -246,10 +246,13 @@ def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Par
     for sample in ok:
         key = sample["key"]
         rows = shard.annotations.get(key, [])
+        pixels, meta = None, None  # the input decoded once, when a size or the truth needs it
+        if not rows or parts.truth:
+            pixels, meta = decode_sample(inputs[key], text_required=False)
         if rows:
             width, height = rows[0]["width"], rows[0]["height"]
         else:
-            height, width = _decode(inputs[key]).shape[:2]
+            height, width = pixels.shape[:2]
         file_name = f"{shard.name}/{key}"
         if image_dir:
             file_name = f"{file_name}.{inputs[key]['image_ext']}"
@@ -263,9 +266,9 @@ def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Par
             phrase = "object" if categories == "object" else row["phrase"]
             category = category_ids.setdefault(phrase, len(category_ids) + 1)
             summary.annotations += 1
-            annotation = {"image_id": image_id, "category_id": category, **_rle_entry(row["mask"])}
+            annotation = {"image_id": image_id, "category_id": category}
             annotation.update(
-                bbox=[float(v) for v in row["bbox"]],  # the job's box (equal to the mask's)
+                _rle_entry(row["mask"], row["bbox"]),  # the job's box (equal to the mask's)
                 score=float(row["score"]),
                 iscrowd=0,
                 phrase=row["phrase"],
@@ -275,7 +278,7 @@ def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Par
             )
             parts.add("annotations", annotation)
         if parts.truth:
-            for obj in _objects(inputs[key], shard.done["input"], key):
+            for obj in _objects(meta, shard.done["input"], key):
                 truth = {"image_id": image_id, "category_id": 1, "iscrowd": 0}
                 parts.add("truth", {**truth, **_rle_entry(obj["mask"])})
 
@@ -285,9 +288,8 @@ def _decode(raw: dict) -> np.ndarray:
     return decode_sample(raw, text_required=False)[0]
 
 
-def _objects(raw: dict, uri: str, key: str) -> list[dict]:
-    """The annotated objects of an input sample (ValueError if it has none)."""
-    _, meta = decode_sample(raw, text_required=False)
+def _objects(meta: dict | None, uri: str, key: str) -> list[dict]:
+    """The annotated objects of an input sample's parsed text (ValueError if it has none)."""
     objects = (meta or {}).get("objects")
     if not isinstance(objects, list):
         raise ValueError(f"{uri}: sample {key!r} has no `objects` for the ground truth")  # noqa: TRY004 - bad input, as every export error

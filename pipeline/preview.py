@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.decode import decode_sample
 from pipeline.formats import decode_rle
 from pipeline.render import colour, draw_masks
-from pipeline.sources import iter_tar_samples, sample_files
+from pipeline.sources import raw_samples
 from pipeline.writer import ANNOTATIONS, OutputDir
 
 TILE_HEIGHT, LINE_HEIGHT, COLUMNS = 256, 16, 3
@@ -55,11 +55,10 @@ def _choose(annotations: list[dict], n: int) -> dict[str, list[dict]]:
 
 
 def _images(uri: str, keys: set[str]) -> dict[str, np.ndarray]:
-    found: dict[str, np.ndarray] = {}
-    for key, files, exts in iter_tar_samples(uri):
-        if key in keys and key not in found:
-            found[key] = decode_sample(sample_files(files, exts), text_required=False)[0]
-    return found
+    return {
+        key: decode_sample(raw, text_required=False)[0]
+        for key, raw in raw_samples(uri, keys).items()
+    }
 
 
 def _tile(image: np.ndarray, annotations: list[dict], per_image: int) -> Image.Image:

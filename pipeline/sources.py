@@ -260,6 +260,14 @@ def _sample_row(
     return {**_shard_row(name, n, "", seconds), "key": key, **sample_files(files, exts)}
 
 
+def raw_samples(uri: str, keys: set[str]) -> dict[str, dict]:
+    """``key → sample_files`` fields of the samples of shard ``uri`` whose key is in ``keys``
+    (keys not in the shard are simply absent)."""
+    return {
+        key: sample_files(files, exts) for key, files, exts in iter_tar_samples(uri) if key in keys
+    }
+
+
 def sample_files(files: dict[str, bytes], exts: list[str]) -> dict:
     """A sample's files (``iter_tar_samples``) → the ``RAW_SCHEMA`` fields that
     ``pipeline.decode.decode_sample`` reads: ``image``/``image_ext`` (the first of

@@ -224,31 +224,32 @@ class ToyData:
 
     def training_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
         """Scenes ``step·batch …`` with a question each (half ``describe``), padded."""
-        examples = []
-        for index in range(step * recipe.batch, (step + 1) * recipe.batch):
-            scene = self.scene(index)
-            rng = np.random.default_rng([self.seed, index])
-            question = sample_question(
-                scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
-            )
-            examples.append(self.example(index, question, self.pixels(scene)))
-        return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
+        return self._batch(step * recipe.batch, recipe, self._stage_2_question)
 
     def list_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
         """Stage 3: scenes ``LIST_START + step·batch …``, a list question with probability
         ``list_fraction``, else a question drawn as in stage 2; padded."""
+
+        def question(scene: Scene, rng: np.random.Generator, recipe: Recipe) -> Question:
+            if rng.random() < recipe.list_fraction:
+                return list_objects(scene, self.scenes)
+            return self._stage_2_question(scene, rng, recipe)
+
+        return self._batch(LIST_START + step * recipe.batch, recipe, question)
+
+    def _stage_2_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
+        return sample_question(
+            scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
+        )
+
+    def _batch(self, first: int, recipe: Recipe, question_of) -> dict[str, torch.Tensor]:
+        """Scenes ``first … first + batch - 1``, each with ``question_of(scene, rng, recipe)``
+        (``rng`` seeded by the data seed and the scene index), padded with their answers."""
         examples = []
-        for index in range(
-            LIST_START + step * recipe.batch, LIST_START + (step + 1) * recipe.batch
-        ):
+        for index in range(first, first + recipe.batch):
             scene = self.scene(index)
             rng = np.random.default_rng([self.seed, index])
-            if rng.random() < recipe.list_fraction:
-                question = list_objects(scene, self.scenes)
-            else:
-                question = sample_question(
-                    scene, rng, recipe.describe_fraction, self.scenes, recipe.detail_fraction
-                )
+            question = question_of(scene, rng, recipe)
             examples.append(self.example(index, question, self.pixels(scene)))
         return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
 
@@ -506,9 +507,9 @@ def generate_answers(
 
 
 def score(question: Question, scene: Scene, phrases: list[str]) -> float:
-    """1 for a right short answer or a right whole list; for ``describe``, the fraction of the generated segments
-    that are right (0 for none): an expression is right when it is a unique expression of an
-    object of the scene, a detail (``"big red circle"``, after an expression) when it gives the
+    """1 for a right short answer or a right whole list; for ``describe``, the fraction of the
+    generated segments that are right (0 for none): an expression is right when it is a unique
+    expression of an object of the scene, a detail (``"big red circle"``, after an expression) when it gives the
     size, colour and shape of the object the expression before it names."""
     if question.kind == LIST:
         return float(tuple(phrases) == question.phrases)
