@@ -12,7 +12,9 @@ from torch import nn
 @dataclass(frozen=True)
 class OptimConfig:
     """Defaults from F-LMM: AdamW lr 1e-4, betas (0.9, 0.999), weight decay 0.01, clip 1.0,
-    warm-up over the first 3% of steps from 1e-5 × lr, then cosine to 0."""
+    warm-up over the first 3% of steps from 1e-5 × lr, then cosine to 0. selector_lr_scale
+    multiplies the lr of the keyword selector's parameters (``selector.*``, any wrapper prefix):
+    a small tagger trained beside the heads sees one caption per image and needs larger steps."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -20,6 +22,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_fraction: float = 0.03
     warmup_start_factor: float = 1e-5
+    selector_lr_scale: float = 10.0  # ours (F-LMM has no selector): see toyworld/README.md
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
@@ -35,11 +38,17 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
 def build_optimizer(
     module: nn.Module, total_steps: int, config: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``module``'s trainable parameters and its per-step schedule."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
+    """AdamW over ``module``'s trainable parameters and its per-step schedule: one parameter
+    group at ``config.lr``, and the keyword selector's (if any) in a second group at
+    ``config.lr × config.selector_lr_scale``."""
+    heads, selector = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (selector if "selector" in name.split(".") else heads).append(p)
+    groups = [{"params": heads, "lr": config.lr}]
+    if selector:
+        groups.append({"params": selector, "lr": config.lr * config.selector_lr_scale})
+    optim = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda step: lr_factor(step, total_steps, config)
     )

@@ -47,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help=f"default 1 (toy: {TOY_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
     p.add_argument("--lr", type=float, help=f"default {OptimConfig.lr} (toy: {TOY_LR})")
+    p.add_argument(
+        "--selector-lr-scale",
+        type=float,
+        default=OptimConfig.selector_lr_scale,
+        help="the keyword selector's lr as a multiple of --lr (default %(default)s)",
+    )
     p.add_argument("--workers", type=int, default=1, help="DDP workers")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -111,7 +117,7 @@ def job_of(args: argparse.Namespace) -> TrainJob:
         log_every=args.log_every,
         max_failures=args.max_failures,
         seed=args.seed,
-        optim=OptimConfig(lr=args.lr),
+        optim=OptimConfig(lr=args.lr, selector_lr_scale=args.selector_lr_scale),
         describe_prompt=args.describe_prompt,
     )
 

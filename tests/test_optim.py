@@ -33,3 +33,24 @@ def test_step_clips_the_gradient_and_advances_the_lr():
     clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     assert clipped == pytest.approx(cfg.grad_clip, rel=1e-4)
     assert optim.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, 100, cfg))
+
+
+def test_the_selectors_parameters_get_their_own_lr_whatever_wraps_them():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = nn.Linear(4, 4)
+            self.selector = nn.Linear(4, 3)
+
+    cfg = OptimConfig(lr=1e-3, selector_lr_scale=7.0)
+    wrapped = nn.ModuleDict({"module": Heads()})  # as DDP names them: module.selector.*
+    optim, _ = build_optimizer(wrapped, total_steps=100, config=cfg)
+    heads, selector = optim.param_groups
+    assert {id(p) for p in heads["params"]} == {id(p) for p in wrapped["module"].unet.parameters()}
+    assert {id(p) for p in selector["params"]} == {
+        id(p) for p in wrapped["module"].selector.parameters()
+    }
+    assert selector["initial_lr"] == pytest.approx(7 * heads["initial_lr"])
+    assert heads["initial_lr"] == pytest.approx(1e-3)
+    only_heads, _ = build_optimizer(nn.Linear(4, 4), total_steps=100, config=cfg)
+    assert len(only_heads.param_groups) == 1
