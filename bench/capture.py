@@ -1,11 +1,15 @@
 """Benchmark: our attention capture vs eager ``output_attentions`` (the F-LMM way), same inputs.
 
-    python bench/capture.py [--variant bench-576] [--batch 4] [--repeats 3] [--json PATH]
+    python bench/capture.py [--family llava] [--variant bench-576] [--batch 4] [--repeats 3]
+                            [--json PATH]
 
-Builds a LLaVA-format checkpoint of the given tiny variant (random weights; 576 image tokens for
-``bench-576``), then measures each side in its own process: median forward time, peak resident
-memory above the loaded model (VmHWM reset through /proc/self/clear_refs), and the attention bytes
-each side holds per sample (eager: every layer's [H, S, S]; capture: [L, H, Q, N]).
+Builds a checkpoint of the given family (random weights): for ``llava`` the tiny variant
+(576 image tokens for ``bench-576``); for the other families (``flmm.tiny_lmms``) the same text
+decoder as ``bench-576`` behind the family's own vision tower and processor at 336 px (DeepSeek-VL:
+576 tokens; Qwen-VL and LLaVA-NeXT: as many as the 300×400 images give). Then it measures each
+side in its own process: median forward time, peak resident memory above the loaded model (VmHWM
+reset through /proc/self/clear_refs), and the attention bytes each side holds per sample (eager:
+every layer's [H, S, S]; capture: [L, H, Q, N]).
 """
 
 from __future__ import annotations
@@ -23,8 +27,19 @@ from pathlib import Path
 import torch
 
 from flmm.build import TINY_LLAVA_VARIANTS
-from flmm.lmm import FrozenLlava, collate
+from flmm.lmm import FrozenLMM
 from flmm.tiny_llava import write_tiny_llava
+from flmm.tiny_lmms import MODEL_TYPES, TinyLMMConfig, write_tiny_lmm
+
+# bench-576's decoder (Llama-like, 8 layers × 16 heads, width 1024) for the other families
+BENCH_DECODER = TinyLMMConfig(
+    text_hidden=1024,
+    text_layers=8,
+    text_heads=16,
+    text_kv_heads=16,
+    text_intermediate=2816,
+    image_size=336,
+)
 
 PHRASES = ["the small red circle on the left", "the big blue square", "the green triangle"]
 CORPUS = [*PHRASES, "Please briefly describe this image."] * 10
@@ -44,24 +59,18 @@ def _reset_peak() -> None:
 def run_side(side: str, path: str, batch: int, repeats: int) -> dict:
     """Time one side's forward over a batch of ``batch`` samples; returns measurements."""
     torch.set_num_threads(os.cpu_count() or 1)
-    lmm = FrozenLlava.from_pretrained(path)
+    lmm = FrozenLMM.from_pretrained(path)
     if side == "eager":
         lmm.model.set_attn_implementation("eager")
     images = [torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8) for _ in range(batch)]
     samples = [lmm.prepare(img, PHRASES) for img in images]
-    tok = lmm.processor.tokenizer
-    inputs = collate(samples, tok.pad_token_id, tok.padding_side, lmm.model.config.image_token_id)
+    batch_index, inputs = lmm.model_inputs(samples)
 
     def forward() -> int:
         with torch.inference_mode():
             if side == "capture":
                 return lmm(samples).token_maps.nbytes
-            out = lmm.model.model(
-                **{k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")},
-                pixel_values=inputs["pixel_values"],
-                output_attentions=True,
-                use_cache=False,
-            )
+            out = lmm.model.model(**inputs, output_attentions=True, use_cache=False)
             return sum(a.nbytes for a in out.attentions)
 
     forward()  # warm-up
@@ -78,12 +87,13 @@ def run_side(side: str, path: str, batch: int, repeats: int) -> dict:
         "peak_above_model_mib": peak / 1024,
         "attn_bytes_per_sample": kept / batch,
         "seq_len": int(inputs["input_ids"].shape[1]),
-        "image_tokens": int(inputs["image_index"].shape[1]),
+        "image_tokens": int(batch_index["image_index"].shape[1]),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--family", default="llava", choices=MODEL_TYPES, help="LMM model_type")
     p.add_argument("--variant", default="bench-576", choices=sorted(TINY_LLAVA_VARIANTS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
@@ -95,7 +105,10 @@ def main() -> None:
         print(json.dumps(run_side(args.side, args.model, args.batch, args.repeats)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_llava(TINY_LLAVA_VARIANTS[args.variant], CORPUS, Path(tmp) / "llava")
+        if args.family == "llava":
+            model = write_tiny_llava(TINY_LLAVA_VARIANTS[args.variant], CORPUS, Path(tmp) / "m")
+        else:
+            model = write_tiny_lmm(args.family, CORPUS, Path(tmp) / "m", BENCH_DECODER)
         res = {side: _worker(side, model, args) for side in ("capture", "eager")}
     cap, eager = res["capture"], res["eager"]
     summary = {
@@ -106,12 +119,13 @@ def main() -> None:
         / cap["attn_bytes_per_sample"],
         "image_tokens": cap["image_tokens"],
         "batch": args.batch,
-        "variant": args.variant,
+        "family": args.family,
+        "variant": args.variant if args.family == "llava" else "bench decoder, 336 px",
         "capture": cap,
         "eager": eager,
     }
     print(
-        f"variant {args.variant}, batch {args.batch}, seq {cap['seq_len']}, "
+        f"{args.family} ({summary['variant']}), batch {args.batch}, seq {cap['seq_len']}, "
         f"{cap['image_tokens']} image tokens, median of {args.repeats}"
     )
     print("| side | time s | peak above model MiB | attention kept per sample MB |")

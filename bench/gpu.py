@@ -1,10 +1,14 @@
-"""Benchmark: F-LMM grounding at LLaVA-1.5-7B + SAM ViT-L shapes on one GPU, against the FLOP bound.
+"""Benchmark: F-LMM grounding at 7B LMM + SAM ViT-L shapes on one GPU, against the FLOP bound.
 
-    python bench/gpu.py [--batch 8] [--phrases 3] [--repeats 5] [--json PATH]
-    python bench/gpu.py --tiny [--json PATH]    # the same code path at test sizes (CPU is fine)
+    python bench/gpu.py [--family llava] [--batch 8] [--phrases 3] [--repeats 5] [--json PATH]
+    python bench/gpu.py --tiny [--family F] [--json PATH]  # the same code path at test sizes
 
-Random weights, built from configs in ``flmm/build.py`` (``TINY_LLAVA_VARIANTS["llava-1.5-7b"]``,
-``SAM_VARIANTS["vit_l"]``; the tokenizer is trained in process, nothing is downloaded). On the GPU
+Random weights, built from configs: LLaVA-1.5-7B (``TINY_LLAVA_VARIANTS["llava-1.5-7b"]`` in
+``flmm/build.py``), DeepSeek-VL-7B (``--family deepseek_vl_hybrid``: Llama 30 × 32 heads, width
+4096; SigLIP-L/16 at 384 px, 576 tokens; SAM-B high-resolution tower at 1024 px) or
+Qwen2.5-VL-7B (``--family qwen2_5_vl``: 28 layers × 28 heads (4 kv), width 3584; 32-block
+vision tower, width 1280; a 480×640 image is 391 tokens), with ``SAM_VARIANTS["vit_l"]``; the
+processors come from ``flmm.tiny_lmms`` (tokenizer trained in process, nothing is downloaded). On the GPU
 the LMM's weights are bf16 and SAM + heads run under bf16 autocast (``FLMM.autocast_dtype``, the
 annotation job's ``--sam-heads-dtype bfloat16``); ``--tiny`` uses the ``tiny``
 variants in float32 on CPU (or bf16 on a GPU if one is there). Measured:
@@ -33,26 +37,99 @@ from pathlib import Path
 import torch
 
 from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
-from flmm.lmm import FrozenLlava, collate
+from flmm.families import family_for
+from flmm.lmm import FrozenLMM
 from flmm.prompt import PromptConfig
 from flmm.tiny_llava import build_processor, llava_config
+from flmm.tiny_lmms import TinyLMMConfig, build_tiny_lmm
+
+FAMILIES = ("llava", "deepseek_vl_hybrid", "qwen2_5_vl")
+# the processors' image sizes, and the 7B models' shapes (published configs) over the tiny ones
+PROCESSORS = {
+    "deepseek_vl_hybrid": TinyLMMConfig(image_size=384, patch_size=16, high_res_size=1024),
+    "qwen2_5_vl": TinyLMMConfig(image_size=1024, patch_size=14),
+}
+SEVEN_B = {
+    "deepseek_vl_hybrid": {
+        "text": {
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "head_dim": 128,
+            "vocab_size": 102400,
+        },
+        "vision": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
+        "high_res_vision": {
+            "hidden_size": 768,
+            "output_channels": 256,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "mlp_dim": 3072,
+            "global_attn_indexes": [2, 5, 8, 11],
+            "window_size": 14,
+        },
+    },
+    "qwen2_5_vl": {
+        "text": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [16, 24, 24],
+                "rope_theta": 1000000.0,
+            },
+        },
+        "vision": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+    },
+}
 
 PHRASES = ["the dog on the left", "the red ball", "the man in a blue shirt", "the grass"]
 CORPUS = [*PHRASES, "Please briefly describe this image.", "the small white cat"] * 20
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
-    """The whole F-LMM with random weights: LMM built directly on ``device`` in ``dtype``."""
+def lmm_config(family: str, tiny: bool):
+    """The LMM's transformers config (7B shapes unless ``tiny``), its processor and class."""
     from transformers import LlavaForConditionalGeneration
 
-    variant = TINY_LLAVA_VARIANTS["tiny" if tiny else "llava-1.5-7b"]
-    processor = build_processor(variant, CORPUS)
+    if family == "llava":
+        variant = TINY_LLAVA_VARIANTS["tiny" if tiny else "llava-1.5-7b"]
+        processor = build_processor(variant, CORPUS)
+        return llava_config(variant, processor.tokenizer), processor, LlavaForConditionalGeneration
+    if tiny:
+        return build_tiny_lmm(family, CORPUS)
+    config, processor, model_class = build_tiny_lmm(family, CORPUS, PROCESSORS[family])
+    values = config.to_dict()
+    for sub, shapes in SEVEN_B[family].items():
+        values[f"{sub}_config"].pop("layer_types", None)  # derived from the layer count
+        values[f"{sub}_config"].update(shapes)
+    return type(config).from_dict(values), processor, model_class
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, family: str = "llava"):
+    """The whole F-LMM with random weights: LMM built directly on ``device`` in ``dtype``."""
+    config, processor, model_class = lmm_config(family, tiny)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(
-            llava_config(variant, processor.tokenizer), dtype=dtype
-        )
-    lmm = FrozenLlava(model.eval(), processor, PromptConfig())
+        model = model_class._from_config(config, dtype=dtype)
+    lmm = FrozenLMM(model.eval(), processor, family_for(family), PromptConfig())
     sam = build_sam(sam_config("tiny" if tiny else "vit_l"))
     reduced = torch.bfloat16 if device.type == "cuda" else None  # ModelSpec.sam_heads_dtype
     model = build_flmm(lmm, sam, autocast_dtype=reduced).to(device).eval()
@@ -125,9 +202,9 @@ def shapes(model, inputs) -> dict:
     """What an independent FLOP estimate needs: sizes of the three networks and of the batch."""
     cfg = model.lmm.model.config
     text, vision = cfg.text_config, cfg.vision_config
+    layers = getattr(vision, "num_hidden_layers", None) or vision.depth
     encoder = model.image_encoder.image_encoder
-    tok = model.lmm.processor.tokenizer
-    batch = collate([x.lmm for x in inputs], tok.pad_token_id, tok.padding_side, cfg.image_token_id)
+    batch, _ = model.lmm.model_inputs([x.lmm for x in inputs])
     return {
         "seq_len": int(batch["input_ids"].shape[1]),
         "image_tokens": int(batch["image_index"].shape[1]),
@@ -140,10 +217,10 @@ def shapes(model, inputs) -> dict:
         },
         "vision": {
             "hidden": vision.hidden_size,
-            "layers": vision.num_hidden_layers,
+            "layers": layers,
             "intermediate": vision.intermediate_size,
             "patch": vision.patch_size,
-            "image_size": vision.image_size,
+            "image_size": getattr(vision, "image_size", None),  # None: dynamic (Qwen)
         },
         "sam": {
             "embed_dim": encoder.patch_embed.proj.out_channels,
@@ -163,7 +240,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
-    model = build(args.tiny, device, dtype)
+    model = build(args.tiny, device, dtype, args.family)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
     inputs = make_inputs(model, args.batch, args.phrases)
@@ -179,6 +256,7 @@ def run(args) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tiny": args.tiny,
+        "family": args.family,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": args.batch,
         "phrases": args.phrases,
@@ -201,7 +279,7 @@ def run(args) -> dict:
 def report(res: dict) -> None:
     f = res["flops_per_image"]
     print(
-        f"{res['device']}, {res['dtype']}, {'tiny' if res['tiny'] else 'LLaVA-1.5-7B + SAM ViT-L'}"
+        f"{res['device']}, {res['dtype']}, {'tiny ' + res['family'] if res['tiny'] else res['family'] + ' 7B + SAM ViT-L'}"
         f" shapes, batch {res['batch']} × {res['phrases']} phrases, seq {res['shapes']['seq_len']}"
     )
     print(
@@ -219,6 +297,7 @@ def report(res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models: the code path, on CPU too")
+    p.add_argument("--family", default="llava", choices=FAMILIES, help="the LMM's model_type")
     p.add_argument("--batch", type=int, default=8, help="images per forward")
     p.add_argument("--phrases", type=int, default=3, choices=range(1, len(PHRASES) + 1))
     p.add_argument("--repeats", type=int, default=5)
@@ -228,7 +307,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.tiny and not torch.cuda.is_available():
         print(
-            "no GPU here: bench/gpu.py measures LLaVA-1.5-7B + SAM ViT-L on a CUDA device; "
+            "no GPU here: bench/gpu.py measures a 7B LMM + SAM ViT-L on a CUDA device; "
             "--tiny runs the same code path at test sizes"
         )
         res = {"skipped": "no CUDA device"}

@@ -3,7 +3,7 @@
 from flmm.build import load_heads
 from flmm.convert import convert_flmm_state_dict
 from flmm.heads import FLMMHeads, save_heads
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.mask_decoder import MaskDecoder
 from flmm.model import FLMM, Grounding, grounding_loss
 from flmm.prompt import PromptConfig
@@ -11,7 +11,7 @@ from flmm.prompt import PromptConfig
 __all__ = [
     "FLMM",
     "FLMMHeads",
-    "FrozenLlava",
+    "FrozenLMM",
     "Grounding",
     "MaskDecoder",
     "PromptConfig",

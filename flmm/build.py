@@ -30,7 +30,7 @@ from segment_anything.modeling import (
 from flmm.checkpoint import load_file_into, load_state, read_metadata, read_state_dict
 from flmm.convert import convert_flmm_state_dict
 from flmm.heads import FLMMHeads, heads_dims
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
 from flmm.refiner import SamRefiner
@@ -221,23 +221,25 @@ def build_refiner(sam: Sam, num_layers: int, hidden_size: int) -> SamRefiner:
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """The trainable heads for an LMM with L layers, H heads per layer and hidden size D."""
+    """The trainable heads for an LMM with L layers, H heads per layer and hidden size D, whose
+    images' tokens lie on V views (the U-Net reads V·L·H attention channels)."""
 
     num_layers: int
     num_heads: int
     hidden_size: int
     unet_base_channels: int = 64
     unet_upsample_to: int = 64  # attention grids are upsampled to at least this side
+    num_views: int = 1
 
     @classmethod
-    def for_lmm(cls, lmm: FrozenLlava) -> HeadsConfig:
-        return cls(lmm.num_layers, lmm.num_heads, lmm.hidden_size)
+    def for_lmm(cls, lmm: FrozenLMM) -> HeadsConfig:
+        return cls(lmm.num_layers, lmm.num_heads, lmm.hidden_size, num_views=lmm.num_views)
 
 
 def build_heads(config: HeadsConfig, sam: Sam) -> FLMMHeads:
     """U-Net over L·H attention channels + refiner on ``sam``'s prompt encoder / mask decoder."""
     unet = UNetMaskDecoder(
-        in_channels=config.num_layers * config.num_heads,
+        in_channels=config.num_views * config.num_layers * config.num_heads,
         base_channels=config.unet_base_channels,
         upsample_to=config.unet_upsample_to,
     )
@@ -245,7 +247,7 @@ def build_heads(config: HeadsConfig, sam: Sam) -> FLMMHeads:
 
 
 def build_flmm(
-    lmm: FrozenLlava,
+    lmm: FrozenLMM,
     sam: Sam,
     heads_checkpoint: str | Path | None = None,
     autocast_dtype: torch.dtype | None = None,

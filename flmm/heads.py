@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from flmm.checkpoint import save_tensors
-from flmm.lmm import ImageGeometry
+from flmm.geometry import ImageGeometry
 from flmm.mask_decoder import MaskDecoder
 from flmm.refiner import SamRefiner
 from flmm.selector import KeywordSelector, selector_metadata

@@ -1,18 +1,18 @@
-"""The frozen LMM adapter for the LLaVA family (F-LMM §3.1: frozen LMM, attention + hidden states).
+"""The frozen LMM (F-LMM §3.1: frozen LMM, attention + hidden states), for every family.
 
-``FrozenLlava`` wraps a ``LlavaForConditionalGeneration`` (llava-hf checkpoints or any local
-directory in that format) that is never trained. For a batch of (image, phrases) it runs one
-prefill and returns, per phrase:
+``FrozenLMM`` wraps a transformers image-text model that is never trained; a family adapter
+(``flmm.families``, picked from ``config.model_type``) says how images become its inputs and where
+their tokens lie. For a batch of (image, phrases) it runs one prefill and returns, per phrase:
 
-- attention maps ``[L·H, h, w]`` (layer-major: channel = layer·H + head) of the phrase tokens over
-  the image-token grid, merged over the phrase's tokens (mean or max) and normalised to sum 1;
+- attention maps ``[V·L·H, h, w]`` (view-major, then layer-major: channel = (v·L + l)·H + head) of
+  the phrase tokens over the image's token grids, merged over the phrase's tokens (mean or max),
+  each view's map resized (bilinear) to the image's grid ``(h, w)`` and normalised to sum 1;
 - the phrase tokens' hidden states of every layer ``[n_tok, L, D]`` (the language cue of the
   refiner; entry l is the output of layer l, the last one after the final norm, as transformers'
   ``hidden_states[1:]``).
 
-Frames: the *original* frame is the input image (H×W). LLaVA-1.5 pads it to a centred square of side
-max(H, W) with the processor's mean colour (the *square* frame) and resizes that to the vision
-tower's input; the h×w token grid covers the square frame. ``ImageGeometry`` maps back.
+Frames: the maps are in the LMM frame of the image (``flmm.geometry.ImageGeometry``: LLaVA-1.5's
+centred square, or the whole image for dynamic-resolution families); its geometry maps back.
 """
 
 from __future__ import annotations
@@ -22,56 +22,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from flmm import capture
+from flmm.families import Family, ImageInputs, family_for
+from flmm.geometry import ImageGeometry
 from flmm.prompt import PromptConfig, PromptLayout, build_prompt, build_text_prompt
-
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """Where the original image (height×width) sits inside LLaVA's padded square of side ``side``."""
-
-    height: int
-    width: int
-    side: int
-    left: int
-    top: int
-
-    @classmethod
-    def of(cls, height: int, width: int) -> ImageGeometry:
-        side = max(height, width)
-        return cls(height, width, side, (side - width) // 2, (side - height) // 2)
-
-    def crop(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[P, 1, h', w']`` logits in the square frame → the original image's region, same scale.
-
-        Offsets round down and extents to nearest (F-LMM's unpadding); at least one pixel is kept.
-        """
-        hs, ws = logits.shape[-2:]
-        y0, x0 = int(self.top * hs / self.side), int(self.left * ws / self.side)
-        h = max(1, int(self.height * hs / self.side + 0.5))
-        w = max(1, int(self.width * ws / self.side + 0.5))
-        return logits[..., y0 : y0 + h, x0 : x0 + w]
-
-    def to_original(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[P, 1, h', w']`` logits in the square frame → ``[P, 1, height, width]`` (original)."""
-        crop = self.crop(logits).float()
-        return F.interpolate(crop, size=(self.height, self.width), mode="bilinear")
 
 
 @dataclass
 class LMMSample:
     """One prepared (image, phrases) pair on CPU.
 
-    pixel_values ``[3, S, S]`` (vision tower input); input_ids ``[T]``; phrase_tokens: for each
-    phrase, the LongTensor of its token positions in input_ids; geometry: the original image.
+    image: the family's inputs for the image (tensors, token count, grids, geometry);
+    input_ids ``[T]``; phrase_tokens: for each phrase, the LongTensor of its token positions in
+    input_ids.
     """
 
-    pixel_values: torch.Tensor
+    image: ImageInputs
     input_ids: torch.Tensor
     phrase_tokens: list[torch.Tensor]
-    geometry: ImageGeometry
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return self.image.geometry
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image.grid
 
 
 @dataclass
@@ -79,8 +57,9 @@ class LMMOutput:
     """Per-sample results of one batched prefill.
 
     token_maps ``[B, L, H, Q, N]`` float32: raw softmax rows of every captured query slot (Q = the
-    longest sample's phrase-token count) over the N image tokens, before merging.
-    attention: per sample ``[P, L·H, h, w]`` float32 maps, each summing to 1.
+    longest sample's phrase-token count) over the image tokens (N = the most of any sample; a
+    sample's own are its first ``image.n_tokens``), before merging.
+    attention: per sample ``[P, V·L·H, h, w]`` float32 maps (see the module).
     hidden: per sample, per phrase ``[n_tok, L, D]`` hidden states (model dtype).
     token_hidden ``[B, Q, L, D]``: the hidden states of every captured query slot (a text's
     tokens in text mode, where the phrases are chosen after the prefill).
@@ -92,30 +71,27 @@ class LMMOutput:
     token_hidden: torch.Tensor
 
 
-class FrozenLlava(nn.Module):
-    """A frozen LLaVA that returns phrase→image attention maps and phrase hidden states."""
+class FrozenLMM(nn.Module):
+    """A frozen LMM of any supported family that returns phrase→image attention maps and phrase
+    hidden states."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor, prompt: PromptConfig):
+    def __init__(self, model: nn.Module, processor, family: Family, prompt: PromptConfig):
         super().__init__()
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)"
-            )
+        family.check(model, processor)
         if not getattr(processor.tokenizer, "is_fast", True):
             raise ValueError("a fast tokenizer (tokenizer.json) is needed for offset mappings")
+        self.family = family
         self.model = model.eval().requires_grad_(False)
         self.model.set_attn_implementation({"text_config": capture.register()})
         self.processor = processor
         self.layout = PromptLayout(processor, prompt)
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = (side, side)
         text = model.config.text_config
         self.num_layers = text.num_hidden_layers
         self.num_heads = text.num_attention_heads
         self.hidden_size = text.hidden_size
+        self.num_views = family.num_views
         self.merge = prompt.merge
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     @classmethod
     def from_pretrained(
@@ -126,13 +102,16 @@ class FrozenLlava(nn.Module):
         device: str | torch.device = "cpu",
         prompt: PromptConfig | None = None,
         trust_remote_code: bool = False,
-    ) -> FrozenLlava:
-        """Load a llava-hf hub id or local directory, frozen, in ``dtype`` on ``device``."""
-        model = LlavaForConditionalGeneration.from_pretrained(
+    ) -> FrozenLMM:
+        """Load a hub id or local directory of any supported family (``flmm.families``), frozen,
+        in ``dtype`` on ``device``."""
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
+        family = family_for(config.get("model_type", "(none)"))
+        model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
         ).to(device)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, prompt or PromptConfig())
+        return cls(model, processor, family, prompt or PromptConfig())
 
     @property
     def device(self) -> torch.device:
@@ -140,13 +119,17 @@ class FrozenLlava(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return self.num_layers * self.num_heads
+        return self.num_views * self.num_layers * self.num_heads
+
+    def image_inputs(self, image: torch.Tensor) -> ImageInputs:
+        """image ``[H, W, 3]`` uint8 RGB (original frame) → the family's inputs for it."""
+        return self.family.image_inputs(self.model, self.processor, image)
 
     def prepare(self, image: torch.Tensor, phrases: list[str]) -> LMMSample:
         """image ``[H, W, 3]`` uint8 RGB (original frame); phrases non-empty strings."""
-        pixel_values, geometry = llava_pixels(self.processor.image_processor, image)
-        prompt = build_prompt(self.layout, phrases, self.grid[0] * self.grid[1])
-        return LMMSample(pixel_values, prompt.input_ids, prompt.phrase_tokens, geometry)
+        inputs = self.image_inputs(image)
+        prompt = build_prompt(self.layout, phrases, inputs.n_tokens)
+        return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens)
 
     def prepare_text(
         self, image: torch.Tensor, text: str
@@ -154,9 +137,9 @@ class FrozenLlava(nn.Module):
         """image ``[H, W, 3]`` uint8 RGB; a free text (caption, description) whose every token
         is captured as one query group (``build_text_prompt``) → the sample, and each text
         token's ``[start, end)`` characters in ``text``."""
-        pixel_values, geometry = llava_pixels(self.processor.image_processor, image)
-        prompt, offsets = build_text_prompt(self.layout, text, self.grid[0] * self.grid[1])
-        return LMMSample(pixel_values, prompt.input_ids, prompt.phrase_tokens, geometry), offsets
+        inputs = self.image_inputs(image)
+        prompt, offsets = build_text_prompt(self.layout, text, inputs.n_tokens)
+        return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens), offsets
 
     @torch.inference_mode()
     def describe(
@@ -166,79 +149,113 @@ class FrozenLlava(nn.Module):
         instruction: str | None = None,
     ) -> list[str]:
         """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB, one batched ``generate`` (KV
-        cache) with the prompt's chat template and ``instruction`` (default: the grounding
-        prompt's, so that the description continues the prompt the heads read)."""
+        cache, prompts left-padded) with the prompt's chat template and ``instruction`` (default:
+        the grounding prompt's, so that the description continues the prompt the heads read)."""
         layout = self.layout
         if instruction is not None:
             layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
-        n_image = self.grid[0] * self.grid[1]
-        prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image)
-        # Every image has the same prompt: no padding, one row repeated.
-        row = layout.tokenizer(prefix, return_tensors="pt")["input_ids"]
-        ids = row.expand(len(images), -1)
-        pixels = [llava_pixels(self.processor.image_processor, image)[0] for image in images]
         tok = self.processor.tokenizer
+        inputs = [self.image_inputs(image) for image in images]
+        rows = []
+        for x in inputs:
+            prefix = layout.prefix.replace(layout.image_token, layout.image_token * x.n_tokens)
+            rows.append(torch.tensor(layout.tokenizer(prefix)["input_ids"], dtype=torch.long))
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, length - len(r) :], mask[b, length - len(r) :] = r, 1
         out = self.model.generate(
             input_ids=ids.to(self.device),
-            attention_mask=torch.ones_like(ids).to(self.device),
-            pixel_values=torch.stack(pixels).to(self.device, self.model.dtype),
+            attention_mask=mask.to(self.device),
+            **self._image_kwargs(inputs, ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
-        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        texts = tok.batch_decode(out[:, length:], skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
+
+    def _image_kwargs(self, inputs: list[ImageInputs], ids: torch.Tensor) -> dict:
+        """The batch's image tensors (on the model's device; floats in its dtype) and, for
+        M-RoPE families, the token types the model derives positions from."""
+        kwargs = {}
+        for key, value in collate_image_tensors([x.tensors for x in inputs]).items():
+            kwargs[key] = value.to(
+                self.device, self.model.dtype if value.is_floating_point() else None
+            )
+        if self.family.mrope:
+            kwargs["mm_token_type_ids"] = (ids == self.image_token_id).int().to(self.device)
+        return kwargs
+
+    def model_inputs(self, samples: list[LMMSample]) -> tuple[dict, dict]:
+        """The collated batch (``collate``) and the keyword arguments of the model's forward for
+        it (on the model's device): ids, mask, positions (M-RoPE families derive their own) and
+        the images' tensors."""
+        tok = self.processor.tokenizer
+        batch = collate(samples, tok.pad_token_id, tok.padding_side, self.image_token_id)
+        inputs = {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+            **self._image_kwargs([s.image for s in samples], batch["input_ids"]),
+        }
+        if not self.family.mrope:
+            inputs["position_ids"] = batch["position_ids"].to(self.device)
+        return batch, inputs
 
     def forward(self, samples: list[LMMSample]) -> LMMOutput:
         """One prefill over a padded batch of prepared samples."""
-        tok = self.processor.tokenizer
-        batch = collate(
-            samples, tok.pad_token_id, tok.padding_side, self.model.config.image_token_id
-        )
+        batch, inputs = self.model_inputs(samples)
         cap = capture.AttentionCapture(batch["query_index"], batch["image_index"])
         recorder = HiddenRecorder(self.model.model.language_model, batch["query_index"])
         with recorder:
-            self.model.model(
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-                position_ids=batch["position_ids"].to(self.device),
-                pixel_values=batch["pixel_values"].to(self.device, self.model.dtype),
-                use_cache=False,
-                flmm_capture=cap,
-            )
+            self.model.model(**inputs, use_cache=False, flmm_capture=cap)
         token_maps = cap.stacked()
         hidden = recorder.stacked()  # [B, Q, L, D]
         attention, phrase_hidden = [], []
         for b, sample in enumerate(samples):
             slots = _phrase_slots(sample.phrase_tokens)
-            attention.append(self.merge_slots(token_maps[b], slots))
+            attention.append(self.merge_slots(token_maps[b], slots, sample.image))
             phrase_hidden.append([hidden[b, s] for s in slots])
         return LMMOutput(token_maps, attention, phrase_hidden, hidden)
 
-    def merge_slots(self, maps: torch.Tensor, slots: list[slice]) -> torch.Tensor:
-        """maps ``[L, H, Q, N]`` → ``[P, L·H, h, w]``, merged per phrase, each map summing to 1."""
+    def merge_slots(
+        self, maps: torch.Tensor, slots: list[slice], image: ImageInputs
+    ) -> torch.Tensor:
+        """maps ``[L, H, Q, N]`` → ``[P, V·L·H, h, w]`` on ``image``'s grids, merged per phrase
+        (see the module; P may be 0)."""
+        if not slots:
+            return maps.new_zeros((0, self.in_channels, *image.grid))
         merged = []
-        for s in slots:
-            rows = maps[:, :, s]
-            m = rows.mean(dim=2) if self.merge == "mean" else rows.amax(dim=2)
-            merged.append(m / m.sum(dim=-1, keepdim=True).clamp(min=1e-12))
-        out = torch.stack(merged)  # [P, L, H, N]
-        return out.flatten(1, 2).unflatten(-1, self.grid)
+        for view in image.views:
+            grid = view.grid(maps)  # [L, H, Q, r, c]
+            per_phrase = []
+            for s in slots:
+                rows = grid[:, :, s]
+                m = rows.mean(dim=2) if self.merge == "mean" else rows.amax(dim=2)
+                per_phrase.append(m)
+            out = torch.stack(per_phrase).flatten(1, 2)  # [P, L·H, r, c]
+            if tuple(out.shape[-2:]) != image.grid:
+                out = F.interpolate(out, size=image.grid, mode="bilinear")
+            merged.append(out / out.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12))
+        return torch.cat(merged, dim=1)
 
 
-def llava_pixels(image_processor, image: torch.Tensor) -> tuple[torch.Tensor, ImageGeometry]:
-    """LLaVA-1.5 preprocessing of ``[H, W, 3]`` uint8 RGB → pixel_values ``[3, S, S]``, geometry.
-
-    Pads to the centred square with the processor's mean colour, then the processor's own
-    resize / rescale / normalise.
-    """
-    geometry = ImageGeometry.of(image.shape[0], image.shape[1])
-    mean = torch.tensor([round(255 * m) for m in image_processor.image_mean], dtype=torch.uint8)
-    square = mean.view(1, 1, 3).expand(geometry.side, geometry.side, 3).clone()
-    top, left = geometry.top, geometry.left
-    square[top : top + geometry.height, left : left + geometry.width] = image
-    pixels = image_processor(images=square.permute(2, 0, 1), return_tensors="pt")["pixel_values"]
-    return pixels[0], geometry
+def collate_image_tensors(tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-image input tensors → the batch's: concatenated on the leading dimension, other
+    dimensions zero-padded to the largest (LLaVA-NeXT's tile counts differ per image)."""
+    out = {}
+    for key in tensors[0]:
+        parts = [t[key] for t in tensors]
+        shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+        padded = []
+        for p in parts:
+            pad = []
+            for d in reversed(range(1, p.dim())):
+                pad += [0, shape[d - 1] - p.shape[d]]
+            padded.append(F.pad(p, pad) if any(pad) else p)
+        out[key] = torch.cat(padded)
+    return out
 
 
 def _phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
@@ -253,10 +270,13 @@ def _phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
 def collate(
     samples: list[LMMSample], pad_id: int, padding_side: str, image_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Pad a batch on the tokenizer's padding side; shift token positions accordingly.
+    """Pad a batch of token sequences on the tokenizer's padding side; shift token positions
+    accordingly.
 
-    Returns input_ids / attention_mask / position_ids ``[B, T]``, pixel_values ``[B, 3, S, S]``,
-    query_index ``[B, Q]`` (all phrase-token positions, padded with 0) and image_index ``[B, N]``.
+    Returns input_ids / attention_mask / position_ids ``[B, T]``, query_index ``[B, Q]`` (all
+    phrase-token positions, padded with 0) and image_index ``[B, N]`` (each row's image-token
+    positions in order, padded with 0 to the most of any row). Image tensors are collated
+    apart (``collate_image_tensors``).
     """
     length = max(len(s.input_ids) for s in samples)
     n_query = max(sum(len(t) for t in s.phrase_tokens) for s in samples)
@@ -270,12 +290,14 @@ def collate(
         mask[b, offset : offset + n] = 1
         positions = torch.cat(s.phrase_tokens) + offset
         query[b, : len(positions)] = positions
-    image_index = torch.stack([torch.nonzero(row == image_token_id)[:, 0] for row in ids])
+    positions = [torch.nonzero(row == image_token_id)[:, 0] for row in ids]
+    image_index = torch.zeros((len(samples), max(len(p) for p in positions)), dtype=torch.long)
+    for b, p in enumerate(positions):
+        image_index[b, : len(p)] = p
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-        "pixel_values": torch.stack([s.pixel_values for s in samples]),
         "query_index": query,
         "image_index": image_index,
     }

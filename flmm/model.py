@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from flmm.heads import FLMMHeads, Grounding
-from flmm.lmm import FrozenLlava, LMMSample
+from flmm.lmm import FrozenLMM, LMMSample
 from flmm.losses import mask_losses
 from flmm.sam import SamImageEncoder
 from flmm.selector import KeywordSelector, char_span, tag_loss
@@ -68,7 +68,7 @@ class FLMM(nn.Module):
 
     def __init__(
         self,
-        lmm: FrozenLlava,
+        lmm: FrozenLMM,
         image_encoder: SamImageEncoder,
         heads: FLMMHeads,
         autocast_dtype: torch.dtype | None = None,
@@ -128,10 +128,7 @@ class FLMM(nn.Module):
                     spans.append(span)
             slots = [slice(s.start, s.end) for s in spans]
             maps = lmm_out.token_maps[b]  # [L, H, Q, N]
-            if slots:
-                attention = self.lmm.merge_slots(maps, slots)
-            else:
-                attention = maps.new_zeros((0, maps.shape[0] * maps.shape[1], *self.lmm.grid))
+            attention = self.lmm.merge_slots(maps, slots, x.lmm.image)
             hiddens = [hidden[s] for s in slots]
             confidences = [s.confidence for s in spans]
             out.append(Selection(attention, hiddens, list(chars.values()), confidences))

@@ -33,7 +33,7 @@ OUTSIDE, BEGIN, INSIDE = range(3)
 
 @dataclass(frozen=True)
 class SelectorConfig:
-    """num_layers, hidden_size: the LMM's text layers and width (as ``FrozenLlava``'s);
+    """num_layers, hidden_size: the LMM's text layers and width (as ``FrozenLMM``'s);
     context: tokens seen on each side of the one tagged; min_confidence: spans read with a lower
     mean tag probability are dropped; describe_instruction: the instruction whose answers the
     selector was trained to read (asked for image-only samples; None: the grounding prompt's)."""

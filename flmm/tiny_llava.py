@@ -61,17 +61,25 @@ class TinyLlavaConfig:
     embedding_rows: int | None = None  # None: the tokenizer's size (LLaVA-1.5 pads to 32064)
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int, padding_side: str):
-    """A Llama-style (Metaspace BPE) fast tokenizer trained on ``corpus``; BOS is prepended."""
+def train_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int,
+    padding_side: str,
+    image_token: str = IMAGE_TOKEN,
+    special_tokens: tuple[str, ...] = (),
+    chat_words: str = "USER: ASSISTANT:",
+):
+    """A Llama-style (Metaspace BPE) fast tokenizer trained on ``corpus``; BOS is prepended.
+    ``image_token`` (also ``tokenizer.image_token``) and ``special_tokens`` are single tokens."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS[:4], image_token, *special_tokens],
         initial_alphabet=list(string.printable),  # no <unk> for any ASCII text
     )
-    tok.train_from_iterator(itertools.chain(corpus, ["USER: ASSISTANT:"]), trainer=trainer)
+    tok.train_from_iterator(itertools.chain(corpus, [chat_words]), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -81,7 +89,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, padding_side: str):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=[IMAGE_TOKEN],
+        additional_special_tokens=[image_token, *special_tokens],
+        extra_special_tokens={"image_token": image_token},
         padding_side=padding_side,
     )
 

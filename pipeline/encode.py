@@ -107,6 +107,7 @@ class EncodeActor:
                 embedding=embeddings[b],
                 masks=masks,
                 sam_input_size=inputs[b].sam_input_size,
+                geometry=inputs[b].lmm.geometry,
                 **texts.get(b, {}),
             )
             out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})

@@ -9,11 +9,10 @@ Arrow tensor extension, and the bytes are the same on every node):
     embedding  [C, He, We]      SAM image embedding (float16)
     masks      [P, H, W]        ground-truth masks, original frame (uint8 0/1)
     sam_input  [2]              (h1, w1): the image's size inside SAM's input frame (int64)
+    geometry   [6]              the image inside the LMM frame (int64, ``ImageGeometry``)
     text_hidden [T, L, D]       hidden states of a text's tokens (float16), and
     text_tags  [T]              their gold keyword tags (int64, ``flmm.selector.TAGS``): only
                                 for samples with a text and its groundable spans
-
-The LMM's square-frame geometry follows from (H, W) (``ImageGeometry.of``).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
-from flmm.lmm import ImageGeometry
+from flmm.geometry import ImageGeometry
 
 
 @dataclass
@@ -35,12 +34,9 @@ class ImageFeatures:
     embedding: torch.Tensor
     masks: torch.Tensor
     sam_input_size: tuple[int, int]
+    geometry: ImageGeometry
     text_hidden: torch.Tensor | None = None
     text_tags: torch.Tensor | None = None
-
-    @property
-    def geometry(self) -> ImageGeometry:
-        return ImageGeometry.of(*self.masks.shape[-2:])
 
     def to_bytes(self) -> bytes:
         tensors = {
@@ -48,6 +44,7 @@ class ImageFeatures:
             "embedding": self.embedding.to(torch.float16),
             "masks": self.masks.to(torch.uint8),
             "sam_input": torch.tensor(self.sam_input_size, dtype=torch.int64),
+            "geometry": self.geometry.to_tensor(),
         }
         for i, h in enumerate(self.hidden):
             tensors[f"hidden_{i}"] = h.to(torch.float16)
@@ -67,6 +64,7 @@ class ImageFeatures:
             embedding=tensors["embedding"],
             masks=tensors["masks"],
             sam_input_size=(h1, w1),
+            geometry=ImageGeometry.from_tensor(tensors["geometry"]),
             text_hidden=tensors.get("text_hidden"),
             text_tags=tensors.get("text_tags"),
         )

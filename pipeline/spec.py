@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from flmm.build import SAM_VARIANTS, build_flmm, build_sam, sam_config
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.model import FLMM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +27,9 @@ def add_model_args(
     ``--dtype``, ``--sam-heads-dtype`` (with ``sam_heads_dtype``) and ``--device``. ``default``
     names, in the help, what the job uses without ``--lmm``. ``model_spec(args)`` reads them."""
     parser.add_argument(
-        "--lmm", help=f"llava-hf hub id or local LLaVA directory (default: {default} LMM)"
+        "--lmm",
+        help="hub id or local directory of an LMM of a supported family (LLaVA-1.5, LLaVA-NeXT, "
+        f"DeepSeek-VL, Qwen2.5-VL / Qwen3-VL; default: {default} LMM)",
     )
     parser.add_argument(
         "--sam",
@@ -57,7 +59,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
     lmm, sam, checkpoint, heads = args.lmm, args.sam, args.sam_checkpoint, args.heads
     if lmm is None:
         if default is None:
-            raise ValueError("give --lmm (a llava-hf hub id or a local LLaVA directory)")
+            raise ValueError("give --lmm (a hub id or local directory of a supported LMM)")
         lmm, sam = default.lmm, sam or default.sam_variant
         if checkpoint is None and sam == default.sam_variant:
             checkpoint = default.sam_checkpoint
@@ -75,7 +77,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """lmm: llava-hf hub id or local LLaVA directory; sam_variant: a ``flmm.build.SAM_VARIANTS``
+    """lmm: hub id or local directory of an LMM of a supported family; sam_variant: a ``flmm.build.SAM_VARIANTS``
     name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors`` or an
     F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype; device:
     ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``; sam_heads_dtype: what the
@@ -110,7 +112,7 @@ class ModelSpec:
     def build(self) -> FLMM:
         """The whole model in eval mode on ``resolved_device()``, frozen parts frozen."""
         device = self.resolved_device()
-        lmm = FrozenLlava.from_pretrained(self.lmm, dtype=DTYPES[self.dtype], device=device)
+        lmm = FrozenLMM.from_pretrained(self.lmm, dtype=DTYPES[self.dtype], device=device)
         sam = build_sam(sam_config(self.sam_variant), self.sam_checkpoint)
         reduced = None if self.sam_heads_dtype == "float32" else DTYPES[self.sam_heads_dtype]
         return build_flmm(lmm, sam, self.heads, reduced).to(device).eval()

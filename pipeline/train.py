@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
 from flmm.checkpoint import read_metadata, save_tensors
+from flmm.families import family_for
 from flmm.heads import FLMMHeads, save_heads
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
@@ -300,12 +301,18 @@ def _storage_path(storage: str) -> str:
 
 
 def lmm_dims(lmm: str, unet_channels: int = HeadsConfig.unet_base_channels) -> HeadsConfig:
-    """Heads sized for an LMM, read from its config alone (no weights loaded)."""
+    """Heads sized for an LMM (its family's views × layers × heads), read from its config alone
+    (no weights loaded)."""
     from transformers import AutoConfig
 
-    text = AutoConfig.from_pretrained(lmm).text_config
+    config = AutoConfig.from_pretrained(lmm)
+    text = config.text_config
     return HeadsConfig(
-        text.num_hidden_layers, text.num_attention_heads, text.hidden_size, unet_channels
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.hidden_size,
+        unet_channels,
+        num_views=family_for(config.model_type).num_views,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.tiny_llava import write_tiny_llava
+from flmm.tiny_lmms import write_tiny_lmm
 
 CORPUS = [
     "the red circle on the left",
@@ -33,6 +34,21 @@ def tiny_llava_right_dir(tmp_path_factory):
     """The same tiny LLaVA with a right-padding tokenizer."""
     config = dataclasses.replace(TINY_LLAVA_VARIANTS["tiny"], padding_side="right")
     return write_tiny_llava(config, CORPUS, tmp_path_factory.mktemp("tiny_llava_right"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lmm_dir(tmp_path_factory, tiny_llava_dir):
+    """model_type → a tiny random checkpoint of that family (``flmm.tiny_lmms``), written on
+    first use; ``llava`` is ``tiny_llava_dir``."""
+    written = {"llava": tiny_llava_dir}
+
+    def get(model_type: str):
+        if model_type not in written:
+            out = tmp_path_factory.mktemp(f"tiny_{model_type}")
+            written[model_type] = write_tiny_lmm(model_type, CORPUS, out)
+        return written[model_type]
+
+    return get
 
 
 @pytest.fixture(autouse=True)

@@ -69,6 +69,36 @@ def test_gpu_bench_tiny_path_runs_on_cpu_and_counts_the_flops_of_its_shapes(tmp_
     assert 0.95 < res["fraction_of_flop_bound"] / fraction < 1.2, (res, fraction)
 
 
+@pytest.mark.parametrize("family", ["deepseek_vl_hybrid", "qwen2_5_vl"])
+def test_gpu_bench_tiny_path_runs_for_the_other_families(family, tmp_path):
+    _, res = run_gpu_bench(tmp_path, "--tiny", "--family", family, "--batch", "2", "--repeats", "1")
+    assert res["family"] == family and res["images_per_s"] > 0
+    assert res["flops_per_image"]["lmm"] > 0 and res["shapes"]["image_tokens"] > 0
+
+
+def test_gpu_bench_7b_configs_have_the_published_shapes():
+    """Built on the meta device (no memory): the LMMs' sizes are those of the 7B releases."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu
+
+    expected = {  # layers, heads, kv heads, width, image tokens of a 480x640 image
+        "deepseek_vl_hybrid": (30, 32, 32, 4096, 576),
+        "qwen2_5_vl": (28, 28, 4, 3584, 391),
+    }
+    for family, (layers, heads, kv, width, tokens) in expected.items():
+        config, processor, model_class = gpu.lmm_config(family, tiny=False)
+        with torch.device("meta"):
+            model = model_class._from_config(config)
+        text = model.config.text_config
+        assert (text.num_hidden_layers, text.num_attention_heads) == (layers, heads)
+        assert (text.num_key_value_heads, text.hidden_size) == (kv, width)
+        lmm = gpu.FrozenLMM(model, processor, gpu.family_for(family), gpu.PromptConfig())
+        image = torch.zeros((480, 640, 3), dtype=torch.uint8)
+        assert lmm.image_inputs(image).n_tokens == tokens
+        params = sum(p.numel() for p in model.parameters())
+        assert 6.5e9 < params < 9.5e9, params
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU message")
 def test_gpu_bench_without_a_gpu_says_so_and_exits_0(tmp_path):
     run, res = run_gpu_bench(tmp_path)
@@ -83,3 +113,14 @@ def test_gpu_bench_at_llava_7b_and_sam_vit_l_shapes(tmp_path):
     assert res["shapes"]["image_tokens"] == 576 and res["shapes"]["text"]["hidden"] == 4096
     assert res["images_per_s"] > 0 and 0 < res["fraction_of_flop_bound"] <= 1
     check_flops(res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "family, tokens, width", [("deepseek_vl_hybrid", 576, 4096), ("qwen2_5_vl", 391, 3584)]
+)
+def test_gpu_bench_at_the_other_families_7b_shapes(family, tokens, width, tmp_path):
+    _, res = run_gpu_bench(tmp_path, "--family", family, "--batch", "4", "--repeats", "2")
+    assert res["family"] == family and res["dtype"] == "bfloat16"
+    assert res["shapes"]["image_tokens"] == tokens and res["shapes"]["text"]["hidden"] == width
+    assert res["images_per_s"] > 0 and 0 < res["fraction_of_flop_bound"] <= 1

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.heads import save_heads
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.selector import KeywordSelector, SelectorConfig, Span, char_span
 from pipeline.decode import DECODED_SCHEMA, decode_batch
 from pipeline.grounding import RESULT_SCHEMA, GroundingActor
@@ -28,7 +28,7 @@ def spec(tiny_llava_dir, tmp_path_factory):
     torch.manual_seed(0)
     sam = build_sam(sam_config("tiny"))
     save_file(sam.state_dict(), str(out / "sam.safetensors"))
-    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
     heads = build_flmm(lmm, sam).heads
     heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
     with torch.no_grad():

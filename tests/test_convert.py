@@ -3,10 +3,15 @@ result loads strictly into our modules, the mapping round-trips, and nothing is 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
+from flmm.checkpoint import read_metadata
 from flmm.convert import (
     convert_flmm_checkpoint,
     convert_flmm_state_dict,
@@ -201,14 +206,16 @@ def test_unwrap_rejects_non_tensor_entries() -> None:
 # buffer): no LLaVA weights, no SAM image encoder.
 # --------------------------------------------------------------------------------------------
 
+ROOT = Path(__file__).resolve().parents[1]
 Layout = dict[str, tuple[int, ...]]
 C = 256  # SAM's prompt / transformer dim
 
 
-def release_unet_layout() -> Layout:
-    """``mask_head.*`` (the U-Net over 32 x 32 attention maps) and the text-prompt path."""
+def release_unet_layout(in_channels: int = 1024, layers: int = 32, hidden: int = 4096) -> Layout:
+    """``mask_head.*`` (the U-Net over ``in_channels`` attention maps: 32 x 32 for LLaVA-1.5-7B)
+    and the text-prompt path of an LMM of ``layers`` layers and width ``hidden``."""
     layout = {}
-    stages = [(1024, 64), (64, 128), (128, 256), (256, 512)]  # (in, out) per encoder stage
+    stages = [(in_channels, 64), (64, 128), (128, 256), (256, 512)]  # (in, out) per stage
     for i, (c_in, c_out) in enumerate(stages):
         block = "mask_head.encoder.0.0" if i == 0 else f"mask_head.encoder.{i}.1"
         for j, c in enumerate((c_in, c_out)):
@@ -218,8 +225,8 @@ def release_unet_layout() -> Layout:
         for j, c in enumerate((2 * skip, skip)):
             layout |= _conv_module(f"mask_head.decoder.{i}.conv_block.convs.{j}", skip, c, 3)
     layout |= {"mask_head.conv_seg.weight": (1, 64, 1, 1), "mask_head.conv_seg.bias": (1,)}
-    layout["text_layer_weights"] = (32,)
-    return layout | _linear("text_proj", C, 4096)
+    layout["text_layer_weights"] = (layers,)
+    return layout | _linear("text_proj", C, hidden)
 
 
 def release_sam_layout() -> Layout:
@@ -342,3 +349,46 @@ def test_the_7b_release_loads_strictly_into_heads_for_llava_7b_and_sam_vit_l(rel
     converted = convert_flmm_state_dict(tensors)
     for key, value in heads.state_dict().items():
         assert torch.equal(value, converted[key]), key
+
+
+# F-LMM's other releases (flmm/models/frozen_deepseek_vl.py, frozen_llava_next.py): the same
+# attribute names; the U-Net reads heads x layers channels (DeepSeek-VL's language_config) or,
+# for LLaVA-NeXT, heads x layers x 2 (the base image's maps and the anyres tiles' maps stacked).
+# Shapes of the LMMs: DeepSeek-VL-1.3B 24 layers x 16 heads, width 2048; DeepSeek-VL-7B 30 x 32,
+# 4096; LLaVA-NeXT Vicuna-7B / Mistral-7B 32 x 32, 4096.
+OTHER_RELEASES = {
+    "deepseek_vl_1_3b": ("deepseek_vl", 24, 16, 2048),
+    "deepseek_vl_7b": ("deepseek_vl_hybrid", 30, 32, 4096),
+    "llava_next_7b": ("llava_next", 32, 32, 4096),
+}
+
+
+@pytest.mark.parametrize("release", sorted(OTHER_RELEASES))
+def test_other_families_releases_convert_and_load_strictly(release, tmp_path) -> None:
+    family, layers, heads_per_layer, hidden = OTHER_RELEASES[release]
+    views = 2 if family == "llava_next" else 1
+    layout = release_unet_layout(views * layers * heads_per_layer, layers, hidden)
+    layout |= release_sam_layout()
+    generator = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(shape, generator=generator) for k, shape in layout.items()}
+    src, dst = tmp_path / f"{release}.pth", tmp_path / "heads.safetensors"
+    torch.save(tensors, src)
+    cmd = [
+        sys.executable,
+        str(ROOT / "jobs" / "convert.py"),
+        str(src),
+        str(dst),
+        "--family",
+        family,
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert f"{views} view(s), L={layers}, H={heads_per_layer}, D={hidden}" in run.stdout
+    assert read_metadata(dst)["family"] == family
+    config = HeadsConfig(layers, heads_per_layer, hidden, num_views=views)
+    with torch.device("meta"):
+        built = build_heads(config, build_sam(sam_config("vit_l")))
+    built.to_empty(device="cpu")
+    assert load_heads(built, dst) is None  # strict: every key, every shape
+    first = "mask_head.encoder.0.0.convs.0.conv.weight"
+    assert torch.equal(built.mask_decoder.encoder[0].convs[0].conv.weight, tensors[first])

@@ -14,7 +14,7 @@ import jobs.evaluate as job
 import toyworld.models
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.heads import save_heads
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.metrics import MaskIoU
 from pipeline.decode import read_samples
 from pipeline.evaluate import (
@@ -43,7 +43,7 @@ def models(tiny_llava_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_models")
     sam = build_sam(sam_config("tiny"))
     save_file(sam.state_dict(), str(out / "sam.safetensors"))
-    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
     heads = build_flmm(lmm, sam).heads
     # A positive U-Net bias makes the random heads predict non-trivial masks (not all empty).
     last_conv = [m for m in heads.mask_decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
@@ -88,7 +88,7 @@ def _bad_shard(directory: Path) -> Path:
 def _direct_metrics(models: dict, shards: list[Path]) -> dict:
     """The metrics computed without the job: the model run one image and one sequence at a
     time through ``FLMM.forward``, masks sigmoid > 0.5, MaskIoU."""
-    lmm = FrozenLlava.from_pretrained(models["lmm"])
+    lmm = FrozenLMM.from_pretrained(models["lmm"])
     model = build_flmm(lmm, build_sam(sam_config("tiny"), models["sam"]), models["heads"])
     acc = {(p, o): MaskIoU() for p in ("standard", "flmm") for o in ("unet", "refined")}
     for sample in read_samples(shards):
@@ -200,7 +200,7 @@ def test_no_arguments_evaluate_toy_heads_on_held_out_toy_shards(models, monkeypa
     ``--limit 1`` keeps it to one scene."""
     toy = toyworld.models.toy_model_spec(heads=False)
     sam = build_sam(sam_config("toy"), toy.sam_checkpoint)
-    heads = build_flmm(FrozenLlava.from_pretrained(toy.lmm), sam).heads
+    heads = build_flmm(FrozenLMM.from_pretrained(toy.lmm), sam).heads
     saved = save_heads(heads, tmp_path / "toy_heads.safetensors")
     monkeypatch.setattr(toyworld.models, "toy_heads", lambda: saved)
     monkeypatch.chdir(tmp_path)

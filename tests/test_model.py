@@ -11,7 +11,7 @@ from conftest import random_image
 from flmm.build import build_flmm, build_sam, load_heads, sam_config
 from flmm.convert import to_flmm_state_dict
 from flmm.heads import save_heads
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.model import grounding_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +25,7 @@ IMAGES = [
 @pytest.fixture
 def flmm(tiny_llava_dir):
     torch.manual_seed(0)
-    return build_flmm(
-        FrozenLlava.from_pretrained(str(tiny_llava_dir)), build_sam(sam_config("tiny"))
-    )
+    return build_flmm(FrozenLMM.from_pretrained(str(tiny_llava_dir)), build_sam(sam_config("tiny")))
 
 
 def _inputs(model):
@@ -99,11 +97,11 @@ def test_heads_checkpoint_round_trip_gives_identical_masks(tiny_llava_dir, tmp_p
     sam = build_sam(sam_config("tiny"))
     sam_path = tmp_path / "sam.pth"
     torch.save(sam.state_dict(), sam_path)
-    flmm = build_flmm(FrozenLlava.from_pretrained(str(tiny_llava_dir)), sam)
+    flmm = build_flmm(FrozenLMM.from_pretrained(str(tiny_llava_dir)), sam)
     path = save_heads(flmm.heads, tmp_path / "heads.safetensors")
     torch.manual_seed(123)  # heads of the second model start from a different random init
     sam = build_sam(sam_config("tiny"), sam_path)
-    other = build_flmm(FrozenLlava.from_pretrained(str(tiny_llava_dir)), sam, path)
+    other = build_flmm(FrozenLMM.from_pretrained(str(tiny_llava_dir)), sam, path)
     inputs = _inputs(flmm)
     with torch.inference_mode():
         a, b = flmm(inputs), other(inputs)
@@ -115,7 +113,7 @@ def test_narrow_unet_checkpoint_builds_a_unet_of_its_width(tiny_llava_dir, tmp_p
     from flmm.build import HeadsConfig, build_heads
     from flmm.model import FLMM
 
-    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
     sam = build_sam(sam_config("tiny"))
     config = HeadsConfig(lmm.num_layers, lmm.num_heads, lmm.hidden_size, unet_base_channels=16)
     torch.manual_seed(5)

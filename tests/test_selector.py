@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flmm.build import build_flmm, build_sam, load_heads, sam_config
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.selector import (
     BEGIN,
     INSIDE,
@@ -80,7 +80,7 @@ def test_a_selector_saved_in_the_heads_file_comes_back_with_the_model(tiny_llava
     from flmm.checkpoint import read_metadata
     from flmm.heads import save_heads
 
-    lmm = FrozenLlava.from_pretrained(str(tiny_llava_dir))
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
     sam = build_sam(sam_config("tiny"))
     model = build_flmm(lmm, sam)
     path = save_heads(model.heads, tmp_path / "heads.safetensors", {"note": "kept"})

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from flmm.lmm import ImageGeometry
+from flmm.geometry import ImageGeometry
 from toyworld.scenes import make_scene, scene_seed
 from toyworld.signal import miou, square_targets, train_head
 
@@ -12,7 +12,7 @@ def _data(n_scenes: int, seed: int, planted: bool):
     masks, geometries = [], []
     for i in range(n_scenes):
         scene = make_scene(scene_seed(seed, i))
-        g = ImageGeometry.of(*scene.image.shape[:2])
+        g = ImageGeometry.square(*scene.image.shape[:2])
         masks.extend(o.mask for o in scene.objects)
         geometries.extend(g for _ in scene.objects)
     targets = square_targets(masks, geometries)

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.build import TINY_LLAVA_VARIANTS
-from flmm.lmm import FrozenLlava
+from flmm.families import family_for
+from flmm.lmm import FrozenLMM
 from flmm.prompt import PromptConfig
 from flmm.tiny_llava import write_tiny_llava
 from toyworld.lmm import (
@@ -58,7 +59,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return FrozenLlava.from_pretrained(str(SHIPPED))
+    return FrozenLMM.from_pretrained(str(SHIPPED))
 
 
 def test_shipped_toy_lmm_is_an_fp16_llava_checkpoint_of_the_toy_variant(shipped):
@@ -67,7 +68,7 @@ def test_shipped_toy_lmm_is_an_fp16_llava_checkpoint_of_the_toy_variant(shipped)
         assert {f.get_slice(name).get_dtype() for name in names} == {"F16"}
     variant = TINY_LLAVA_VARIANTS["toy"]
     side = variant.image_size // variant.patch_size
-    assert shipped.grid == (side, side)
+    assert n_image_tokens(shipped.model) == side * side
     assert (shipped.num_layers, shipped.num_heads) == (variant.text_layers, variant.text_heads)
     scene = make_scene(scene_seed(0, 10**9))
     phrases = [obj.expressions[0] for obj in scene.objects]
@@ -79,14 +80,14 @@ def test_shipped_toy_lmm_is_an_fp16_llava_checkpoint_of_the_toy_variant(shipped)
 
 def test_shipped_toy_lmm_phrase_attention_falls_on_the_phrase_object(shipped):
     """The property the F-LMM heads rely on; a random-weight control scores 1.0 (uniform)."""
-    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], 0, SCENE_CONFIG)
+    data = ToyData(shipped.processor, n_image_tokens(shipped.model), 0, SCENE_CONFIG)
     assert attention_lift(shipped, data, n_scenes=10)["best_channel"] >= 2.0
 
 
 @pytest.mark.parametrize("kind", ["colour", "shape"])
 def test_shipped_toy_lmm_answers_held_out_questions_well_above_chance(shipped, kind):
     seed = json.loads((SHIPPED / RECORD).read_text())["recipe"]["seed"]
-    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], seed, SCENE_CONFIG)
+    data = ToyData(shipped.processor, n_image_tokens(shipped.model), seed, SCENE_CONFIG)
     examples = eval_examples(data, kind, 20)  # held-out scene indices: never trained on
     answers = generate_answers(shipped.model, data, examples, max_new=6)
     accuracy = np.mean([a[:1] == [e.question.answer] for e, a in zip(examples, answers)])
@@ -100,7 +101,7 @@ def test_shipped_toy_lmm_lists_the_objects_of_held_out_scenes(shipped):
     every window. Before the list stage the model named 34% of the objects when describing."""
     from toyworld.vqa import list_name
 
-    data = ToyData(shipped.processor, shipped.grid[0] * shipped.grid[1], 0, SCENE_CONFIG)
+    data = ToyData(shipped.processor, n_image_tokens(shipped.model), 0, SCENE_CONFIG)
     examples = eval_examples(data, "list", 20)
     answers = generate_answers(shipped.model, data, examples, max_new=40)
     named = total = 0
@@ -192,7 +193,9 @@ def test_training_sequences_are_the_grounding_prompt_with_labels_on_the_answer(t
     scene = data.scene(0)
     question = ask(scene, "describe", np.random.default_rng(0))
     example = data.example(0, question, data.pixels(scene))
-    lmm = FrozenLlava(model, data.processor, PromptConfig())  # the default grounding prompt
+    lmm = FrozenLMM(
+        model, data.processor, family_for("llava"), PromptConfig()
+    )  # the default grounding prompt
     grounding = lmm.prepare(torch.from_numpy(scene.image), list(question.phrases))
     tokenizer = data.processor.tokenizer
     assert torch.equal(example.input_ids[:-1], grounding.input_ids)

@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.build import TINY_LLAVA_VARIANTS
-from flmm.lmm import FrozenLlava, ImageGeometry, llava_pixels
+from flmm.families.llava import llava_pixels
+from flmm.geometry import ImageGeometry
+from flmm.lmm import FrozenLMM
 from flmm.optim import OptimConfig
 from flmm.optim import step as optim_step
 from flmm.prompt import PromptConfig, PromptLayout, build_prompt
@@ -132,7 +134,7 @@ class Encoder:
     """Question → (input_ids ``[T]``, answer start) in the grounding layout, + EOS at the end.
 
     The prompt is ``build_prompt(PromptLayout(processor, PromptConfig(instruction)), phrases)``,
-    exactly what ``FrozenLlava.prepare`` builds; input_ids[start:] are the answer tokens.
+    exactly what ``FrozenLMM.prepare`` builds; input_ids[start:] are the answer tokens.
     """
 
     def __init__(self, processor, n_image_tokens: int):
@@ -546,7 +548,7 @@ def evaluate(
     return table
 
 
-def attention_lift(lmm: FrozenLlava, data: ToyData, n_scenes: int) -> dict[str, float]:
+def attention_lift(lmm: FrozenLMM, data: ToyData, n_scenes: int) -> dict[str, float]:
     """How strongly phrase→image attention falls on the phrase's object, on held-out scenes.
 
     For every object phrase of a ``describe`` prompt and every layer·head channel: the attention
@@ -571,9 +573,8 @@ def attention_lift(lmm: FrozenLlava, data: ToyData, n_scenes: int) -> dict[str, 
 def grid_cover(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """Fraction of each token-grid cell ``[h, w]`` covered by a bool ``[H, W]`` mask (original
     frame), after LLaVA's centred square padding."""
-    g = ImageGeometry.of(*mask.shape)
-    square = torch.zeros((g.side, g.side))
-    square[g.top : g.top + g.height, g.left : g.left + g.width] = torch.from_numpy(mask).float()
+    g = ImageGeometry.square(*mask.shape)
+    square = g.paste(torch.from_numpy(mask).float())
     return F.adaptive_avg_pool2d(square[None, None], grid)[0, 0]
 
 
@@ -613,7 +614,7 @@ def build_toy_lmm(
         losses, seconds = train_list_stage(out_dir, recipe, log)
         record["final_list_stage_loss"] = float(np.mean(losses[-recipe.log_every :]))
         record["list_stage_seconds"] = round(seconds, 1)
-    lmm = FrozenLlava.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
+    lmm = FrozenLMM.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
     processor = AutoProcessor.from_pretrained(out_dir)
     data = ToyData(processor, n_image_tokens(lmm.model), recipe.seed, SCENE_CONFIG)
     record.update(

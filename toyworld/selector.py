@@ -2,7 +2,7 @@
 heads by ``jobs/train.py`` on the toy shards' texts) on texts of held-out scenes.
 
     held-out toy scene → caption, description or list with gold spans (toyworld.captions)
-      → one prefill of image + text (FrozenLlava.prepare_text) → hidden states of the text's
+      → one prefill of image + text (FrozenLMM.prepare_text) → hidden states of the text's
       tokens [T, L, D] → KeywordSelector.select → character spans (char_span) vs gold spans
 
     python -m toyworld.selector --heads models/toy/heads.safetensors
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from flmm.build import read_heads_file
-from flmm.lmm import FrozenLlava
+from flmm.lmm import FrozenLMM
 from flmm.selector import OUTSIDE, KeywordSelector, bio_tags, char_span, read_spans, span_f1
 from toyworld.captions import make_caption, make_description, make_list, scene_text
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
@@ -60,7 +60,7 @@ def toy_text(scene, kind: str):
 
 @torch.inference_mode()
 def caption_features(
-    lmm: FrozenLlava, seed: int, first: int, n: int, batch: int = 16, kind: str = "caption"
+    lmm: FrozenLMM, seed: int, first: int, n: int, batch: int = 16, kind: str = "caption"
 ) -> list[CaptionFeatures]:
     """Texts (``toy_text`` of ``kind``) of scenes ``first … first + n - 1`` (scene seeds from
     ``seed``; text choices from the scene's seed) and their tokens' hidden states, ``batch``
@@ -116,7 +116,7 @@ EVAL_KINDS = ("caption", "description", "list")
 
 
 def evaluate_toy_selector(
-    lmm: FrozenLlava, selector: KeywordSelector, scenes: int = 300, seed: int = 0
+    lmm: FrozenLMM, selector: KeywordSelector, scenes: int = 300, seed: int = 0
 ) -> dict:
     """Held-out metrics (``evaluate``) of ``selector`` per kind of text (``EVAL_KINDS``), on
     scenes ``EVAL_START …`` of ``seed``."""
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-scenes", type=int, default=300)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lmm = FrozenLlava.from_pretrained(args.lmm)
+    lmm = FrozenLMM.from_pretrained(args.lmm)
     _, selector = read_heads_file(args.heads)
     if selector is None:
         sys.exit(f"error: {args.heads} has no keyword selector")

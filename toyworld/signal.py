@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flmm.lmm import FrozenLlava, ImageGeometry
+from flmm.geometry import ImageGeometry
+from flmm.lmm import FrozenLMM
 from flmm.losses import dice_loss
 from toyworld.scenes import make_scene, scene_seed
 
@@ -28,7 +29,7 @@ TEST_OFFSET = 1_000_000  # held-out scenes use indices from here on
 SIDE = 64  # head output side in the square frame
 
 
-def phrase_maps(lmm: FrozenLlava, indices: range, seed: int, batch: int = 16):
+def phrase_maps(lmm: FrozenLMM, indices: range, seed: int, batch: int = 16):
     """Attention maps, GT masks and geometries of one expression per object of each scene.
 
     Returns maps ``[N, L·H, h, w]`` float32, masks: N bool ``[H, W]``, geometries: N.
@@ -53,8 +54,7 @@ def square_targets(masks, geometries) -> torch.Tensor:
     """GT masks placed in the square frame and resized (nearest) to ``[N, 1, SIDE, SIDE]``."""
     out = []
     for mask, g in zip(masks, geometries):
-        square = torch.zeros((g.side, g.side))
-        square[g.top : g.top + g.height, g.left : g.left + g.width] = torch.from_numpy(mask).float()
+        square = g.paste(torch.from_numpy(mask).float())
         out.append(F.interpolate(square[None, None], (SIDE, SIDE), mode="nearest")[0])
     return torch.stack(out)
 
@@ -104,7 +104,7 @@ def miou(head: ConvHead, maps, masks, geometries: list[ImageGeometry]) -> float:
 def signal(lmm_path: str, n_train: int, n_test: int, epochs: int, seed: int) -> dict:
     """Train the head on ``n_train`` scenes' maps from ``lmm_path``; held-out mIoU and timings."""
     start = time.perf_counter()
-    lmm = FrozenLlava.from_pretrained(lmm_path)
+    lmm = FrozenLMM.from_pretrained(lmm_path)
     train = phrase_maps(lmm, range(n_train), seed)
     test = phrase_maps(lmm, range(TEST_OFFSET, TEST_OFFSET + n_test), seed)
     extract = time.perf_counter() - start

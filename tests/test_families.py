@@ -1,0 +1,92 @@
+"""Every LMM family end to end, on tiny random checkpoints of the real classes: the ground
+job, one annotated shard, one Ray Train run, and image descriptions; the jobs take the family
+through ``--lmm`` / ``ModelSpec.lmm`` with nothing else changed."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from annotate_inputs import PHRASES, write_good_shards
+from conftest import random_image
+from PIL import Image
+
+from flmm.build import load_heads
+from flmm.lmm import FrozenLMM
+from flmm.optim import OptimConfig
+from flmm.tiny_lmms import MODEL_TYPES
+from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.spec import ModelSpec
+from pipeline.train import TrainConfig, TrainJob, build_trainable_heads, fit_heads, lmm_dims
+from toyworld.shards import write_toy_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHERS = [t for t in MODEL_TYPES if t != "llava"]  # LLaVA-1.5 has its own job tests
+
+
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_ground_job_takes_any_family_through_lmm(model_type, tiny_lmm_dir, tmp_path):
+    image, out = tmp_path / "x.png", tmp_path / "masks.png"
+    Image.fromarray(random_image(50, 90).numpy()).save(image)
+    cmd = [sys.executable, str(ROOT / "jobs" / "ground.py"), "--lmm", str(tiny_lmm_dir(model_type))]
+    cmd += ["--sam", "tiny", "--image", str(image), "--output", str(out)]
+    cmd += ["--phrase", "the red circle", "--phrase", "a small blue square"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "'the red circle':" in run.stdout and "'a small blue square':" in run.stdout
+    assert Image.open(out).size == (90, 50)
+
+
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_annotate_writes_one_shard_with_any_family(model_type, ray_session, tiny_lmm_dir, tmp_path):
+    write_good_shards(tmp_path / "in", 1, 3)
+    spec = ModelSpec(str(tiny_lmm_dir(model_type)), "tiny")
+    summary = run_annotation(AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec))
+    samples = pq.read_table(tmp_path / "out" / "samples" / "good-000000.parquet").to_pylist()
+    assert [s["status"] for s in samples] == ["ok"] * 3, samples
+    annotations = pq.read_table(tmp_path / "out" / "annotations" / "good-000000.parquet")
+    # sample i has phrases PHRASES[: 1 + i % 2]: 1 + 2 + 1
+    assert Counter(annotations.column("phrase").to_pylist()) == {PHRASES[0]: 3, PHRASES[1]: 1}
+    assert (summary.samples, summary.errors, summary.annotations) == (3, 0, 4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_family_describes_a_batch_of_differently_sized_images(model_type, tiny_lmm_dir):
+    lmm = FrozenLMM.from_pretrained(str(tiny_lmm_dir(model_type)))
+    images = [random_image(40, 70, seed=1), random_image(64, 30, seed=2)]
+    batched = lmm.describe(images, max_new_tokens=4)
+    alone = [lmm.describe([image], max_new_tokens=4)[0] for image in images]
+    assert batched == alone and all(isinstance(t, str) for t in batched)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", OTHERS)
+def test_ray_train_fits_heads_for_any_family(model_type, ray_session, tiny_lmm_dir, tmp_path):
+    write_toy_shards(tmp_path / "shards", 4, 4, seed=0)
+    lmm = str(tiny_lmm_dir(model_type))
+    job = TrainJob(
+        shards=(str(tmp_path / "shards"),),
+        spec=ModelSpec(lmm, "tiny", device="cpu"),
+        output=str(tmp_path / "heads.safetensors"),
+        storage=str(tmp_path / "runs"),
+        epochs=1,
+        batch_size=2,
+        encode_cpus=0.5,
+        encode_batch=4,
+        log_every=100,
+        unet_channels=8,
+        optim=OptimConfig(lr=1e-3),
+    )
+    summary = fit_heads(job)
+    assert summary["steps"] == 2 and summary["samples"] == 4
+    config = lmm_dims(lmm, 8)
+    views = FrozenLMM.from_pretrained(lmm).num_views
+    assert config.num_views == views
+    heads = build_trainable_heads(TrainConfig(config, "tiny", None, 1, 1, 2))
+    load_heads(heads, job.output)  # the file has the family's V·L·H input channels
+    conv = heads.mask_decoder.encoder[0].convs[0].conv.weight
+    assert conv.shape[1] == views * config.num_layers * config.num_heads
+    assert torch.isfinite(conv).all()
