@@ -216,15 +216,19 @@ def object_targets(meta: dict, height: int, width: int) -> list[tuple[list[str],
     return targets
 
 
-def caption_spans(meta: dict) -> tuple[str, list[tuple[int, int]]] | None:
-    """A training sample's text and its groundable spans: ``caption`` and every object's
-    ``spans`` (``[start, end)`` characters in it), sorted and de-duplicated; None when the sample
-    has no caption or no object has spans. Validates the spans (SampleError ``bad_spans``)."""
+def caption_spans(
+    meta: dict,
+) -> tuple[str, list[tuple[int, int]], list[list[int]]] | None:
+    """A training sample's text and its groundable spans: ``caption``, every object's ``spans``
+    (``[start, end)`` characters in it) sorted and de-duplicated, and per span the indices (in
+    ``objects`` order) of the objects that it names (several for a plural phrase, whose target
+    is their union); None when the sample has no caption or no object has spans. Validates the
+    spans (SampleError ``bad_spans``)."""
     caption, objects = meta.get("caption"), meta.get("objects")
     if not isinstance(caption, str) or not isinstance(objects, list):
         return None
-    spans = set()
-    for obj in objects:
+    owners: dict[tuple[int, int], list[int]] = {}
+    for index, obj in enumerate(objects):
         given = obj.get("spans", []) if isinstance(obj, dict) else []
         if not isinstance(given, list):
             raise SampleError("bad_spans", f"`spans` is {type(given).__name__}, not a list")
@@ -238,8 +242,9 @@ def caption_spans(meta: dict) -> tuple[str, list[tuple[int, int]]] | None:
                 raise SampleError(
                     "bad_spans", f"span {span!r} is not [start, end) inside the caption"
                 )
-            spans.add((span[0], span[1]))
-    return (caption, sorted(spans)) if spans else None
+            owners.setdefault((span[0], span[1]), []).append(index)
+    spans = sorted(owners)
+    return (caption, spans, [owners[s] for s in spans]) if spans else None
 
 
 def objects_of(meta: dict, height: int, width: int) -> tuple[list[str], np.ndarray]:

@@ -8,7 +8,10 @@ annotated object (drawn afresh every time the stream is read, i.e. every epoch),
 an image in one sequence, each with its object's mask as target — F-LMM's training layout.
 A sample whose JSON has a ``caption`` and objects' ``spans`` in it (``schemas/INPUT_FORMAT.md``)
 also trains the keyword selector: its caption gets a prefill of its own (image + caption), whose
-text tokens' hidden states travel with their gold tags.
+text tokens' hidden states travel with their gold tags. The same prefill grounds every span in
+place (its tokens' maps and hidden states, as caption-mode annotation reads them; as F-LMM feeds
+Panoptic Narrative Grounding's narratives whole): extra targets for the heads, with the mask of
+the object the span names (the union for a span naming several).
 Samples that cannot be used (bad image, no objects, …) are dropped here and counted by
 ``count_training_samples``; they never fail a shard.
 """
@@ -20,6 +23,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from flmm.prompt import tokens_in_span
 from flmm.selector import bio_tags
 from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
 from pipeline.features import ImageFeatures
@@ -39,6 +43,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("masks", pa.large_binary()),  # uint8 [P, height, width], 0/1
         ("text", pa.string()),  # a caption to train the keyword selector on ("" if none)
         ("text_spans", pa.list_(pa.list_(pa.int32(), 2))),  # its groundable [start, end)
+        ("span_masks", pa.large_binary()),  # uint8 [S, height, width]: what each span names
     ]
 )
 FEATURE_SCHEMA = pa.schema(
@@ -51,12 +56,14 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
     sample is unusable for training)."""
     out = {"shard": row["shard"], "key": row["key"], "status": "ok", "error": ""}
     out.update(pixels=b"", height=0, width=0, phrases=[], masks=b"", text="", text_spans=[])
+    out["span_masks"] = b""
     try:
         if row["shard_error"] or not row["key"]:
             raise SampleError("internal_error", row["shard_error"] or "empty shard")
         pixels, meta = decode_sample(row)
         height, width = pixels.shape[:2]
-        targets = [(e, m) for e, m in object_targets(meta, height, width) if e]
+        objects = object_targets(meta, height, width)
+        targets = [(e, m) for e, m in objects if e]
         if not targets:
             raise SampleError("bad_objects", "objects have no expressions")
         out.update(pixels=pixels.tobytes(), height=height, width=width)
@@ -64,7 +71,10 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
         out["masks"] = np.stack([m for _, m in targets]).astype(np.uint8).tobytes()
         text = caption_spans(meta)
         if text is not None:
-            out["text"], out["text_spans"] = text[0], [list(span) for span in text[1]]
+            caption, spans, owners = text
+            out["text"], out["text_spans"] = caption, [list(span) for span in spans]
+            named = [np.any([objects[i][1] for i in o], axis=0) for o in owners]
+            out["span_masks"] = np.stack(named).astype(np.uint8).tobytes()
     except SampleError as error:
         out.update(status="error", error=f"{error.kind}: {error}")
     return out
@@ -101,33 +111,55 @@ class EncodeActor:
         for b, row in enumerate(rows):
             shape = (len(row["phrases"]), row["height"], row["width"])
             masks = torch.from_numpy(np.frombuffer(row["masks"], np.uint8).reshape(shape).copy())
+            attention, hidden = lmm_out.attention[b], lmm_out.hidden[b]
+            text = texts.get(b, {})
+            if "span_attention" in text:  # the caption's spans, grounded in place
+                attention = torch.cat([attention, text.pop("span_attention")])
+                hidden = [*hidden, *text.pop("span_hidden")]
+                masks = torch.cat([masks, text.pop("span_masks")])
             features = ImageFeatures(
-                attention=lmm_out.attention[b],
-                hidden=lmm_out.hidden[b],
+                attention=attention,
+                hidden=hidden,
                 embedding=embeddings[b],
                 masks=masks,
                 sam_input_size=inputs[b].sam_input_size,
                 geometry=inputs[b].lmm.geometry,
-                **texts.get(b, {}),
+                **text,
             )
             out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})
         return pa.Table.from_pylist(out, FEATURE_SCHEMA)
 
     def _caption_features(self, rows: list[dict], images: list[torch.Tensor]) -> dict[int, dict]:
-        """Row index → ``text_hidden`` ``[T, L, D]`` and ``text_tags`` ``[T]`` of its caption
-        (rows with one), from one batched prefill of image + caption."""
+        """Row index → for its caption (rows with one), from one batched prefill of image +
+        caption: ``text_hidden`` ``[T, L, D]`` and ``text_tags`` ``[T]`` (the selector's
+        targets), and its gold spans grounded in place: ``span_attention`` ``[S, C, h, w]``,
+        ``span_hidden`` (per span ``[n_tok, L, D]``) and ``span_masks`` ``[S, H, W]``."""
         chosen = [b for b, row in enumerate(rows) if row["text"]]
         if not chosen:
             return {}
         prepared = [self.model.lmm.prepare_text(images[b], rows[b]["text"]) for b in chosen]
-        hidden = self.model.lmm([sample for sample, _ in prepared]).token_hidden
+        lmm_out = self.model.lmm([sample for sample, _ in prepared])
         out = {}
-        for k, (b, (_, offsets)) in enumerate(zip(chosen, prepared)):
-            spans = [tuple(span) for span in rows[b]["text_spans"]]
-            out[b] = {
-                "text_hidden": hidden[k, : len(offsets)].cpu(),
-                "text_tags": bio_tags(offsets, spans),
-            }
+        for k, (b, (sample, offsets)) in enumerate(zip(chosen, prepared)):
+            row = rows[b]
+            spans = [tuple(span) for span in row["text_spans"]]
+            shape = (len(spans), row["height"], row["width"])
+            named = torch.from_numpy(
+                np.frombuffer(row["span_masks"], np.uint8).reshape(shape).copy()
+            )
+            slots, kept = [], []
+            for i, (start, end) in enumerate(spans):
+                tokens = tokens_in_span(offsets, start, end)
+                if len(tokens):
+                    slots.append(slice(int(tokens[0]), int(tokens[-1]) + 1))
+                    kept.append(i)
+            hidden = lmm_out.token_hidden[k, : len(offsets)].cpu()
+            out[b] = {"text_hidden": hidden, "text_tags": bio_tags(offsets, spans)}
+            if slots:
+                maps = lmm_out.token_maps[k]
+                out[b]["span_attention"] = self.model.lmm.merge_slots(maps, slots, sample.image)
+                out[b]["span_hidden"] = [hidden[s] for s in slots]
+                out[b]["span_masks"] = named[kept]
         return out
 
 

@@ -179,9 +179,10 @@ def test_objects_of_gives_one_mask_per_expression_as_the_toy_world_writes_them(t
 def test_caption_spans_are_read_from_the_objects_and_checked():
     meta = {
         "caption": "a red dot and a cat",
-        "objects": [{"spans": [[0, 9]]}, {"spans": [[14, 19]]}],
+        "objects": [{"spans": [[14, 19]]}, {"spans": [[0, 9]]}, {"spans": [[14, 19], [0, 9]]}],
     }
-    assert caption_spans(meta) == ("a red dot and a cat", [(0, 9), (14, 19)])
+    spans, owners = [(0, 9), (14, 19)], [[1, 2], [0, 2]]  # sorted; the objects naming each
+    assert caption_spans(meta) == ("a red dot and a cat", spans, owners)
     assert caption_spans({"caption": "x", "objects": [{}]}) is None  # no spans: no selector text
     assert caption_spans({"objects": [{"spans": [[0, 1]]}]}) is None  # no caption
     for bad in ([[5, 3]], [[0, 99]], [[0.5, 2]], [[True, 2]], [[1]], "0-3"):

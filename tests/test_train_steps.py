@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from flmm.optim import OptimConfig, build_optimizer, step
+from flmm.selector import read_spans
 from pipeline.encode import EncodeActor, training_samples
 from pipeline.features import ImageFeatures
 from pipeline.sources import read_shard
@@ -171,3 +173,34 @@ def test_a_keyword_selector_trains_beside_the_heads_on_the_captions(features, co
     assert restored.selector.config.describe_instruction == "List."
     for key, value in heads.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[key], value, msg=key)
+
+
+def test_the_captions_spans_are_grounded_in_place_as_extra_targets(tiny_llava_dir, tmp_path):
+    """Every gold span of a sample's caption becomes one more target of the heads, from the
+    caption's own prefill: its tokens' hidden states (those the gold tags mark), its maps over
+    the image, and the mask of the object(s) it names."""
+    from pipeline.decode import caption_spans, decode_sample, object_targets
+
+    (shard,) = write_toy_shards(tmp_path, 3, 3, seed=5, config=SCENES)
+    raw = read_shard(pa.table({"uri": [str(shard)], "shard": ["a"]}))
+    encoded = EncodeActor(ModelSpec(str(tiny_llava_dir), "tiny", device="cpu"))(
+        training_samples(raw)
+    )
+    features = [ImageFeatures.from_bytes(b) for b in encoded["features"].to_pylist()]
+    metas = [decode_sample(row)[1] for row in raw.to_pylist()]
+    assert len(features) == len(metas) == 3
+    for f, meta in zip(features, metas):
+        height, width = f.masks.shape[-2:]
+        objects = object_targets(meta, height, width)
+        _, spans, owners = caption_spans(meta)
+        n_given = sum(bool(expressions) for expressions, _ in objects)
+        assert f.attention.shape[0] == len(f.hidden) == f.masks.shape[0] == n_given + len(spans)
+        for i, named in enumerate(owners):
+            union = np.any([objects[j][1] for j in named], axis=0)
+            assert np.array_equal(f.masks[n_given + i].numpy().astype(bool), union)
+        gold = read_spans(torch.nn.functional.one_hot(f.text_tags, 3).float())
+        assert len(gold) == len(spans)
+        for i, span in enumerate(gold):
+            assert torch.equal(f.hidden[n_given + i], f.text_hidden[span.start : span.end])
+        sums = f.attention[n_given:].float().sum((-2, -1))
+        torch.testing.assert_close(sums, torch.ones_like(sums), atol=2e-3, rtol=0)
