@@ -74,18 +74,25 @@ class FLMMHeads(nn.Module):
     ) -> list[Grounding]:
         """Everything trainable, from the frozen encoders' outputs for B images.
 
-        attention: per image ``[P, L·H, h, w]``; hidden: per image, per phrase ``[n_tok, L, D]``;
+        attention: per image ``[P, V·L·H, h, w]`` (grids may differ between images: the U-Net
+        runs once per distinct grid); hidden: per image, per phrase ``[n_tok, L, D]``;
         embeddings ``[B, C, He, We]`` (SAM image embeddings); geometries: where each image sits
-        in the LMM's square frame; sam_input_sizes: (h1, w1) of each image in SAM's input frame;
+        in its LMM frame; sam_input_sizes: (h1, w1) of each image in SAM's input frame;
         text_hidden: per image, the hidden states ``[T, L, D]`` of a text's tokens (or None)
         for the selector to tag (``Grounding.tags``). Being the module's ``forward``, it is what
         DDP wraps when the heads are trained.
         """
         device = embeddings.device
-        counts = [a.shape[0] for a in attention]
-        unet_all = self.mask_decoder(torch.cat(attention).to(device))
+        by_grid: dict[tuple[int, ...], list[int]] = {}
+        for b, maps in enumerate(attention):
+            by_grid.setdefault(tuple(maps.shape[-2:]), []).append(b)
+        unet_of: dict[int, torch.Tensor] = {}
+        for members in by_grid.values():
+            out = self.mask_decoder(torch.cat([attention[b] for b in members]).to(device))
+            unet_of.update(zip(members, out.split([attention[b].shape[0] for b in members])))
         results = []
-        for b, unet in enumerate(unet_all.split(counts)):
+        for b in range(len(attention)):
+            unet = unet_of[b]
             geometry = geometries[b]
             coarse = geometry.to_original(unet)
             refined = self.refiner(

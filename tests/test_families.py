@@ -90,3 +90,23 @@ def test_ray_train_fits_heads_for_any_family(model_type, ray_session, tiny_lmm_d
     conv = heads.mask_decoder.encoder[0].convs[0].conv.weight
     assert conv.shape[1] == views * config.num_layers * config.num_heads
     assert torch.isfinite(conv).all()
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "qwen2_5_vl"])
+def test_a_batch_of_images_on_different_grids_grounds_each_as_alone(model_type, tiny_lmm_dir):
+    """Dynamic-resolution families give each image its own grid: the heads run the U-Net once
+    per distinct grid, and each image's masks are those it gets alone."""
+    from flmm.build import build_flmm, build_sam, sam_config
+
+    torch.manual_seed(0)
+    lmm = FrozenLMM.from_pretrained(str(tiny_lmm_dir(model_type)))
+    model = build_flmm(lmm, build_sam(sam_config("tiny"))).eval()
+    images = [random_image(40, 160, seed=1), random_image(150, 50, seed=2)]
+    inputs = [model.prepare(image, ["the red circle", "a blue square"]) for image in images]
+    assert inputs[0].lmm.grid != inputs[1].lmm.grid
+    with torch.inference_mode():
+        together = model(inputs)
+        alone = [model([x])[0] for x in inputs]
+    for t, a in zip(together, alone):
+        torch.testing.assert_close(t.coarse, a.coarse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(t.refined, a.refined, atol=1e-4, rtol=1e-4)
