@@ -28,6 +28,7 @@ import torch
 
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.lmm import FrozenLMM
+from flmm.prompt import FLMM_INSTRUCTION
 from flmm.tiny_llava import write_tiny_llava
 from flmm.tiny_lmms import MODEL_TYPES, TinyLMMConfig, write_tiny_lmm
 
@@ -42,7 +43,7 @@ BENCH_DECODER = TinyLMMConfig(
 )
 
 PHRASES = ["the small red circle on the left", "the big blue square", "the green triangle"]
-CORPUS = [*PHRASES, "Please briefly describe this image."] * 10
+CORPUS = [*PHRASES, FLMM_INSTRUCTION] * 10
 
 
 def _status_kib(field: str) -> int:

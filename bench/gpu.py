@@ -39,7 +39,7 @@ import torch
 from flmm.build import TINY_LLAVA_VARIANTS, build_flmm, build_sam, sam_config
 from flmm.families import family_for
 from flmm.lmm import FrozenLMM
-from flmm.prompt import PromptConfig
+from flmm.prompt import FLMM_INSTRUCTION, PromptConfig
 from flmm.tiny_llava import build_processor, llava_config
 from flmm.tiny_lmms import TinyLMMConfig, build_tiny_lmm
 
@@ -102,7 +102,7 @@ SEVEN_B = {
 }
 
 PHRASES = ["the dog on the left", "the red ball", "the man in a blue shirt", "the grass"]
-CORPUS = [*PHRASES, "Please briefly describe this image.", "the small white cat"] * 20
+CORPUS = [*PHRASES, FLMM_INSTRUCTION, "the small white cat"] * 20
 
 
 def lmm_config(family: str, tiny: bool):

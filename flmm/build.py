@@ -14,6 +14,7 @@ Sections:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from flmm.heads import FLMMHeads, heads_dims
 from flmm.lmm import FrozenLMM
 from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
+from flmm.prompt import FLMM_INSTRUCTION, PROMPT_KEY
 from flmm.refiner import SamRefiner
 from flmm.sam import SamImageEncoder
 from flmm.selector import KeywordSelector, selector_state, split_selector
@@ -264,10 +266,31 @@ def build_flmm(
         heads = build_heads(config, sam)
     else:
         state_dict, selector = read_heads_file(heads_checkpoint)
+        warn_if_other_prompt(heads_checkpoint, lmm.prompt.instruction)
         base = heads_dims(state_dict)["unet_base_channels"]
         heads = build_heads(dataclasses.replace(config, unet_base_channels=base), sam)
         _load_read_heads(heads, state_dict, selector)
     return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
+
+
+def heads_prompt(path: str | Path) -> str | None:
+    """The instruction heads were trained under: a ``.safetensors`` file's ``prompt`` metadata
+    (None if it does not say), F-LMM's for a release ``.pth``."""
+    if Path(path).suffix == ".safetensors":
+        return read_metadata(path).get(PROMPT_KEY)
+    return FLMM_INSTRUCTION
+
+
+def warn_if_other_prompt(path: str | Path, instruction: str) -> None:
+    """A warning when the heads at ``path`` were trained under another instruction than the
+    LMM's prompt now uses (their attention maps are then off the heads' training distribution)."""
+    trained = heads_prompt(path)
+    if trained is not None and trained != instruction:
+        warnings.warn(
+            f"the heads {Path(path).name} were trained with the instruction {trained!r}, the LMM "
+            f"is prompted with {instruction!r}: give --prompt {trained!r} to match",
+            stacklevel=2,
+        )
 
 
 def read_heads_file(

@@ -84,6 +84,7 @@ class FrozenLMM(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.model.set_attn_implementation({"text_config": capture.register()})
         self.processor = processor
+        self.prompt = prompt
         self.layout = PromptLayout(processor, prompt)
         text = model.config.text_config
         self.num_layers = text.num_hidden_layers

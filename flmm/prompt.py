@@ -12,13 +12,18 @@ from dataclasses import dataclass
 import torch
 
 MERGES = ("mean", "max")
+# The instruction of every config F-LMM released heads for (LLaVA-1.5, LLaVA-NeXT, DeepSeek-VL):
+# their heads read attention under it, so it is the default here.
+FLMM_INSTRUCTION = "Please give me a description of the image."
+PROMPT_KEY = "prompt"  # heads files' metadata: the instruction the heads were trained under
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """instruction: the user's text beside the image; merge: how a phrase's token rows combine."""
+    """instruction: the user's text beside the image (default F-LMM's); merge: how a phrase's
+    token rows combine."""
 
-    instruction: str = "Please briefly describe this image."
+    instruction: str = FLMM_INSTRUCTION
     merge: str = "mean"
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ from flmm.checkpoint import check_state_dict, read_state_dict, save_tensors
 from flmm.convert import convert_flmm_checkpoint
 from flmm.families import family_for, supported_model_types
 from flmm.heads import heads_dims
+from flmm.prompt import FLMM_INSTRUCTION, PROMPT_KEY
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, KeyError, OSError) as error:
         sys.exit(f"error: {error}")
     metadata = {"source": str(args.src), "format": "flmm-heads", "family": args.family}
+    metadata[PROMPT_KEY] = FLMM_INSTRUCTION  # every F-LMM release config's instruction
     save_tensors(result.state_dict, args.dst, metadata)
     print(
         f"converted {len(result.state_dict)} tensors ({args.family}: {views} view(s), "

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.prompt import FLMM_INSTRUCTION
 from flmm.tiny_llava import write_tiny_llava
 from pipeline.spec import ModelSpec, add_model_args, model_spec
 
@@ -43,7 +44,7 @@ def tiny_defaults(args: argparse.Namespace, workdir: Path) -> ModelSpec:
     print(
         "no --lmm given: tiny LLaVA + tiny SAM with RANDOM weights (a smoke run, masks are noise)"
     )
-    corpus = ["the red square", "the blue circle", "Please briefly describe this image."]
+    corpus = ["the red square", "the blue circle", FLMM_INSTRUCTION]
     llava = write_tiny_llava(TINY_LLAVA_VARIANTS["tiny"], corpus * 10, workdir / "llava")
     if args.image is None:
         image = np.full((96, 160, 3), 200, dtype=np.uint8)

@@ -15,6 +15,7 @@ import torch
 from flmm.build import SAM_VARIANTS, build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLMM
 from flmm.model import FLMM
+from flmm.prompt import FLMM_INSTRUCTION, PromptConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +51,11 @@ def add_model_args(
             help="SAM + heads compute dtype (bfloat16: autocast, faster; masks change a little)",
         )
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda")
+    parser.add_argument(
+        "--prompt",
+        help=f"the instruction beside the image (default: F-LMM's, {FLMM_INSTRUCTION!r}; "
+        f"{default}: its own); heads trained under another one are warned about",
+    )
 
 
 def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
@@ -57,6 +63,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
     its SAM variant and heads where not given (its SAM checkpoint only with its SAM variant);
     without ``--lmm`` and without ``default``: ValueError."""
     lmm, sam, checkpoint, heads = args.lmm, args.sam, args.sam_checkpoint, args.heads
+    prompt = args.prompt
     if lmm is None:
         if default is None:
             raise ValueError("give --lmm (a hub id or local directory of a supported LMM)")
@@ -64,6 +71,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
         if checkpoint is None and sam == default.sam_variant:
             checkpoint = default.sam_checkpoint
         heads = heads or default.heads
+        prompt = prompt or default.prompt
     return ModelSpec(
         lmm,
         sam or "vit_l",
@@ -72,6 +80,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
         args.dtype,
         args.device,
         getattr(args, "sam_heads_dtype", "float32"),
+        prompt,
     )
 
 
@@ -82,7 +91,8 @@ class ModelSpec:
     F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype; device:
     ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``; sam_heads_dtype: what the
     SAM encoder and the heads compute in: ``"float32"``, or ``"bfloat16"`` / ``"float16"`` under
-    autocast (their weights stay float32; masks change slightly: bench/NOTES.md).
+    autocast (their weights stay float32; masks change slightly: bench/NOTES.md); prompt: the
+    instruction beside the image (None: F-LMM's, ``flmm.prompt.FLMM_INSTRUCTION``).
     Paths that exist here are made absolute: actors and workers run in other directories.
     """
 
@@ -93,6 +103,7 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "auto"
     sam_heads_dtype: str = "float32"
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "sam_heads_dtype"):
@@ -112,10 +123,15 @@ class ModelSpec:
     def build(self) -> FLMM:
         """The whole model in eval mode on ``resolved_device()``, frozen parts frozen."""
         device = self.resolved_device()
-        lmm = FrozenLMM.from_pretrained(self.lmm, dtype=DTYPES[self.dtype], device=device)
+        lmm = FrozenLMM.from_pretrained(
+            self.lmm, dtype=DTYPES[self.dtype], device=device, prompt=self.prompt_config()
+        )
         sam = build_sam(sam_config(self.sam_variant), self.sam_checkpoint)
         reduced = None if self.sam_heads_dtype == "float32" else DTYPES[self.sam_heads_dtype]
         return build_flmm(lmm, sam, self.heads, reduced).to(device).eval()
+
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig() if self.prompt is None else PromptConfig(instruction=self.prompt)
 
     def model_id(self) -> str:
         """``"<lmm> + heads:<sha256[:12]>"`` (``heads:random`` without a heads file), with

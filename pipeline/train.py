@@ -34,6 +34,7 @@ from flmm.families import family_for
 from flmm.heads import FLMMHeads, save_heads
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
+from flmm.prompt import PROMPT_KEY
 from flmm.selector import KeywordSelector, SelectorConfig
 from pipeline.features import ImageFeatures
 from pipeline.spec import ModelSpec
@@ -397,6 +398,7 @@ def fit_heads(job: TrainJob) -> dict:
         step_done = int(torch.load(Path(directory) / STATE_FILE, weights_only=True)["step"])
         heads_file = Path(directory) / HEADS_FILE
         metadata = {**read_metadata(heads_file), "steps": str(step_done), "lmm": job.spec.lmm}
+        metadata[PROMPT_KEY] = job.spec.prompt_config().instruction  # build_flmm warns on others
         save_tensors(load_file(heads_file), job.output, metadata)
     return {
         "steps": step_done,

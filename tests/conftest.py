@@ -18,6 +18,7 @@ CORPUS = [
     "a small blue square below the big green triangle",
     "the yellow star above the purple object",
     "Please briefly describe this image.",
+    "Please give me a description of the image.",
     "What colour is the shape on the right?",
 ] * 10
 

@@ -385,6 +385,7 @@ def test_other_families_releases_convert_and_load_strictly(release, tmp_path) ->
     assert run.returncode == 0, run.stderr
     assert f"{views} view(s), L={layers}, H={heads_per_layer}, D={hidden}" in run.stdout
     assert read_metadata(dst)["family"] == family
+    assert read_metadata(dst)["prompt"] == "Please give me a description of the image."
     config = HeadsConfig(layers, heads_per_layer, hidden, num_views=views)
     with torch.device("meta"):
         built = build_heads(config, build_sam(sam_config("vit_l")))

@@ -15,8 +15,10 @@ from conftest import random_image
 from PIL import Image
 
 from flmm.build import load_heads
+from flmm.checkpoint import read_metadata
 from flmm.lmm import FrozenLMM
 from flmm.optim import OptimConfig
+from flmm.prompt import FLMM_INSTRUCTION
 from flmm.tiny_lmms import MODEL_TYPES
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.spec import ModelSpec
@@ -82,6 +84,7 @@ def test_ray_train_fits_heads_for_any_family(model_type, ray_session, tiny_lmm_d
     )
     summary = fit_heads(job)
     assert summary["steps"] == 2 and summary["samples"] == 4
+    assert read_metadata(job.output)["prompt"] == FLMM_INSTRUCTION  # recorded with the heads
     config = lmm_dims(lmm, 8)
     views = FrozenLMM.from_pretrained(lmm).num_views
     assert config.num_views == views

@@ -13,6 +13,7 @@ import torch
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLMM
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
+from toyworld.vqa import TOY_PROMPT
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, restored
@@ -39,7 +40,7 @@ def documented_giou() -> float:
 
 
 def shipped_heads_miou(n_scenes: int) -> float:
-    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"))
+    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"), prompt=TOY_PROMPT)
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
     scenes = [make_scene(scene_seed(0, EVAL_START + i)) for i in range(n_scenes)]  # held out
     return mean_iou(build_flmm(lmm, sam, TOY / "heads.safetensors"), scenes)
@@ -67,7 +68,7 @@ def test_bfloat16_sam_and_heads_keep_the_toy_masks():
     """``autocast_dtype=bfloat16`` (ModelSpec ``sam_heads_dtype``) runs SAM and the heads in bf16:
     SAM's matmuls run reduced (its embedding is not float32's bit for bit), the outputs stay
     float32, and the masks stay those of float32."""
-    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"))
+    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"), prompt=TOY_PROMPT)
     sam = build_sam(sam_config("toy"), TOY / "sam.safetensors")
     full = build_flmm(lmm, sam, TOY / "heads.safetensors")
     reduced = build_flmm(lmm, sam, TOY / "heads.safetensors", autocast_dtype=torch.bfloat16)
@@ -100,7 +101,7 @@ def test_the_shipped_keyword_selector_reads_held_out_toy_texts_as_documented():
     documented = json.loads((TOY / "selector.json").read_text())
     _, selector = read_heads_file(TOY / "heads.safetensors")
     assert selector is not None and selector.config.describe_instruction == LIST_INSTRUCTION
-    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"))
+    lmm = FrozenLMM.from_pretrained(str(TOY / "llava"), prompt=TOY_PROMPT)
     for kind in EVAL_KINDS:
         measured = evaluate(selector, caption_features(lmm, 0, EVAL_START, 40, kind=kind))
         assert measured["span_f1"] >= documented[kind]["span_f1"] - 0.05, (kind, measured)

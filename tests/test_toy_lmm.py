@@ -16,7 +16,6 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.families import family_for
 from flmm.lmm import FrozenLMM
-from flmm.prompt import PromptConfig
 from flmm.tiny_llava import write_tiny_llava
 from toyworld.lmm import (
     RECORD,
@@ -39,6 +38,7 @@ from toyworld.vqa import (
     KINDS,
     LIST_INSTRUCTION,
     SCENE_CONFIG,
+    TOY_PROMPT,
     WHERE,
     answer_options,
     ask,
@@ -59,7 +59,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return FrozenLMM.from_pretrained(str(SHIPPED))
+    return FrozenLMM.from_pretrained(str(SHIPPED), prompt=TOY_PROMPT)
 
 
 def test_shipped_toy_lmm_is_an_fp16_llava_checkpoint_of_the_toy_variant(shipped):
@@ -194,7 +194,7 @@ def test_training_sequences_are_the_grounding_prompt_with_labels_on_the_answer(t
     question = ask(scene, "describe", np.random.default_rng(0))
     example = data.example(0, question, data.pixels(scene))
     lmm = FrozenLMM(
-        model, data.processor, family_for("llava"), PromptConfig()
+        model, data.processor, family_for("llava"), TOY_PROMPT
     )  # the default grounding prompt
     grounding = lmm.prepare(torch.from_numpy(scene.image), list(question.phrases))
     tokenizer = data.processor.tokenizer

@@ -63,6 +63,8 @@ from toyworld.vqa import (
     NUMBER_WORDS,
     SCENE_CONFIG,
     TEMPLATES,
+    TOY_INSTRUCTION,
+    TOY_PROMPT,
     WHERE,
     Question,
     answer_options,
@@ -118,7 +120,7 @@ def corpus(scenes: SceneConfig = SCENE_CONFIG) -> list[str]:
     """Every expression and question the world can produce, every answer, the chat words."""
     sizes = [name for name, _ in scenes.size_fractions]
     colours = [name for name, _ in scenes.colours]
-    lines = [PromptConfig().instruction, "USER: <image>\n ASSISTANT:", TEMPLATES["count"]]
+    lines = [TOY_INSTRUCTION, "USER: <image>\n ASSISTANT:", TEMPLATES["count"]]
     lines += [" ".join(NUMBER_WORDS), " ".join(WHERE.values()), "yes no"]
     for size in sizes:
         for colour in colours:
@@ -614,7 +616,9 @@ def build_toy_lmm(
         losses, seconds = train_list_stage(out_dir, recipe, log)
         record["final_list_stage_loss"] = float(np.mean(losses[-recipe.log_every :]))
         record["list_stage_seconds"] = round(seconds, 1)
-    lmm = FrozenLMM.from_pretrained(str(out_dir))  # the shipped fp16 weights, as fp32
+    lmm = FrozenLMM.from_pretrained(
+        str(out_dir), prompt=TOY_PROMPT
+    )  # the shipped fp16 weights, as fp32
     processor = AutoProcessor.from_pretrained(out_dir)
     data = ToyData(processor, n_image_tokens(lmm.model), recipe.seed, SCENE_CONFIG)
     record.update(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.spec import ModelSpec
+from toyworld.vqa import TOY_INSTRUCTION
 
 TOY_MODELS = Path(__file__).resolve().parents[1] / "models" / "toy"
 
@@ -22,4 +23,5 @@ def toy_model_spec(heads: bool = True) -> ModelSpec:
         "toy",
         str(TOY_MODELS / "sam.safetensors"),
         str(toy_heads()) if heads and toy_heads().is_file() else None,
+        prompt=TOY_INSTRUCTION,
     )

@@ -27,6 +27,7 @@ from flmm.lmm import FrozenLMM
 from flmm.selector import OUTSIDE, KeywordSelector, bio_tags, char_span, read_spans, span_f1
 from toyworld.captions import make_caption, make_description, make_list, scene_text
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
+from toyworld.vqa import TOY_PROMPT
 
 
 @dataclass
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-scenes", type=int, default=300)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    lmm = FrozenLMM.from_pretrained(args.lmm)
+    lmm = FrozenLMM.from_pretrained(args.lmm, prompt=TOY_PROMPT)
     _, selector = read_heads_file(args.heads)
     if selector is None:
         sys.exit(f"error: {args.heads} has no keyword selector")

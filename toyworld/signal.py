@@ -24,6 +24,7 @@ from flmm.geometry import ImageGeometry
 from flmm.lmm import FrozenLMM
 from flmm.losses import dice_loss
 from toyworld.scenes import make_scene, scene_seed
+from toyworld.vqa import TOY_PROMPT
 
 TEST_OFFSET = 1_000_000  # held-out scenes use indices from here on
 SIDE = 64  # head output side in the square frame
@@ -104,7 +105,7 @@ def miou(head: ConvHead, maps, masks, geometries: list[ImageGeometry]) -> float:
 def signal(lmm_path: str, n_train: int, n_test: int, epochs: int, seed: int) -> dict:
     """Train the head on ``n_train`` scenes' maps from ``lmm_path``; held-out mIoU and timings."""
     start = time.perf_counter()
-    lmm = FrozenLMM.from_pretrained(lmm_path)
+    lmm = FrozenLMM.from_pretrained(lmm_path, prompt=TOY_PROMPT)
     train = phrase_maps(lmm, range(n_train), seed)
     test = phrase_maps(lmm, range(TEST_OFFSET, TEST_OFFSET + n_test), seed)
     extract = time.perf_counter() - start

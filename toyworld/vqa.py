@@ -3,7 +3,7 @@
 Every question is a user instruction beside the image and an assistant answer laid out exactly as
 grounding lays out phrases (``flmm.prompt.answer_text``: ``" p1. p2."``):
 
-- ``describe``: the default grounding instruction (``PromptConfig().instruction``) answered by one
+- ``describe``: the toy world's grounding instruction (``TOY_INSTRUCTION``) answered by one
   expression per object, in the toy LMM's recipe each followed by its object's size, colour and
   shape (``" the circle on the left. big red circle. …"``). Inside a phrase the referent is not yet
   determined, so its tokens can only attend to every object; the token that ends the expression
@@ -34,6 +34,10 @@ LIST = "list"
 VQA_KINDS = ("colour", "shape", "size", "position", "count", "existence")
 KINDS = (DESCRIBE, *VQA_KINDS, LIST)  # LIST last: the other kinds' eval seeds use their index
 LIST_INSTRUCTION = "List the objects by colour."
+# The toy LMM's grounding instruction (the one it was pretrained to answer with every object's
+# expression; the shipped heads are trained under it). Not F-LMM's: the toy world pins its own.
+TOY_INSTRUCTION = "Please briefly describe this image."
+TOY_PROMPT = PromptConfig(instruction=TOY_INSTRUCTION)
 SCENE_CONFIG = SceneConfig()  # the default world
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -122,7 +126,7 @@ def describe(scene: Scene, rng: np.random.Generator, detailed: bool = False) -> 
     if detailed:
         details = (f"{obj.size} {obj.colour} {obj.shape}" for obj in objects)
         phrases = tuple(x for pair in zip(phrases, details) for x in pair)
-    return Question(DESCRIBE, PromptConfig().instruction, phrases)
+    return Question(DESCRIBE, TOY_INSTRUCTION, phrases)
 
 
 def listed_objects(scene: Scene, config: SceneConfig = SCENE_CONFIG) -> list[SceneObject]:
