@@ -56,6 +56,19 @@ def _llama(config: TinyLMMConfig, tokenizer) -> dict:
     }
 
 
+def _vit(config: TinyLMMConfig, model_type: str) -> dict:
+    """A ViT tower's config (CLIP's or SigLIP's) of ``config``'s vision sizes."""
+    return {
+        "model_type": model_type,
+        "hidden_size": config.vision_hidden,
+        "intermediate_size": 2 * config.vision_hidden,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": config.vision_heads,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
 def _user_assistant_template(image_token: str, user: str, assistant: str) -> str:
     """``{user}: <image>\\n{text} {assistant}:`` (LLaVA's and DeepSeek-VL's layout)."""
     return (
@@ -97,18 +110,8 @@ def _llava_next(config: TinyLMMConfig, corpus: list[str]):
         num_additional_image_tokens=1,  # the CLS token, dropped by the 'default' strategy
         chat_template=_user_assistant_template("<image>", "USER", "ASSISTANT"),
     )
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": config.vision_hidden,
-        "intermediate_size": 2 * config.vision_hidden,
-        "num_hidden_layers": config.vision_layers,
-        "num_attention_heads": config.vision_heads,
-        "image_size": size,
-        "patch_size": config.patch_size,
-        "projection_dim": config.vision_hidden,
-    }
     model_config = hf.LlavaNextConfig(
-        vision_config=vision,
+        vision_config={**_vit(config, "clip_vision_model"), "projection_dim": config.vision_hidden},
         text_config=_llama(config, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
@@ -125,15 +128,7 @@ def _deepseek(config: TinyLMMConfig, corpus: list[str], hybrid: bool):
     )
     grid = config.image_size // config.patch_size
     template = _user_assistant_template(image_token, "User", "Assistant")
-    siglip = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": config.vision_hidden,
-        "intermediate_size": 2 * config.vision_hidden,
-        "num_hidden_layers": config.vision_layers,
-        "num_attention_heads": config.vision_heads,
-        "image_size": config.image_size,
-        "patch_size": config.patch_size,
-    }
+    siglip = _vit(config, "siglip_vision_model")
     common = {"text_config": _llama(config, tok), "vision_config": siglip}
     common["image_token_id"] = tok.convert_tokens_to_ids(image_token)
     size = {"height": config.image_size, "width": config.image_size}
@@ -163,6 +158,22 @@ def _deepseek(config: TinyLMMConfig, corpus: list[str], hybrid: bool):
     }
     model_config = hf.DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
     return model_config, processor, hf.DeepseekVLHybridForConditionalGeneration
+
+
+QWEN_CLASSES = {  # processor, video processor, config, model
+    "2.5": (
+        hf.Qwen2_5_VLProcessor,
+        hf.Qwen2VLVideoProcessor,
+        hf.Qwen2_5_VLConfig,
+        hf.Qwen2_5_VLForConditionalGeneration,
+    ),
+    "3": (
+        hf.Qwen3VLProcessor,
+        hf.Qwen3VLVideoProcessor,
+        hf.Qwen3VLConfig,
+        hf.Qwen3VLForConditionalGeneration,
+    ),
+}
 
 
 def _qwen(config: TinyLMMConfig, corpus: list[str], version: str):
@@ -205,32 +216,22 @@ def _qwen(config: TinyLMMConfig, corpus: list[str], version: str):
         "temporal_patch_size": 2,
     }
     if version == "2.5":
-        full = list(range(7, config.vision_layers, 8)) or [
-            config.vision_layers - 1
-        ]  # 7B: 7, 15, ..
+        full = list(range(7, config.vision_layers, 8)) or [config.vision_layers - 1]  # 7B: 7, ..
         vision.update(window_size=112, fullatt_block_indexes=full)
-        processor = hf.Qwen2_5_VLProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            video_processor=hf.Qwen2VLVideoProcessor(),
-            chat_template=QWEN_TEMPLATE,
-        )
-        model_config = hf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
-        return model_config, processor, hf.Qwen2_5_VLForConditionalGeneration
-    vision.update(
-        num_position_embeddings=(config.image_size // patch) ** 2, deepstack_visual_indexes=[0]
-    )
-    rope["mrope_interleaved"] = True
-    text["head_dim"] = head_dim
-    ids["vision_end_token_id"] = tok.convert_tokens_to_ids("<|vision_end|>")
-    processor = hf.Qwen3VLProcessor(
+    else:
+        grid = config.image_size // patch
+        vision.update(num_position_embeddings=grid * grid, deepstack_visual_indexes=[0])
+        rope["mrope_interleaved"] = True
+        text["head_dim"] = head_dim
+        ids["vision_end_token_id"] = tok.convert_tokens_to_ids("<|vision_end|>")
+    processor_class, video_class, config_class, model_class = QWEN_CLASSES[version]
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tok,
-        video_processor=hf.Qwen3VLVideoProcessor(),
+        video_processor=video_class(),
         chat_template=QWEN_TEMPLATE,
     )
-    model_config = hf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
-    return model_config, processor, hf.Qwen3VLForConditionalGeneration
+    return config_class(vision_config=vision, text_config=text, **ids), processor, model_class
 
 
 BUILDERS: dict[str, Callable] = {

@@ -20,6 +20,14 @@ def _samples(lmm, sizes=((40, 70), (60, 30))):
     return [lmm.prepare(img, ph) for img, ph in zip(images, PHRASES)]
 
 
+def _loaded(model_type, tiny_lmm_dir):
+    """(checkpoint path, the frozen LMM, two prepared samples, their batch and model inputs)."""
+    path = tiny_lmm_dir(model_type)
+    lmm = FrozenLMM.from_pretrained(str(path))
+    samples = _samples(lmm)
+    return (path, lmm, samples, *lmm.model_inputs(samples))
+
+
 def _stock(path, attn):
     return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn).eval()
 
@@ -58,10 +66,7 @@ def test_captured_maps_equal_eager_attention_slice_right_padded(tiny_llava_right
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_capture_leaves_logits_equal_to_stock_sdpa(model_type, tiny_lmm_dir):
-    path = tiny_lmm_dir(model_type)
-    lmm = FrozenLMM.from_pretrained(str(path))
-    samples = _samples(lmm)
-    batch, inputs = lmm.model_inputs(samples)
+    path, lmm, _, batch, inputs = _loaded(model_type, tiny_lmm_dir)
     cap = AttentionCapture(batch["query_index"], batch["image_index"])
     with torch.inference_mode():
         ours = lmm.model(**inputs, flmm_capture=cap).logits
@@ -73,10 +78,7 @@ def test_capture_leaves_logits_equal_to_stock_sdpa(model_type, tiny_lmm_dir):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_phrase_hidden_states_equal_transformers_hidden_states(model_type, tiny_lmm_dir):
-    path = tiny_lmm_dir(model_type)
-    lmm = FrozenLMM.from_pretrained(str(path))
-    samples = _samples(lmm)
-    batch, inputs = lmm.model_inputs(samples)
+    path, lmm, samples, batch, inputs = _loaded(model_type, tiny_lmm_dir)
     with torch.inference_mode():
         out = lmm(samples)
         stock = _stock(path, "sdpa")(**inputs, output_hidden_states=True)

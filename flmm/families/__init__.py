@@ -67,15 +67,22 @@ class Family:
     num_views: int = 1  # attention channels = num_views × layers × heads
     mrope: bool = False  # the model derives its own (multi-axis) positions from token types
 
-    def model_class(self) -> type[nn.Module]:
-        raise NotImplementedError
-
     def check(self, model: nn.Module, processor) -> None:
         """Raise ValueError for a checkpoint this adapter cannot read correctly."""
 
     def image_inputs(self, model: nn.Module, processor, image: torch.Tensor) -> ImageInputs:
         """image ``[H, W, 3]`` uint8 RGB (original frame) → its model inputs."""
         raise NotImplementedError
+
+
+def require_default_feature_strategy(model: nn.Module) -> None:
+    """LLaVA-style checkpoints: only the ``default`` vision-feature strategy (CLS dropped) lays
+    out the grids the adapters read."""
+    strategy = model.config.vision_feature_select_strategy
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)"
+        )
 
 
 def processor_image_inputs(processor, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:

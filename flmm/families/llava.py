@@ -7,9 +7,8 @@ aspect mode), then resized to the vision tower's S×S input; the grid covers the
 from __future__ import annotations
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
-from flmm.families import Family, ImageInputs, View
+from flmm.families import Family, ImageInputs, View, require_default_feature_strategy
 from flmm.geometry import ImageGeometry
 
 
@@ -17,15 +16,8 @@ class Llava(Family):
     name = "LLaVA-1.5"
     model_types = ("llava",)
 
-    def model_class(self):
-        return LlavaForConditionalGeneration
-
     def check(self, model, processor) -> None:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)"
-            )
+        require_default_feature_strategy(model)
 
     def image_inputs(self, model, processor, image: torch.Tensor) -> ImageInputs:
         vision = model.config.vision_config

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
-from flmm.families import Family, ImageInputs, View, processor_image_inputs
+from flmm.families import (
+    Family,
+    ImageInputs,
+    View,
+    processor_image_inputs,
+    require_default_feature_strategy,
+)
 from flmm.geometry import ImageGeometry
 
 
@@ -23,11 +29,7 @@ class LlavaNext(Family):
     num_views = 2
 
     def check(self, model, processor) -> None:
-        strategy = model.config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                f"vision_feature_select_strategy={strategy!r}: only 'default' (CLS dropped)"
-            )
+        require_default_feature_strategy(model)
 
     def image_inputs(self, model, processor, image: torch.Tensor) -> ImageInputs:
         tensors, n_tokens = processor_image_inputs(processor, image)
