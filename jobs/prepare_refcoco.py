@@ -39,7 +39,7 @@ def parse_args(argv=None) -> RefcocoConfig | PngConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, or png")
     p.add_argument("--images", type=Path, required=True, help="COCO images directory")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory or URI (s3://bucket/prefix)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     refcoco = p.add_argument_group("RefCOCO (required unless --dataset png)")
     refcoco.add_argument("--refs", type=Path, help="refs(unc).p / refs(umd).p / ...")

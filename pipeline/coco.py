@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pipeline.formats import IMAGE_EXTENSIONS
 from pipeline.shards import write_shards
+from pipeline.writer import OutputDir
 
 
 @dataclass
@@ -36,7 +38,7 @@ class SplitStats:
     expressions: int = 0
     skipped_images: int = 0
     skipped: list[dict] = field(default_factory=list)
-    shards: list[Path] = field(default_factory=list)
+    shards: list[Path] | list[str] = field(default_factory=list)  # local paths or URIs
     item_name: ClassVar[str] = "objects"  # what one ``skipped`` entry is, in ``summary``
 
     def add_skip(self, reason: str, **ids) -> None:
@@ -67,7 +69,7 @@ class SplitStats:
             "skipped_images": self.skipped_images,
             "skipped_objects": len(self.skipped),
             "skipped_reasons": self.reasons(),
-            "shards": [path.name for path in self.shards],
+            "shards": [posixpath.basename(str(path)) for path in self.shards],
             "skipped": self.skipped,
         }
 
@@ -155,7 +157,7 @@ def image_sample(
 
 def write_split_shards(
     prefix: str,
-    out: Path,
+    out: str | Path,
     samples_per_shard: int,
     samples: Iterable[dict | None],
     stats: SplitStats,
@@ -164,7 +166,9 @@ def write_split_shards(
     ``{prefix}-{000000..}.tar`` (``pipeline.shards.write_shards``: shards of an earlier run with
     this prefix that this run did not write are removed), then ``{prefix}.stats.json``."""
     stats.shards = write_shards(out, prefix, samples, samples_per_shard)
-    (Path(out) / f"{prefix}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))
+    OutputDir(str(out)).write_bytes(
+        "", f"{prefix}.stats.json", json.dumps(stats.to_json(), indent=1).encode()
+    )
     return stats
 
 

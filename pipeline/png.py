@@ -63,7 +63,7 @@ class PngConfig:
     panoptic_masks: Path
     images: Path
     split: str
-    out: Path
+    out: str | Path  # a folder or a URI (s3://...)
     samples_per_shard: int = 1000
 
 

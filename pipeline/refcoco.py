@@ -51,7 +51,7 @@ class RefcocoConfig:
     images: Path
     dataset: str
     split_by: str
-    out: Path
+    out: str | Path  # a folder or a URI (s3://...)
     splits: tuple[str, ...] | None = None
     samples_per_shard: int = 1000
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import shutil
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
+
+UPLOAD_CHUNK = 8 << 20  # bytes per write when uploading a local file
 
 ANNOTATIONS, SAMPLES, DONE = "annotations", "samples", "_done"
 
@@ -60,6 +64,28 @@ class OutputDir:
         self.write_bytes(ANNOTATIONS, f"{shard}.parquet", _parquet_bytes(annotations))
         self.write_bytes(SAMPLES, f"{shard}.parquet", _parquet_bytes(samples))
         self.write_bytes(DONE, f"{shard}.json", json.dumps(done, indent=1).encode())
+
+    def upload(self, folder: str, name: str, local: Path) -> str:
+        """Copy the local file to ``folder/name`` via a temp name and a move, streaming."""
+        directory = posixpath.join(self.root, folder) if folder else self.root
+        self.fs.create_dir(directory, recursive=True)
+        final = posixpath.join(directory, name)
+        tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(local, "rb") as source, self.fs.open_output_stream(tmp) as sink:
+            shutil.copyfileobj(source, sink, UPLOAD_CHUNK)
+        self.fs.move(tmp, final)
+        return final
+
+    def names(self, folder: str, prefix: str = "", suffix: str = "") -> set[str]:
+        """Names of the files directly in ``folder`` (none if it does not exist)."""
+        directory = posixpath.join(self.root, folder) if folder else self.root
+        selector = pafs.FileSelector(directory, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        names = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        return {n for n in names if n.startswith(prefix) and n.endswith(suffix)}
+
+    def delete(self, folder: str, name: str) -> None:
+        self.fs.delete_file(self.path(folder, name) if folder else posixpath.join(self.root, name))
 
     def write_bytes(self, folder: str, name: str, data: bytes) -> str:
         """Write ``data`` to ``folder/name`` via ``folder/.name.tmp-<random>`` and a move."""

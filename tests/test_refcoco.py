@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from pipeline.decode import read_samples
 from pipeline.formats import decode_rle
 from pipeline.refcoco import RefcocoConfig, convert_refcoco, load_refs
+from pipeline.sources import resolve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # image id → (file name, width, height); image 4 is in instances.json but its file is missing.
@@ -294,3 +295,38 @@ def test_an_annotation_pycocotools_cannot_read_is_skipped_not_fatal(refcoco_dir,
     assert [(s["ref_id"], s["reason"]) for s in stats.skipped] == [
         (501, "bad segmentation (Exception)")
     ]
+
+
+def test_cli_writes_shards_to_s3_as_it_writes_them_locally(refcoco_dir, tmp_path, s3_bucket):
+    """``--out s3://...`` (the session's moto server): the same shard bytes as a local run, the
+    stats file beside them, and a rerun removes the shards of the first that it did not write."""
+    import pyarrow.fs as pafs
+
+    def cli(out: str, per_shard: int) -> None:
+        args = ["--refs", str(refcoco_dir / "refs(unc).p"), "--dataset", "refcoco"]
+        args += ["--instances", str(refcoco_dir / "instances.json"), "--split-by", "unc"]
+        args += ["--images", str(refcoco_dir / "images"), "--splits", "val"]
+        args += ["--out", out, "--samples-per-shard", str(per_shard)]
+        script = str(ROOT / "jobs" / "prepare_refcoco.py")
+        cmd = [sys.executable, script, *args]
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+
+    uri = f"s3://{s3_bucket}/refcoco"
+    cli(uri, 1)
+    fs, root = pafs.FileSystem.from_uri(uri)
+
+    def names() -> list[str]:
+        infos = fs.get_file_info(pafs.FileSelector(root))
+        return sorted(i.base_name for i in infos if not i.base_name.startswith("."))
+
+    assert names() == [f"refcoco_unc-val-00000{i}.tar" for i in range(2)] + [
+        "refcoco_unc-val.stats.json"
+    ]
+    cli(uri, 5)
+    cli(str(tmp_path / "local"), 5)
+    assert names() == ["refcoco_unc-val-000000.tar", "refcoco_unc-val.stats.json"]
+    for name in names():
+        with fs.open_input_stream(f"{root}/{name}") as remote:
+            assert remote.read() == (tmp_path / "local" / name).read_bytes(), name
+    assert len(list(read_samples(resolve_shards([uri])))) == 2

@@ -21,6 +21,8 @@ from pipeline.features import ImageFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 from pipeline.train import (
+    HEADS_FILE,
+    STATE_FILE,
     TrainConfig,
     TrainJob,
     build_trainable_heads,
@@ -181,3 +183,22 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, shards, 
     assert not thread.is_alive()
     assert result["steps"] == result["total_steps"]
     assert result["metrics"]["resumed_from"] > 0  # continued, not started over
+
+
+def test_training_streams_shards_from_s3_and_checkpoints_to_it(
+    ray_session, shards, spec, tmp_path, s3_bucket
+):
+    """Shards read from ``s3://`` and Ray Train's storage on ``s3://`` (the session's moto
+    server): the run trains, its checkpoints land in the bucket, the heads come out."""
+    import pyarrow.fs as pafs
+
+    s3 = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")[0]
+    pafs.copy_files(str(shards), f"{s3_bucket}/shards", pafs.LocalFileSystem(), s3)
+    train_job = job(f"s3://{s3_bucket}/shards", spec, tmp_path, epochs=1)
+    train_job = dataclasses.replace(train_job, storage=f"s3://{s3_bucket}/runs")
+    summary = fit_heads(train_job)
+    assert summary["samples"] == N_SCENES and summary["steps"] == N_SCENES // BATCH
+    assert summary["checkpoint"].startswith(f"{s3_bucket}/runs/")
+    stored = s3.get_file_info(pafs.FileSelector(summary["checkpoint"]))
+    assert {HEADS_FILE, STATE_FILE} <= {info.base_name for info in stored}
+    load_heads(build_trainable_heads(config_of(train_job)), train_job.output)
