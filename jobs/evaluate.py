@@ -2,7 +2,7 @@
 
     python jobs/evaluate.py --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
         --sam-checkpoint sam_vit_l.pth --heads heads.safetensors \
-        --shards shards/refcoco [--shards testA=other/dir] [--protocol standard|flmm|both]
+        --shards shards/refcoco [--shards testA=other/dir] [--protocol standard|flmm|flmm-separate|all]
 
 --shards takes `[name=]path` (a directory of .tar shards or one .tar) and may repeat; unnamed shards
 are grouped by split name (`refcoco_unc-val-000000.tar` → `refcoco_unc-val`). Writes
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
-    p.add_argument("--protocol", default="both", choices=[*PROTOCOLS, "both"])
+    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all"])
     p.add_argument("--output", type=Path, default=Path("out/evaluate/metrics.json"))
     return p.parse_args(argv)
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         config = EvalConfig(
             sets=tuple(eval_sets(specs)),
             model=model,
-            protocols=PROTOCOLS if args.protocol == "both" else (args.protocol,),
+            protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,),
             batch_size=args.batch_size,
             limit=args.limit,
             output=args.output,

@@ -12,7 +12,10 @@ Protocols (how an image's objects become LMM sequences):
   * ``standard``: every expression of every object is its own query, alone in its own sequence;
     n = number of expressions.
   * ``flmm`` (F-LMM's): the first expression of each object, all objects of the image in one
-    sequence; n = number of objects.
+    sequence; n = number of objects. Easier than ``standard``: each object is named by its first
+    expression only, with the other objects' names in context.
+  * ``flmm-separate`` (the authors' script without ``--concat``): the first expression of each
+    object alone in its own sequence; n = number of objects.
 
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
@@ -38,7 +41,7 @@ from pipeline.progress import track
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
 
-PROTOCOLS = ("standard", "flmm")
+PROTOCOLS = ("standard", "flmm", "flmm-separate")
 OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding.refined
 
 
@@ -197,6 +200,8 @@ def sequences(expressions: list[list[str]], protocol: str, image: int = 0) -> li
     if protocol == "flmm":
         firsts = tuple(phrases[0] for phrases in expressions)
         return [Sequence(protocol, image, firsts, tuple(range(len(expressions))))]
+    if protocol == "flmm-separate":
+        return [Sequence(protocol, image, (p[0],), (k,)) for k, p in enumerate(expressions)]
     raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
 
 

@@ -18,6 +18,7 @@ from flmm.lmm import FrozenLMM
 from flmm.metrics import MaskIoU
 from pipeline.decode import read_samples
 from pipeline.evaluate import (
+    PROTOCOLS,
     EvalSet,
     Sequence,
     Skipped,
@@ -90,22 +91,21 @@ def _direct_metrics(models: dict, shards: list[Path]) -> dict:
     time through ``FLMM.forward``, masks sigmoid > 0.5, MaskIoU."""
     lmm = FrozenLMM.from_pretrained(models["lmm"])
     model = build_flmm(lmm, build_sam(sam_config("tiny"), models["sam"]), models["heads"])
-    acc = {(p, o): MaskIoU() for p in ("standard", "flmm") for o in ("unet", "refined")}
+    protocols = ("standard", "flmm", "flmm-separate")
+    acc = {(p, o): MaskIoU() for p in protocols for o in ("unet", "refined")}
     for sample in read_samples(shards):
         image = torch.from_numpy(sample["image"].copy())
         objects = sample["meta"]["objects"]
         queries = [("standard", [e], [k]) for k, o in enumerate(objects) for e in o["expressions"]]
         queries.append(("flmm", [o["expressions"][0] for o in objects], list(range(len(objects)))))
+        queries += [("flmm-separate", [o["expressions"][0]], [k]) for k, o in enumerate(objects)]
         for protocol, phrases, index in queries:
             with torch.inference_mode():
                 (out,) = model([model.prepare(image, phrases)])
             gt = np.stack([decode_rle(objects[k]["mask"]) for k in index])
             acc[protocol, "unet"].update(out.coarse[:, 0].sigmoid() > 0.5, gt)
             acc[protocol, "refined"].update(out.refined[:, 0].sigmoid() > 0.5, gt)
-    return {
-        f"toy/{p}": {o: acc[p, o].result() for o in ("unet", "refined")}
-        for p in ("standard", "flmm")
-    }
+    return {f"toy/{p}": {o: acc[p, o].result() for o in ("unet", "refined")} for p in protocols}
 
 
 def test_sequences_follow_each_protocol():
@@ -117,6 +117,10 @@ def test_sequences_follow_each_protocol():
     ]
     assert sequences(expressions, "flmm") == [
         Sequence("flmm", 0, ("the red circle", "the blue square"), (0, 1))
+    ]
+    assert sequences(expressions, "flmm-separate", image=1) == [
+        Sequence("flmm-separate", 1, ("the red circle",), (0,)),
+        Sequence("flmm-separate", 1, ("the blue square",), (1,)),
     ]
 
 
@@ -161,7 +165,7 @@ def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
     job.main([*argv, "--shards", f"toy={tmp_path / 'toy'}", "--shards", str(bad)])
     metrics = json.loads(output.read_text())
 
-    assert set(metrics) == {"toy/standard", "toy/flmm", "bad/standard", "bad/flmm"}
+    assert set(metrics) == {f"{s}/{p}" for s in ("toy", "bad") for p in PROTOCOLS}
     for value in metrics.values():
         assert set(value) == {"unet", "refined"}
         for result in value.values():
@@ -170,6 +174,7 @@ def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
     objects = [o for s in read_samples(toy) for o in s["meta"]["objects"]]
     assert metrics["toy/standard"]["unet"]["n"] == sum(len(o["expressions"]) for o in objects)
     assert metrics["toy/flmm"]["refined"]["n"] == len(objects) == 4
+    assert metrics["toy/flmm-separate"]["unet"]["n"] == len(objects)
     assert metrics["bad/flmm"]["unet"]["n"] == 2  # only the good sample's two objects
 
     direct = _direct_metrics(models, toy)
