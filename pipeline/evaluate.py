@@ -11,8 +11,9 @@ Data path for one eval set (shards of ``schemas/INPUT_FORMAT.md`` with ``objects
 Protocols (how an image's objects become LMM sequences):
   * ``standard``: every expression of every object is its own query, alone in its own sequence;
     n = number of expressions.
-  * ``flmm`` (F-LMM's): the first expression of each object, all objects of the image in one
-    sequence; n = number of objects. Easier than ``standard``: each object is named by its first
+  * ``flmm`` (F-LMM's): the first expression of each object (as the authors' script reads it:
+    the annotators' raw text, lower-cased, where the shards keep it), all objects of the image in
+    one sequence, each annotation id once; n = number of distinct objects. Easier than ``standard``: each object is named by its first
     expression only, with the other objects' names in context.
   * ``flmm-separate`` (the authors' script without ``--concat``): the first expression of each
     object alone in its own sequence; n = number of objects.
@@ -93,13 +94,18 @@ class EvalSample:
     """One image with its referred objects.
 
     image ``[H, W, 3]`` uint8 RGB, original frame; expressions: per object, its expressions
-    (non-empty); masks ``[N, H, W]`` bool ground truth of the N objects, original frame.
+    (non-empty); masks ``[N, H, W]`` bool ground truth of the N objects, original frame;
+    firsts: per object, the text F-LMM's protocols name it by (its ``raw[0].lower()`` when the
+    sample has the annotators' raw text, else its first expression); distinct: the objects
+    F-LMM's protocols count (the first of each ``ann_id``; all without ids).
     """
 
     key: str
     image: np.ndarray
     expressions: list[list[str]]
     masks: np.ndarray
+    firsts: list[str] | None = None
+    distinct: list[int] | None = None
 
 
 class SkipSample(Exception):
@@ -120,7 +126,20 @@ def eval_sample(key: str, raw: dict) -> EvalSample:
     except SampleError as error:
         raise SkipSample(error.kind) from error
     masks = np.stack([mask for _, mask in targets])
-    return EvalSample(key, rgb, [expressions for expressions, _ in targets], masks)
+    expressions = [expressions for expressions, _ in targets]
+    firsts, distinct, seen = [], [], set()
+    for k, (obj, phrases) in enumerate(zip(meta["objects"], expressions)):
+        raw = obj.get("raw")
+        firsts.append(
+            raw[0].lower()
+            if isinstance(raw, list) and raw and isinstance(raw[0], str)
+            else phrases[0]
+        )
+        ann_id = obj.get("ann_id")
+        if ann_id is None or ann_id not in seen:
+            distinct.append(k)
+            seen.add(ann_id)
+    return EvalSample(key, rgb, expressions, masks, firsts, distinct)
 
 
 @dataclass
@@ -189,19 +208,28 @@ class Sequence:
     objects: tuple[int, ...]
 
 
-def sequences(expressions: list[list[str]], protocol: str, image: int = 0) -> list[Sequence]:
-    """The LMM sequences of one image's objects (``expressions`` per object) under ``protocol``."""
+def sequences(
+    expressions: list[list[str]],
+    protocol: str,
+    image: int = 0,
+    firsts: list[str] | None = None,
+    distinct: list[int] | None = None,
+) -> list[Sequence]:
+    """The LMM sequences of one image's objects (``expressions`` per object) under ``protocol``;
+    F-LMM's protocols name object k by ``firsts[k]`` (default: its first expression) and count
+    only the ``distinct`` objects (default: all; see ``EvalSample``)."""
     if protocol == "standard":
         return [
             Sequence(protocol, image, (phrase,), (k,))
             for k, phrases in enumerate(expressions)
             for phrase in phrases
         ]
+    firsts = firsts or [phrases[0] for phrases in expressions]
+    objects = tuple(range(len(expressions)) if distinct is None else distinct)
     if protocol == "flmm":
-        firsts = tuple(phrases[0] for phrases in expressions)
-        return [Sequence(protocol, image, firsts, tuple(range(len(expressions))))]
+        return [Sequence(protocol, image, tuple(firsts[k] for k in objects), objects)]
     if protocol == "flmm-separate":
-        return [Sequence(protocol, image, (p[0],), (k,)) for k, p in enumerate(expressions)]
+        return [Sequence(protocol, image, (firsts[k],), (k,)) for k in objects]
     raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
 
 
@@ -259,7 +287,7 @@ def evaluate_set(
             s
             for b, x in enumerate(batch)
             for p in protocols
-            for s in sequences(x.expressions, p, b)
+            for s in sequences(x.expressions, p, b, x.firsts, x.distinct)
         ]
         with torch.inference_mode():
             groundings = ground(model, [x.image for x in batch], seqs)

@@ -149,6 +149,7 @@ def build_object(ref: dict, image: dict, instances: Instances, stats: SplitStats
         return None
     return {
         "expressions": [sentence["sent"] for sentence in ref["sentences"]],
+        "raw": [sentence.get("raw", sentence["sent"]) for sentence in ref["sentences"]],
         "mask": mask,
         "ann_id": ref["ann_id"],
         "ref_id": ref["ref_id"],

@@ -235,3 +235,29 @@ def test_eval_shards_are_found_and_read_on_s3(tmp_path, s3_bucket):
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def test_flmm_protocols_read_raw_text_lower_cased_and_count_each_annotation_once():
+    """As the authors' script: an object is named by its first raw expression, lower-cased, and
+    two refs of one annotation are one object."""
+    from pipeline.evaluate import eval_sample
+    from pipeline.sources import sample_files
+
+    rle = {"size": [4, 4], "counts": "04"}  # every pixel set
+    meta = {
+        "objects": [
+            {"expressions": ["man left"], "raw": ["The Man on the LEFT"], "ann_id": 7, "mask": rle},
+            {"expressions": ["guy"], "raw": ["Guy"], "ann_id": 7, "mask": rle},
+            {"expressions": ["red ball"], "ann_id": 9, "mask": rle},
+        ]
+    }
+    image = png_bytes(np.zeros((4, 4, 3), np.uint8))
+    files = sample_files({"png": image, "json": json.dumps(meta).encode()}, ["png", "json"])
+    sample = eval_sample("k", files)
+    assert sample.firsts == ["the man on the left", "guy", "red ball"]
+    assert sample.distinct == [0, 2]
+    seqs = sequences(sample.expressions, "flmm", 0, sample.firsts, sample.distinct)
+    assert seqs == [Sequence("flmm", 0, ("the man on the left", "red ball"), (0, 2))]
+    separate = sequences(sample.expressions, "flmm-separate", 0, sample.firsts, sample.distinct)
+    assert [s.phrases for s in separate] == [("the man on the left",), ("red ball",)]
+    assert len(sequences(sample.expressions, "standard")) == 3  # every expression, every ref
