@@ -71,6 +71,8 @@ def main(argv=None) -> None:
         default = tiny_defaults(args, Path(tmp)) if args.lmm is None else None
         if not args.phrase:
             sys.exit("give at least one --phrase")
+        if args.image is None:
+            sys.exit("give --image (an image file to ground the phrases in)")
         model = model_spec(args, default).build()
         image = np.array(Image.open(args.image).convert("RGB"))
         start = time.perf_counter()

@@ -41,3 +41,13 @@ def test_ground_job_refuses_a_missing_phrase(tmp_path):
         text=True,
     )
     assert run.returncode != 0 and "at least one --phrase" in run.stderr
+    no_image = [
+        sys.executable,
+        str(ROOT / "jobs" / "ground.py"),
+        "--lmm",
+        "unused",
+        "--phrase",
+        "x",
+    ]
+    run = subprocess.run(no_image, check=False, capture_output=True, text=True)
+    assert run.returncode != 0 and "give --image" in run.stderr
