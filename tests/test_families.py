@@ -113,3 +113,34 @@ def test_a_batch_of_images_on_different_grids_grounds_each_as_alone(model_type, 
     for t, a in zip(together, alone):
         torch.testing.assert_close(t.coarse, a.coarse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(t.refined, a.refined, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "qwen2_5_vl"])
+def test_evaluate_job_takes_any_family_through_lmm(model_type, tiny_lmm_dir, tmp_path):
+    """``jobs/evaluate.py --lmm <dir>`` on toy eval shards, random heads built for the family."""
+    import json
+
+    from jobs import evaluate as job
+    from toyworld.scenes import SceneConfig
+
+    shards = write_toy_shards(
+        tmp_path / "val",
+        2,
+        2,
+        seed=1,
+        split_name="val",
+        config=SceneConfig(min_side=64, max_side=96, max_objects=2),
+    )
+    from flmm.build import build_flmm, build_sam, sam_config
+    from flmm.heads import save_heads
+
+    lmm = str(tiny_lmm_dir(model_type))
+    heads = build_flmm(FrozenLMM.from_pretrained(lmm), build_sam(sam_config("tiny"))).heads
+    saved = save_heads(heads, tmp_path / "heads.safetensors")
+    output = tmp_path / "metrics.json"
+    argv = ["--lmm", lmm, "--sam", "tiny", "--heads", str(saved), "--device", "cpu"]
+    job.main([*argv, "--shards", f"toy={shards[0].parent}", "--output", str(output)])
+    metrics = json.loads(output.read_text())
+    assert set(metrics) == {"toy/standard", "toy/flmm", "toy/flmm-separate"}
+    assert all(0.0 <= m["refined"]["giou"] <= 1.0 for m in metrics.values())
+    assert metrics["toy/flmm"]["unet"]["n"] > 0
