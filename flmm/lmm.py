@@ -133,12 +133,13 @@ class FrozenLMM(nn.Module):
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens)
 
     def prepare_text(
-        self, image: torch.Tensor, text: str
+        self, image: torch.Tensor, text: str, inputs: ImageInputs | None = None
     ) -> tuple[LMMSample, list[tuple[int, int]]]:
         """image ``[H, W, 3]`` uint8 RGB; a free text (caption, description) whose every token
         is captured as one query group (``build_text_prompt``) → the sample, and each text
-        token's ``[start, end)`` characters in ``text``."""
-        inputs = self.image_inputs(image)
+        token's ``[start, end)`` characters in ``text``. ``inputs``: the image's own inputs when
+        already prepared (another sequence of the same image), else made here."""
+        inputs = inputs or self.image_inputs(image)
         prompt, offsets = build_text_prompt(self.layout, text, inputs.n_tokens)
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens), offsets
 
@@ -157,18 +158,15 @@ class FrozenLMM(nn.Module):
             layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
         tok = self.processor.tokenizer
         inputs = [self.image_inputs(image) for image in images]
-        rows = []
-        for x in inputs:
-            prefix = layout.prefix.replace(layout.image_token, layout.image_token * x.n_tokens)
-            rows.append(torch.tensor(layout.tokenizer(prefix)["input_ids"], dtype=torch.long))
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, length - len(r) :], mask[b, length - len(r) :] = r, 1
+        prompts = [
+            LMMSample(x, torch.tensor(tok(layout.expanded_prefix(x.n_tokens))["input_ids"]), [])
+            for x in inputs
+        ]
+        batch = collate(prompts, tok.pad_token_id, "left", self.image_token_id)
+        ids, length = batch["input_ids"], batch["input_ids"].shape[1]
         out = self.model.generate(
             input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            attention_mask=batch["attention_mask"].to(self.device),
             **self._image_kwargs(inputs, ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -271,8 +269,9 @@ def _phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
 def collate(
     samples: list[LMMSample], pad_id: int, padding_side: str, image_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Pad a batch of token sequences on the tokenizer's padding side; shift token positions
-    accordingly.
+    """Pad a batch of token sequences on ``padding_side`` (the tokenizer's, or ``"left"`` for
+    generation); shift token positions accordingly. A sample may have no phrases (a prompt to
+    generate from).
 
     Returns input_ids / attention_mask / position_ids ``[B, T]``, query_index ``[B, Q]`` (all
     phrase-token positions, padded with 0) and image_index ``[B, N]`` (each row's image-token
@@ -289,8 +288,9 @@ def collate(
         offset = length - n if padding_side == "left" else 0
         ids[b, offset : offset + n] = s.input_ids
         mask[b, offset : offset + n] = 1
-        positions = torch.cat(s.phrase_tokens) + offset
-        query[b, : len(positions)] = positions
+        if s.phrase_tokens:  # (none: a prompt to generate from)
+            positions = torch.cat(s.phrase_tokens) + offset
+            query[b, : len(positions)] = positions
     positions = [torch.nonzero(row == image_token_id)[:, 0] for row in ids]
     image_index = torch.zeros((len(samples), max(len(p) for p in positions)), dtype=torch.long)
     for b, p in enumerate(positions):

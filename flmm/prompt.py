@@ -51,6 +51,10 @@ class PromptLayout:
             raise ValueError(f"chat template must place one {self.image_token!r}: {self.prefix!r}")
         self.tokenizer = processor.tokenizer
 
+    def expanded_prefix(self, n_image_tokens: int) -> str:
+        """The prefix with its one image placeholder repeated for the image's tokens."""
+        return self.prefix.replace(self.image_token, self.image_token * n_image_tokens)
+
 
 @dataclass
 class Prompt:
@@ -86,7 +90,7 @@ def tokens_in_span(offsets: list[tuple[int, int]], start: int, end: int) -> torc
 def build_prompt(layout: PromptLayout, phrases: list[str], n_image_tokens: int) -> Prompt:
     """Tokenise ``prefix + answer`` with the image placeholder expanded to ``n_image_tokens``."""
     answer, spans = answer_text(phrases)
-    prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image_tokens)
+    prefix = layout.expanded_prefix(n_image_tokens)
     text = prefix + answer
     enc = layout.tokenizer(text, return_offsets_mapping=True)
     phrase_tokens = []
@@ -107,7 +111,7 @@ def build_text_prompt(
     ``text`` (a token's range may include the space before it)."""
     if not text.strip():
         raise ValueError("empty text")
-    prefix = layout.prefix.replace(layout.image_token, layout.image_token * n_image_tokens)
+    prefix = layout.expanded_prefix(n_image_tokens)
     start = len(prefix) + 1
     enc = layout.tokenizer(prefix + " " + text, return_offsets_mapping=True)
     positions = tokens_in_span(enc["offset_mapping"], start, start + len(text))

@@ -23,6 +23,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from flmm.families import ImageInputs
 from flmm.prompt import tokens_in_span
 from flmm.selector import bio_tags
 from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
@@ -106,7 +107,7 @@ class EncodeActor:
                 images.append(torch.from_numpy(image.copy()))
                 inputs.append(self.model.prepare(images[-1], row["phrases"]))
             lmm_out, embeddings = self.model.encode(inputs)
-            texts = self._caption_features(rows, images)
+            texts = self._caption_features(rows, images, [x.lmm.image for x in inputs])
         out = []
         for b, row in enumerate(rows):
             shape = (len(row["phrases"]), row["height"], row["width"])
@@ -129,7 +130,9 @@ class EncodeActor:
             out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})
         return pa.Table.from_pylist(out, FEATURE_SCHEMA)
 
-    def _caption_features(self, rows: list[dict], images: list[torch.Tensor]) -> dict[int, dict]:
+    def _caption_features(
+        self, rows: list[dict], images: list[torch.Tensor], image_inputs: list[ImageInputs]
+    ) -> dict[int, dict]:
         """Row index → for its caption (rows with one), from one batched prefill of image +
         caption: ``text_hidden`` ``[T, L, D]`` and ``text_tags`` ``[T]`` (the selector's
         targets), and its gold spans grounded in place: ``span_attention`` ``[S, C, h, w]``,
@@ -137,7 +140,9 @@ class EncodeActor:
         chosen = [b for b, row in enumerate(rows) if row["text"]]
         if not chosen:
             return {}
-        prepared = [self.model.lmm.prepare_text(images[b], rows[b]["text"]) for b in chosen]
+        prepared = [  # the images' LMM inputs of the phrases' prefill, not made again
+            self.model.lmm.prepare_text(images[b], rows[b]["text"], image_inputs[b]) for b in chosen
+        ]
         lmm_out = self.model.lmm([sample for sample, _ in prepared])
         out = {}
         for k, (b, (sample, offsets)) in enumerate(zip(chosen, prepared)):

@@ -13,10 +13,11 @@ Protocols (how an image's objects become LMM sequences):
     n = number of expressions.
   * ``flmm`` (F-LMM's): the first expression of each object (as the authors' script reads it:
     the annotators' raw text, lower-cased, where the shards keep it), all objects of the image in
-    one sequence, each annotation id once; n = number of distinct objects. Easier than ``standard``: each object is named by its first
-    expression only, with the other objects' names in context.
-  * ``flmm-separate`` (the authors' script without ``--concat``): the first expression of each
-    object alone in its own sequence; n = number of objects.
+    one sequence, each annotation id once; n = number of distinct objects. Easier than
+    ``standard``: each object is named by its first expression only, with the other objects'
+    names in context.
+  * ``flmm-separate`` (the authors' script without ``--concat``): the same first expressions,
+    each alone in its own sequence; n = number of distinct objects.
 
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
