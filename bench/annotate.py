@@ -193,7 +193,7 @@ def naive_ground(model, image, phrases: list[str], split: dict):
     and the heads on that phrase. → refined logits ``[P, 1, H, W]``."""
     import torch
 
-    from flmm.lmm import _phrase_slots, collate
+    from flmm.lmm import collate, phrase_slots
 
     lmm, clock = model.lmm, time.perf_counter()
     x = model.prepare(image, phrases)
@@ -210,7 +210,7 @@ def naive_ground(model, image, phrases: list[str], split: dict):
     )
     q, n = batch["query_index"][0], batch["image_index"][0]
     maps = torch.stack([a[0][:, q][:, :, n].float() for a in out.attentions])  # [L, H, Q, N]
-    slots = _phrase_slots(x.lmm.phrase_tokens)
+    slots = phrase_slots(x.lmm.phrase_tokens)
     attention = lmm.merge_slots(maps, slots)  # [P, L·H, h, w]
     hidden = torch.stack(out.hidden_states[1:], dim=1)[0][:, q].transpose(0, 1)  # [Q, L, D]
     split["lmm_s"] += time.perf_counter() - clock

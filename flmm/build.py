@@ -32,6 +32,7 @@ from flmm.checkpoint import load_file_into, load_state, read_metadata, read_stat
 from flmm.convert import convert_flmm_state_dict
 from flmm.heads import FLMMHeads, heads_dims
 from flmm.lmm import FrozenLMM
+from flmm.localization import LocalizationHeads, is_localization_file, read_localization
 from flmm.mask_decoder import MaskDecoder as UNetMaskDecoder
 from flmm.model import FLMM
 from flmm.prompt import FLMM_INSTRUCTION, PROMPT_KEY
@@ -259,8 +260,11 @@ def build_flmm(
 
     Without a heads checkpoint the refiner starts from ``sam``'s own prompt encoder and mask
     decoder and the U-Net (F-LMM's width, 64) from random init, as F-LMM's training does; with
-    one, the U-Net is built as wide as the checkpoint's.
+    one, the U-Net is built as wide as the checkpoint's. A localization-heads file (``.json``,
+    ``flmm.localization``) builds the training-free model instead (``build_localization``).
     """
+    if heads_checkpoint is not None and is_localization_file(heads_checkpoint):
+        return build_localization(lmm, sam, heads_checkpoint, autocast_dtype)
     config = HeadsConfig.for_lmm(lmm)
     if heads_checkpoint is None:
         heads = build_heads(config, sam)
@@ -273,9 +277,37 @@ def build_flmm(
     return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
 
 
+def build_localization(
+    lmm: FrozenLMM,
+    sam: Sam,
+    path: str | Path,
+    autocast_dtype: torch.dtype | None = None,
+) -> FLMM:
+    """The training-free model: frozen ``lmm`` capturing only the file's chosen heads, frozen
+    SAM (image encoder, prompt encoder, mask decoder). ValueError when the file was found on an
+    LMM of other dimensions (layers, heads, views)."""
+    config, _ = read_localization(path)
+    found = (config.num_layers, config.num_heads, config.num_views)
+    have = (lmm.num_layers, lmm.num_heads, lmm.num_views)
+    if found != have:
+        raise ValueError(
+            f"{Path(path).name} was found on an LMM of {found[0]} layers x {found[1]} heads x "
+            f"{found[2]} view(s); this LMM has {have[0]} x {have[1]} x {have[2]}"
+        )
+    warn_if_other_prompt(path, lmm.prompt.instruction)
+    lmm.capture_heads = config.heads
+    heads = LocalizationHeads(
+        config, sam.prompt_encoder, sam.mask_decoder, sam.image_encoder.img_size
+    )
+    return FLMM(lmm, build_image_encoder(sam), heads, autocast_dtype)
+
+
 def heads_prompt(path: str | Path) -> str | None:
-    """The instruction heads were trained under: a ``.safetensors`` file's ``prompt`` metadata
-    (None if it does not say), F-LMM's for a release ``.pth``."""
+    """The instruction heads were found or trained under: a ``.safetensors`` file's ``prompt``
+    metadata, a localization-heads file's ``prompt`` (None if it does not say), F-LMM's for a
+    release ``.pth``."""
+    if is_localization_file(path):
+        return read_localization(path)[1].get(PROMPT_KEY)
     if Path(path).suffix == ".safetensors":
         return read_metadata(path).get(PROMPT_KEY)
     return FLMM_INSTRUCTION
@@ -298,7 +330,13 @@ def read_heads_file(
 ) -> tuple[dict[str, torch.Tensor], KeywordSelector | None]:
     """A heads checkpoint → (the heads' tensors under our keys, its keyword selector or None):
     our ``.safetensors`` as stored (the heads' keys, the selector's ``selector.*`` and its
-    metadata), or an F-LMM release ``.pth`` converted (``flmm.convert``; no selector)."""
+    metadata), or an F-LMM release ``.pth`` converted (``flmm.convert``; no selector). A
+    localization-heads file holds no tensors: ValueError."""
+    if is_localization_file(path):
+        raise ValueError(
+            f"{path} is a localization-heads file (training-free grounding, no trained tensors): "
+            "give a trained heads .safetensors or an F-LMM release .pth"
+        )
     state_dict = read_state_dict(path)
     if Path(path).suffix == ".safetensors":
         return split_selector(state_dict, read_metadata(path))

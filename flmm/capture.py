@@ -31,28 +31,60 @@ class AttentionCapture:
         query_index: ``[B, Q]`` long, sequence positions whose attention rows are kept (padded
             slots may point anywhere; callers ignore them).
         key_index: ``[B, N]`` long, sequence positions of the image tokens (columns kept).
+        heads: None (every head of every layer), or the (layer, head) pairs to keep: the other
+            layers compute nothing beyond their stock attention, the kept layers only the
+            kept heads' rows (training-free grounding reads a few heads, ``flmm.localization``).
 
-    After the forward, ``maps[layer]`` is ``[B, H, Q, N]`` float32 softmax probabilities.
+    After the forward, ``maps[layer]`` is ``[B, H, Q, N]`` float32 softmax probabilities (with
+    ``heads``: ``[B, H_l, Q, N]``, that layer's kept heads in the order given).
     """
 
-    def __init__(self, query_index: torch.Tensor, key_index: torch.Tensor):
+    def __init__(
+        self,
+        query_index: torch.Tensor,
+        key_index: torch.Tensor,
+        heads: tuple[tuple[int, int], ...] | None = None,
+    ):
         self.query_index = query_index
         self.key_index = key_index
+        self.heads = heads
+        self.layer_heads: dict[int, list[int]] | None = None
+        if heads is not None:
+            self.layer_heads = {}
+            for layer, head in heads:
+                self.layer_heads.setdefault(layer, []).append(head)
         self.maps: dict[int, torch.Tensor] = {}
 
     def stacked(self) -> torch.Tensor:
-        """``[B, L, H, Q, N]``: the captured maps of all layers, in layer order."""
-        return torch.stack([self.maps[i] for i in sorted(self.maps)], dim=1)
+        """``[B, L, H, Q, N]``: the captured maps of all layers, in layer order; with ``heads``,
+        ``[B, 1, K, Q, N]``: the K kept heads as one pseudo-layer, in the order given."""
+        if self.heads is None:
+            return torch.stack([self.maps[i] for i in sorted(self.maps)], dim=1)
+        taken = {layer: 0 for layer in self.maps}
+        rows = []
+        for layer, _ in self.heads:
+            rows.append(self.maps[layer][:, taken[layer]])
+            taken[layer] += 1
+        return torch.stack(rows, dim=1)[:, None]
 
     def record(self, layer_idx, query, key, attention_mask, scaling) -> None:
         """query ``[B, Hq, S, D]`` (post-RoPE), key ``[B, Hkv, S, D]`` (before GQA repeat)."""
         bsz, n_heads, _, dim = query.shape
         n_kv = key.shape[1]
+        group = n_heads // n_kv
         qi = self.query_index.to(query.device)
         n_q = qi.shape[1]
+        if self.layer_heads is not None:
+            if layer_idx not in self.layer_heads:
+                return
+            kept = torch.tensor(self.layer_heads[layer_idx], device=query.device)
+            query = query.index_select(1, kept)
+            # head h reads kv head h // G (transformers' repeat_kv order): one kv row per head
+            key = key.index_select(1, kept // group)
+            n_heads, n_kv, group = len(kept), len(kept), 1
         q = query.gather(2, qi[:, None, :, None].expand(bsz, n_heads, n_q, dim)).float()
         # grouped-query attention: head h reads kv head h // G (transformers' repeat_kv order)
-        q = q.view(bsz, n_kv, n_heads // n_kv, n_q, dim)
+        q = q.view(bsz, n_kv, group, n_q, dim)
         scale = scaling if scaling is not None else dim**-0.5
         scores = (q @ key.float()[:, :, None].transpose(-1, -2)) * scale
         scores = scores.view(bsz, n_heads, n_q, -1) + self._mask_rows(attention_mask, qi, scores)

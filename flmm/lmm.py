@@ -58,7 +58,8 @@ class LMMOutput:
 
     token_maps ``[B, L, H, Q, N]`` float32: raw softmax rows of every captured query slot (Q = the
     longest sample's phrase-token count) over the image tokens (N = the most of any sample; a
-    sample's own are its first ``image.n_tokens``), before merging.
+    sample's own are its first ``image.n_tokens``), before merging (``[B, 1, K, Q, N]`` when
+    the LMM captures K chosen heads only, ``FrozenLMM.capture_heads``).
     attention: per sample ``[P, V·L·H, h, w]`` float32 maps (see the module).
     hidden: per sample, per phrase ``[n_tok, L, D]`` hidden states (model dtype).
     token_hidden ``[B, Q, L, D]``: the hidden states of every captured query slot (a text's
@@ -92,6 +93,9 @@ class FrozenLMM(nn.Module):
         self.hidden_size = text.hidden_size
         self.num_views = family.num_views
         self.merge = prompt.merge
+        # None: capture every layer × head; else only these (layer, head) pairs (training-free
+        # grounding, flmm.localization): maps then have V·K channels, K = len(capture_heads)
+        self.capture_heads: tuple[tuple[int, int], ...] | None = None
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     @classmethod
@@ -120,6 +124,9 @@ class FrozenLMM(nn.Module):
 
     @property
     def in_channels(self) -> int:
+        """Channels of a phrase's maps: V·L·H, or V·K with ``capture_heads``."""
+        if self.capture_heads is not None:
+            return self.num_views * len(self.capture_heads)
         return self.num_views * self.num_layers * self.num_heads
 
     def image_inputs(self, image: torch.Tensor) -> ImageInputs:
@@ -205,7 +212,9 @@ class FrozenLMM(nn.Module):
     def forward(self, samples: list[LMMSample]) -> LMMOutput:
         """One prefill over a padded batch of prepared samples."""
         batch, inputs = self.model_inputs(samples)
-        cap = capture.AttentionCapture(batch["query_index"], batch["image_index"])
+        cap = capture.AttentionCapture(
+            batch["query_index"], batch["image_index"], self.capture_heads
+        )
         recorder = HiddenRecorder(self.model.model.language_model, batch["query_index"])
         with recorder:
             self.model.model(**inputs, use_cache=False, flmm_capture=cap)
@@ -213,7 +222,7 @@ class FrozenLMM(nn.Module):
         hidden = recorder.stacked()  # [B, Q, L, D]
         attention, phrase_hidden = [], []
         for b, sample in enumerate(samples):
-            slots = _phrase_slots(sample.phrase_tokens)
+            slots = phrase_slots(sample.phrase_tokens)
             attention.append(self.merge_slots(token_maps[b], slots, sample.image))
             phrase_hidden.append([hidden[b, s] for s in slots])
         return LMMOutput(token_maps, attention, phrase_hidden, hidden)
@@ -257,7 +266,7 @@ def collate_image_tensors(tensors: list[dict[str, torch.Tensor]]) -> dict[str, t
     return out
 
 
-def _phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
+def phrase_slots(phrase_tokens: list[torch.Tensor]) -> list[slice]:
     """Query-slot ranges of each phrase: phrases' tokens are laid out back to back."""
     slots, start = [], 0
     for tokens in phrase_tokens:

@@ -27,6 +27,7 @@ import pycocotools.mask as mask_utils
 import ray
 import torch
 
+from flmm.heads import FLMMHeads
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
 
@@ -105,7 +106,8 @@ class GroundingActor:
         self.model = spec.build()
         # NHWC convolutions for the U-Net, most of the heads' time at small LMMs: faster on CPU,
         # the same logits to rounding (measured in bench/NOTES.md)
-        self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
+        if isinstance(self.model.heads, FLMMHeads):  # (localization heads have no U-Net)
+            self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
         self.threshold = threshold
         self.max_new_tokens = max_new_tokens
         self.describe_prompt = describe_prompt

@@ -21,25 +21,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_model_args(
-    parser, heads: str = "--heads", sam_heads_dtype: bool = True, default: str = "toy"
+    parser,
+    heads: str | None = "--heads",
+    sam_heads_dtype: bool = True,
+    default: str = "toy",
+    sam: bool = True,
 ) -> None:
-    """Every job's model flags, defined once: ``--lmm``, ``--sam``, ``--sam-checkpoint``, the
-    heads flag (``heads``, e.g. ``--init-heads`` for training; stored as ``args.heads``),
-    ``--dtype``, ``--sam-heads-dtype`` (with ``sam_heads_dtype``) and ``--device``. ``default``
-    names, in the help, what the job uses without ``--lmm``. ``model_spec(args)`` reads them."""
+    """Every job's model flags, defined once: ``--lmm``, ``--sam``, ``--sam-checkpoint`` (with
+    ``sam``), the heads flag (``heads``, e.g. ``--init-heads`` for training; stored as
+    ``args.heads``; None: no heads flag), ``--dtype``, ``--sam-heads-dtype`` (with
+    ``sam_heads_dtype``), ``--device`` and ``--prompt``. ``default`` names, in the help, what
+    the job uses without ``--lmm``. ``model_spec(args)`` reads them."""
     parser.add_argument(
         "--lmm",
         help="hub id or local directory of an LMM of a supported family (LLaVA-1.5, LLaVA-NeXT, "
         f"DeepSeek-VL, Qwen2.5-VL / Qwen3-VL; default: {default} LMM)",
     )
-    parser.add_argument(
-        "--sam",
-        help=f"SAM variant: {', '.join(SAM_VARIANTS)} (default: {default}; vit_l with --lmm)",
-    )
-    parser.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
-    parser.add_argument(
-        heads, dest="heads", help="heads .safetensors, or an F-LMM release .pth (converted)"
-    )
+    if sam:
+        parser.add_argument(
+            "--sam",
+            help=f"SAM variant: {', '.join(SAM_VARIANTS)} (default: {default}; vit_l with --lmm)",
+        )
+        parser.add_argument("--sam-checkpoint", help="SAM weights, .pth or .safetensors")
+    if heads is not None:
+        parser.add_argument(
+            heads,
+            dest="heads",
+            help="heads: trained .safetensors, an F-LMM release .pth (converted), or a "
+            "localization-heads .json (training-free, jobs/find_heads.py)",
+        )
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="the LMM's dtype"
     )
@@ -62,7 +72,8 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
     """The ``ModelSpec`` of ``add_model_args``' flags. Without ``--lmm``, ``default``'s LMM, and
     its SAM variant and heads where not given (its SAM checkpoint only with its SAM variant);
     without ``--lmm`` and without ``default``: ValueError."""
-    lmm, sam, checkpoint, heads = args.lmm, args.sam, args.sam_checkpoint, args.heads
+    lmm, heads = args.lmm, getattr(args, "heads", None)
+    sam, checkpoint = getattr(args, "sam", None), getattr(args, "sam_checkpoint", None)
     prompt = args.prompt
     if lmm is None:
         if default is None:
@@ -87,8 +98,9 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """lmm: hub id or local directory of an LMM of a supported family; sam_variant: a ``flmm.build.SAM_VARIANTS``
-    name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors`` or an
-    F-LMM release ``.pth`` (None: randomly initialised heads); dtype: the LMM's dtype; device:
+    name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors``, an
+    F-LMM release ``.pth``, or a localization-heads ``.json`` (training-free,
+    ``flmm.localization``) (None: randomly initialised heads); dtype: the LMM's dtype; device:
     ``"auto"`` (CUDA when visible, else CPU), ``"cpu"``, ``"cuda"``; sam_heads_dtype: what the
     SAM encoder and the heads compute in: ``"float32"``, or ``"bfloat16"`` / ``"float16"`` under
     autocast (their weights stay float32; masks change slightly: bench/NOTES.md); prompt: the
@@ -123,12 +135,19 @@ class ModelSpec:
     def build(self) -> FLMM:
         """The whole model in eval mode on ``resolved_device()``, frozen parts frozen."""
         device = self.resolved_device()
-        lmm = FrozenLMM.from_pretrained(
-            self.lmm, dtype=DTYPES[self.dtype], device=device, prompt=self.prompt_config()
-        )
+        lmm = self.build_lmm()
         sam = build_sam(sam_config(self.sam_variant), self.sam_checkpoint)
         reduced = None if self.sam_heads_dtype == "float32" else DTYPES[self.sam_heads_dtype]
         return build_flmm(lmm, sam, self.heads, reduced).to(device).eval()
+
+    def build_lmm(self) -> FrozenLMM:
+        """The frozen LMM alone, on ``resolved_device()``, prompted with ``prompt``."""
+        return FrozenLMM.from_pretrained(
+            self.lmm,
+            dtype=DTYPES[self.dtype],
+            device=self.resolved_device(),
+            prompt=self.prompt_config(),
+        )
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig() if self.prompt is None else PromptConfig(instruction=self.prompt)
