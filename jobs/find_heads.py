@@ -11,13 +11,15 @@ pick how many of them to combine and the bar of the coarse mask. The file goes t
 annotate, evaluate and ground jobs, in place of trained heads (SAM then takes the coarse mask's
 box; no keyword selector, so given phrases only).
 
-With no arguments: the toy LMM on the toy world's training scenes → out/find_heads/heads.json
-(the shipped one is models/toy/localization_heads.json).
+With no arguments: the toy LMM on the toy world's training scenes, with its own search settings
+(toyworld.models.TOY_HEAD_SEARCH) → out/find_heads/heads.json (the shipped one is
+models/toy/localization_heads.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ from flmm.localization import HeadSearchConfig
 from pipeline.find_heads import FindHeadsConfig, find_heads
 from pipeline.sources import resolve_shards
 from pipeline.spec import add_model_args, model_spec
-from toyworld.models import toy_model_spec
+from toyworld.models import TOY_HEAD_SEARCH, toy_model_spec
 from toyworld.shards import toy_shards
 
 
@@ -40,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max-heads", type=int, default=5, help="most heads combined (k is calibrated up to it)"
     )
-    p.add_argument("--per-phrase", type=int, default=10, help="heads each phrase votes for")
-    p.add_argument("--skip-layers", type=int, default=2, help="first layers never chosen")
+    p.add_argument(
+        "--per-phrase", type=int, help="heads each phrase votes for (default 10; toy: 3)"
+    )
+    p.add_argument("--skip-layers", type=int, help="first layers never chosen (default 2; toy: 1)")
     p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing, grid cells")
     p.add_argument(
         "--dense-prompt", action="store_true", help="coarse mask as SAM's mask prompt too"
@@ -54,13 +58,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_of(args: argparse.Namespace) -> FindHeadsConfig:
     shards = args.shards or [str(toy_shards("train"))]
+    search = HeadSearchConfig() if args.lmm else TOY_HEAD_SEARCH
+    if args.per_phrase is not None:
+        search = dataclasses.replace(search, per_phrase=args.per_phrase)
+    if args.skip_layers is not None:
+        search = dataclasses.replace(search, skip_layers=args.skip_layers)
     return FindHeadsConfig(
         shards=tuple(resolve_shards(shards)),
         model=model_spec(args, default=toy_model_spec(heads=False)),
         output=args.output,
         phrases=args.phrases,
         max_heads=args.max_heads,
-        search=HeadSearchConfig(args.per_phrase, args.skip_layers),
+        search=search,
         sigma=args.sigma,
         dense_prompt=args.dense_prompt,
         batch_size=args.batch_size,

@@ -173,6 +173,15 @@ def best_settings(giou: np.ndarray) -> tuple[int, int]:
     return int(k), int(t)
 
 
+def _lmm_id(lmm: str) -> str:
+    """The LMM as recorded: a local directory under the working directory relative to it (the
+    shipped toy's file is read on other machines), else as given."""
+    path = Path(lmm)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return lmm
+
+
 def find_heads(config: FindHeadsConfig, log: Callable[[str], None] = print) -> dict:
     """Both passes; writes ``config.output`` and returns its record (with ``seconds``)."""
     start = time.perf_counter()
@@ -223,7 +232,7 @@ def find_heads(config: FindHeadsConfig, log: Callable[[str], None] = print) -> d
         "seconds": round(seconds, 1),
     }
     metadata = {
-        "lmm": config.model.lmm,
+        "lmm": _lmm_id(config.model.lmm),
         "family": lmm.family.name,
         "prompt": lmm.prompt.instruction,
         "calibration": calibration,
