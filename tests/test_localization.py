@@ -297,3 +297,28 @@ def test_shipped_toy_localization_heads_beat_the_random_lmm_control(tmp_path, on
     control = toy_localization_giou(str(write_control(tmp_path / "control")), 30)
     assert toy[0] >= 0.15 and control[0] <= 0.05, (toy, control)
     assert toy[1] >= 2 * control[1], (toy, control)
+
+
+def test_annotate_job_with_the_toy_localization_heads(ray_session, tmp_path):
+    """Given phrases are grounded; captions and image-only samples need a keyword selector,
+    which training-free heads do not have: ``no_selector`` error rows, nothing else lost."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from pipeline.annotate import AnnotateConfig, run_annotation
+    from toyworld.models import toy_localization_heads, toy_model_spec
+    from toyworld.shards import toy_shards
+
+    spec = dataclasses.replace(toy_model_spec(), heads=str(toy_localization_heads()))
+    out = tmp_path / "out"
+    summary = run_annotation(AnnotateConfig((str(toy_shards("sample")),), str(out), spec))
+    samples = pq.read_table(out / "samples").to_pylist()
+    ok = [s for s in samples if s["status"] == "ok"]
+    errors = [s for s in samples if s["status"] != "ok"]
+    assert ok and errors and len(samples) == summary.samples == 24
+    assert {s["source"] for s in ok} == {"given"}
+    assert all(s["error"].startswith("no_selector: ") for s in errors), errors[0]["error"]
+    annotations = pq.read_table(out / "annotations").to_pylist()
+    assert len(annotations) == summary.annotations == sum(s["n_annotations"] for s in ok) > 0
+    assert summary.errors == len(errors)
