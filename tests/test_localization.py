@@ -322,3 +322,12 @@ def test_annotate_job_with_the_toy_localization_heads(ray_session, tmp_path):
     annotations = pq.read_table(out / "annotations").to_pylist()
     assert len(annotations) == summary.annotations == sum(s["n_annotations"] for s in ok) > 0
     assert summary.errors == len(errors)
+
+
+def test_a_file_found_under_another_instruction_is_warned_about(tiny_llava_dir, tmp_path):
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
+    config = LocalizationConfig(((1, 2),), lmm.num_layers, lmm.num_heads)
+    path = save_localization(config, tmp_path / "h.json", {"prompt": "Describe it."})
+    with pytest.warns(UserWarning, match="instruction 'Describe it.'"):
+        model = build_flmm(lmm, build_sam(sam_config("tiny")), path)
+    assert model.lmm.capture_heads == ((1, 2),) and model.lmm.in_channels == 1
