@@ -3,17 +3,25 @@
     from_items(shards) ─ read_shard (CPU task per shard: raw bytes, one row per sample)
       → decode_batch   (CPU tasks: pixels + given phrases / caption / nothing, or an error row)
       → GroundingActor (actor pool, ``num_gpus`` each: F-LMM → RLE, box, score per phrase)
-      → driver: groups rows by shard; a shard with all its keys is written (writer.OutputDir)
+      → write_parts    (CPU tasks: each batch's rows written where they are, as part files
+                        ``_parts/<shard>/<part>``; out goes one small manifest row per shard
+                        and batch: its keys, counts, timings, the part's name)
+      → driver: accounts for each shard's keys from the manifests; once every key of a shard
+        is in, a commit task (a worker) merges its parts into the shard's two Parquet files;
+        then the driver writes the shard's done marker, which commits it (writer.OutputDir)
 
+The driver never receives a result row (``Summary.driver_bytes`` against ``result_bytes``).
 Shards with a done marker are skipped unless ``overwrite``; an unreadable shard, or one left
-incomplete, is reported as failed and gets no done marker, so a rerun retries it. A bad sample
-is an error row. Ray must be initialised by the caller (``jobs/annotate.py`` does).
+incomplete, is reported as failed and gets no done marker, so a rerun retries it (its part files
+are cleared first). A bad sample is an error row. Ray must be initialised by the caller
+(``jobs/annotate.py`` does).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +36,7 @@ from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import OutputDir, shard_tables
+from pipeline.writer import OutputDir, commit_shard, shard_tables
 from schemas.annotations import SCHEMA_VERSION
 
 
@@ -57,12 +65,19 @@ class AnnotateConfig:
     describe: bool = False
     max_new_tokens: int = 64
     describe_prompt: str | None = None
+    # fault injection, for tests: the first write attempt of every part of these shards raises
+    # OSError (the writers retry; the summary counts the retries)
+    fail_first_write: tuple[str, ...] = ()
 
 
 @dataclass
 class Summary:
     """What one run did. ``seconds``: wall time of the run, model loading included;
-    ``write_s``: the driver's time building and writing the shards' outputs."""
+    ``write_s``: the driver's time writing done markers; ``commit_s``: the commit tasks' time
+    (merging parts into shard files, on workers); ``driver_bytes``: the manifest bytes the
+    driver received, against ``result_bytes``, the result rows' bytes (what it would have
+    received had it written the shards itself); ``retried``: what was done twice (rows of
+    retried batches, dropped at commit; part writes retried)."""
 
     output: str
     done: list[str] = field(default_factory=list)
@@ -73,25 +88,117 @@ class Summary:
     annotations: int = 0
     seconds: float = 0.0
     write_s: float = 0.0
+    commit_s: float = 0.0
     planned: int = 0  # shards to run (not skipped)
+    driver_bytes: int = 0
+    result_bytes: int = 0
+    retried: Counter = field(default_factory=Counter)
 
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        retried = ", ".join(f"{n} {what}" for what, n in sorted(self.retried.items()) if n)
         return (
             f"annotate: shards {len(self.done)} done, {len(self.skipped)} skipped, "
             f"{len(self.failed)} failed | samples {self.samples} ({self.errors} errors) | "
             f"annotations {self.annotations} | {rate:.2f} images/s over {self.seconds:.1f} s "
-            f"| {self.output}"
+            + (f"| retried: {retried} " if retried else "")
+            + f"| {self.output}"
         )
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("n_samples", pa.int64()),
+        ("part", pa.string()),  # "" when nothing was written
+        ("keys", pa.list_(pa.string())),
+        ("shard_error", pa.string()),  # the shard could not be read
+        ("problem", pa.string()),  # results that do not fit their samples (a bug)
+        ("write_error", pa.string()),  # the part could not be written
+        ("write_retries", pa.int32()),
+        ("result_bytes", pa.int64()),  # the result rows' bytes this part stands for
+        ("read_s", pa.float64()),
+        ("decode_s", pa.float64()),
+        ("model_s", pa.float64()),
+        *((name, pa.float64()) for name in STAGES),
+        ("write_s", pa.float64()),  # writing the part (retries included)
+    ]
+)
+
+WRITE_ATTEMPTS = 3
+
+
+def write_parts(
+    batch: pa.Table, output: str, model_id: str, fail_first_write: tuple[str, ...] = ()
+) -> pa.Table:
+    """The writer stage (a CPU task after the model stage): ``RESULT_SCHEMA`` rows → one part
+    per shard in the batch, written under ``_parts/<shard>/`` (``WRITE_ATTEMPTS`` tries, with a
+    short back-off) → one ``MANIFEST_SCHEMA`` row per shard. Shard-level rows (``status
+    "shard"``) write nothing and pass their error on."""
+    by_shard: dict[str, list[dict]] = {}
+    for row in batch.to_pylist():
+        by_shard.setdefault(row["shard"], []).append(row)
+    out = OutputDir(output)
+    manifests = []
+    for shard, rows in by_shard.items():
+        entry = dict.fromkeys(MANIFEST_SCHEMA.names, "")
+        entry.update(shard=shard, n_samples=rows[0]["n_samples"], keys=[], write_retries=0)
+        entry["write_s"] = 0.0
+        entry["result_bytes"] = pa.Table.from_pylist(rows, batch.schema).nbytes
+        samples = [r for r in rows if r["status"] != "shard"]
+        entry["read_s"] = max((r["read_s"] for r in rows), default=0.0)
+        for name in ("decode_s", "model_s", *STAGES):
+            entry[name] = sum(r[name] for r in samples)
+        errors = [r["shard_error"] for r in rows if r["status"] == "shard" and r["shard_error"]]
+        if errors:
+            entry["shard_error"] = errors[0]
+        if samples:
+            try:
+                annotations, table = shard_tables(shard, samples, model_id)
+            except ValueError as error:
+                entry["problem"] = str(error)
+            else:
+                started = time.perf_counter()
+                entry.update(part=uuid.uuid4().hex, keys=[r["key"] for r in samples])
+                entry.update(_write_part(out, shard, entry["part"], annotations, table,
+                                         shard in fail_first_write))  # fmt: skip
+                entry["write_s"] = time.perf_counter() - started
+        manifests.append(entry)
+    return pa.Table.from_pylist(manifests, MANIFEST_SCHEMA)
+
+
+def _write_part(out: OutputDir, shard, part, annotations, samples, fail_first: bool) -> dict:
+    """Write one part, retrying; → ``write_retries`` and, if every try failed, ``write_error``
+    (the part's files removed)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            if fail_first and attempt == 0:
+                raise OSError(f"injected write failure of {shard}/{part}")
+            out.write_part(shard, part, annotations, samples)
+            return {"write_retries": attempt}
+        except OSError as error:
+            last = f"{type(error).__name__}: {error}"
+            if attempt + 1 < WRITE_ATTEMPTS:
+                time.sleep(0.2 * 2**attempt)
+    try:
+        out.delete_part(shard, part)
+    except OSError:
+        pass  # a rerun clears the shard's parts anyway
+    return {"write_retries": WRITE_ATTEMPTS - 1, "write_error": last}
 
 
 @dataclass
 class _ShardBuffer:
+    """The driver's account of one shard: its keys seen, the parts holding them (in the order
+    accounted for), timings summed over the parts."""
+
     uri: str
     n_samples: int = -1
-    rows: dict[str, dict] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+    parts: list[str] = field(default_factory=list)
     duplicates: int = 0
     error: str = ""
+    timings: Counter = field(default_factory=Counter)
 
 
 def run_annotation(
@@ -123,9 +230,14 @@ def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on
         collector = _Collector(out, config.model.model_id(), summary, on_shard, start)
         collector.expect({name: uris[name] for name in todo})
         dataset = _dataset(todo, uris, config)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                collector.add(row)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                summary.driver_bytes += batch.nbytes
+                for row in batch.to_pylist():
+                    collector.add(row)
+        except BaseException:
+            collector.abandon()
+            raise
         collector.close()
     summary.seconds = time.perf_counter() - start
     _write_preview(out, uris, config.preview_images)
@@ -142,15 +254,21 @@ def _plan(uris: dict[str, str], out: OutputDir, overwrite: bool, summary: Summar
         if out.is_done(name):
             summary.skipped.append(name)
         else:
+            out.clear_parts(name)  # an interrupted run's parts: this run writes its own
             todo.append(name)
     return todo
+
+
+WRITER_CPUS = 0.25  # a writer task is I/O: it must not wait behind the model actors for a CPU
+COMMIT_CPUS = 0.25
 
 
 def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> ray.data.Dataset:
     """One read task per shard (fused with decoding), blocks cut to ``batch_size`` rows so that
     each actor call is one batch and results reach the driver batch by batch; ``actors`` model
-    actors. Ray Data's actor pools default to ``max_restarts=-1`` and ``max_task_retries=-1``:
-    a killed actor is restarted and its unfinished batches are run again."""
+    actors, then the writer tasks. Ray Data's actor pools default to ``max_restarts=-1`` and
+    ``max_task_retries=-1``: a killed actor is restarted and its unfinished batches are run
+    again (their rows may then be written twice: the commit keeps one copy)."""
     items = [{"uri": uris[name], "shard": name} for name in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow")
@@ -161,7 +279,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
         fn_kwargs={"describe": config.describe},
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    return ds.map_batches(
+    ds = ds.map_batches(
         GroundingActor,
         fn_constructor_kwargs={
             "spec": config.model,
@@ -175,54 +293,112 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
         num_gpus=config.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )
+    return ds.map_batches(
+        write_parts,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=WRITER_CPUS,
+        fn_kwargs={
+            "output": config.output,
+            "model_id": config.model.model_id(),
+            "fail_first_write": config.fail_first_write,
+        },
+    )
 
 
 class _Collector:
-    """The driver's side: buffers result rows per shard and writes a shard once all its keys
-    are in. A key seen twice (a retried batch) keeps its first row and is counted."""
+    """The driver's side: accounts for each shard's keys from the writers' manifests and, once
+    all are in, commits the shard: a commit task merges its parts, then the driver writes the
+    done marker. A key accounted for twice (a retried batch) is counted; the commit keeps its
+    first part's rows."""
 
     def __init__(self, out: OutputDir, model_id: str, summary: Summary, on_shard, start: float):
         self.out, self.model_id, self.summary = out, model_id, summary
         self.on_shard, self.start = on_shard, start
         self.buffers: dict[str, _ShardBuffer] = {}
+        self.pending: dict[ray.ObjectRef, tuple[str, _ShardBuffer]] = {}
+        self.commit = ray.remote(num_cpus=COMMIT_CPUS, max_retries=2, retry_exceptions=[OSError])(
+            _timed_commit
+        )
 
     def expect(self, uris: dict[str, str]) -> None:
         self.buffers.update({name: _ShardBuffer(uri) for name, uri in uris.items()})
 
     def add(self, row: dict) -> None:
-        buffer = self.buffers.get(row["shard"])
-        if buffer is None:  # a late duplicate of a shard already written
-            where = f"{row['shard']}/{row['key']}"
-            print(f"warning: row {where} came after its shard was written", file=sys.stderr)
+        """One manifest row (``MANIFEST_SCHEMA``)."""
+        name = row["shard"]
+        buffer = self.buffers.get(name)
+        if buffer is None:  # a late copy of a retried batch, its shard committed or failed
+            print(f"warning: a part of {name} came after its shard was closed", file=sys.stderr)
+            if row["part"]:
+                self.out.delete_part(name, row["part"])
+            self._poll()
             return
         buffer.n_samples = row["n_samples"]
-        if row["status"] == "shard":  # an empty shard, or one that could not be read
+        self.summary.retried["part writes"] += row["write_retries"]
+        self.summary.result_bytes += row["result_bytes"]
+        for timing in ("decode_s", "model_s", *STAGES, "write_s"):
+            buffer.timings[timing] += row[timing]
+        buffer.timings["read_s"] = max(buffer.timings["read_s"], row["read_s"])
+        if row["shard_error"]:  # reported when the stream ends (``close``)
             buffer.error = row["shard_error"]
-        elif row["key"] in buffer.rows:
-            buffer.duplicates += 1
-        else:
-            buffer.rows[row["key"]] = row
-        if not buffer.error and len(buffer.rows) == buffer.n_samples:
-            self._finish(row["shard"], self.buffers.pop(row["shard"]))
+        elif row["problem"] or row["write_error"]:
+            self.summary.failed[name] = row["problem"] or f"write failed: {row['write_error']}"
+            self.buffers.pop(name)
+            return
+        elif row["part"]:
+            fresh = set(row["keys"]) - buffer.keys
+            duplicates = len(row["keys"]) - len(fresh)
+            buffer.duplicates += duplicates
+            self.summary.retried["rows of retried batches"] += duplicates
+            buffer.keys |= fresh
+            buffer.parts.append(row["part"])
+        if not buffer.error and len(buffer.keys) == buffer.n_samples:
+            self.buffers.pop(name)
+            ref = self.commit.remote(self.out.uri, name, buffer.parts, buffer.n_samples)
+            self.pending[ref] = (name, buffer)
+        self._poll()
 
     def close(self) -> None:
-        """Shards still open when the stream ends have failed."""
+        """Waits for the commits in flight; shards still open when the stream ends have
+        failed."""
+        self._poll(wait=True)
         for name, buffer in self.buffers.items():
-            got = f"{len(buffer.rows)} of {buffer.n_samples} samples"
+            got = f"{len(buffer.keys)} of {buffer.n_samples} samples"
             self.summary.failed[name] = buffer.error or f"incomplete: {got}"
 
-    def _finish(self, name: str, buffer: _ShardBuffer) -> None:
-        started = time.perf_counter()
-        rows = list(buffer.rows.values())
+    def abandon(self) -> None:
+        """The run is failing: wait for the commits in flight (whatever their outcome), so that
+        a rerun's clearing of parts cannot race them."""
+        if self.pending:
+            ray.wait(list(self.pending), num_returns=len(self.pending))
+            self.pending.clear()
+
+    def _poll(self, wait: bool = False) -> None:
+        """Finish the commits that are done (all of them with ``wait``)."""
+        while self.pending:
+            ready, _ = ray.wait(
+                list(self.pending), num_returns=len(self.pending), timeout=None if wait else 0
+            )
+            if not ready:
+                return
+            for ref in ready:
+                self._finish(*self.pending.pop(ref), ref)
+
+    def _finish(self, name: str, buffer: _ShardBuffer, ref: ray.ObjectRef) -> None:
         try:
-            annotations, samples = shard_tables(name, rows, self.model_id)
-        except ValueError as error:  # results that do not fit their samples: nothing written
-            self.summary.failed[name] = str(error)
+            counts, seconds = ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - this shard fails; others go on
+            cause = getattr(error, "cause", None) or error
+            self.summary.failed[name] = f"commit failed: {type(cause).__name__}: {cause}"
             return
-        elapsed = time.perf_counter() - self.start
-        done = _done_marker(name, buffer, rows, annotations, self.model_id, elapsed)
+        self.summary.commit_s += seconds
+        buffer.timings["commit_s"] = seconds
+        started = time.perf_counter()
+        elapsed = started - self.start
+        done = _done_marker(name, buffer, counts, self.model_id, elapsed)
         try:
-            self.out.write_shard(name, annotations, samples, done, buffer.n_samples)
+            self.out.write_done(name, done)
         except Exception as error:  # noqa: BLE001 - this shard fails; others go on
             self.summary.failed[name] = f"write failed: {type(error).__name__}: {error}"
             return
@@ -236,23 +412,34 @@ class _Collector:
             self.on_shard(name, done, self.summary)
 
 
-def _done_marker(name, buffer, rows, annotations: pa.Table, model_id: str, elapsed: float):
-    kinds = Counter(r["error_kind"] for r in rows if r["status"] == "error")
+def _timed_commit(output: str, shard: str, parts: list[str], n_input: int):
+    """``commit_shard`` and its seconds (a Ray task)."""
+    started = time.perf_counter()
+    counts = commit_shard(output, shard, parts, n_input)
+    return counts, time.perf_counter() - started
+
+
+def _done_marker(name, buffer: _ShardBuffer, counts: dict, model_id: str, elapsed: float):
+    errors = sum(counts["errors_by_kind"].values())
+    timings = buffer.timings
     return {
         "shard": name,
         "input": buffer.uri,
         "schema_version": SCHEMA_VERSION,
-        "samples": len(rows),
-        "ok": len(rows) - sum(kinds.values()),
-        "errors": sum(kinds.values()),
-        "errors_by_kind": dict(sorted(kinds.items())),
-        "annotations": annotations.num_rows,
+        "samples": counts["samples"],
+        "ok": counts["samples"] - errors,
+        "errors": errors,
+        "errors_by_kind": counts["errors_by_kind"],
+        "annotations": counts["annotations"],
         "duplicate_rows_dropped": buffer.duplicates,
+        "parts": len(buffer.parts),
         "timings": {
-            "read_s": max((r["read_s"] for r in rows), default=0.0),
-            "decode_s": sum(r["decode_s"] for r in rows),
-            "model_s": sum(r["model_s"] for r in rows),
-            **{stage: sum(r[stage] for r in rows) for stage in STAGES},
+            "read_s": timings["read_s"],
+            "decode_s": timings["decode_s"],
+            "model_s": timings["model_s"],
+            **{stage: timings[stage] for stage in STAGES},
+            "write_s": timings["write_s"],
+            "commit_s": timings["commit_s"],
             "finished_after_s": elapsed,
         },
         "model": model_id,

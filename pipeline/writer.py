@@ -3,6 +3,10 @@
     DIR/annotations/<shard>.parquet   ANNOTATIONS_SCHEMA, one row per grounded phrase
     DIR/samples/<shard>.parquet       SAMPLES_SCHEMA, one row per input sample
     DIR/_done/<shard>.json            written last: counts, errors by kind, timings, versions
+    DIR/_parts/<shard>/<part>.{annotations,samples}.parquet
+                                      a shard's results as the workers wrote them, batch by
+                                      batch; merged into the two files above by the shard's
+                                      commit (``commit_shard``), then deleted
     DIR/preview.png
 
 Every file is written under a hidden temp name in its folder and then moved into place, so a
@@ -19,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -26,7 +31,7 @@ from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
 
 UPLOAD_CHUNK = 8 << 20  # bytes per write when uploading a local file
 
-ANNOTATIONS, SAMPLES, DONE = "annotations", "samples", "_done"
+ANNOTATIONS, SAMPLES, DONE, PARTS = "annotations", "samples", "_done", "_parts"
 
 
 class OutputDir:
@@ -58,12 +63,46 @@ class OutputDir:
     def write_shard(
         self, shard: str, annotations: pa.Table, samples: pa.Table, done: dict, n_input: int
     ) -> None:
-        """Both tables, then the done marker, each to a temp name first; refuses (ValueError)
-        unless ``samples`` holds each of the shard's ``n_input`` keys exactly once."""
+        """Both tables (``write_tables``), then the done marker (``write_done``)."""
+        self.write_tables(shard, annotations, samples, n_input)
+        self.write_done(shard, done)
+
+    def write_tables(
+        self, shard: str, annotations: pa.Table, samples: pa.Table, n_input: int
+    ) -> None:
+        """The shard's two tables, each to a temp name first; refuses (ValueError) unless
+        ``samples`` holds each of the shard's ``n_input`` keys exactly once."""
         check_samples(samples, n_input)
         self.write_bytes(ANNOTATIONS, f"{shard}.parquet", _parquet_bytes(annotations))
         self.write_bytes(SAMPLES, f"{shard}.parquet", _parquet_bytes(samples))
+
+    def write_done(self, shard: str, done: dict) -> None:
+        """The shard's done marker: written last, it commits the shard."""
         self.write_bytes(DONE, f"{shard}.json", json.dumps(done, indent=1).encode())
+
+    def write_part(self, shard: str, part: str, annotations: pa.Table, samples: pa.Table) -> None:
+        """One batch's results of ``shard`` under ``_parts/<shard>/`` (samples last: a part
+        counts once its samples file exists)."""
+        folder = posixpath.join(PARTS, shard)
+        self.write_bytes(folder, f"{part}.{ANNOTATIONS}.parquet", _parquet_bytes(annotations))
+        self.write_bytes(folder, f"{part}.{SAMPLES}.parquet", _parquet_bytes(samples))
+
+    def read_part(self, shard: str, part: str, table: str) -> pa.Table:
+        path = posixpath.join(self.root, PARTS, shard, f"{part}.{table}.parquet")
+        return pq.read_table(path, filesystem=self.fs)
+
+    def delete_part(self, shard: str, part: str) -> None:
+        """Remove one part's files (those that exist)."""
+        for table in (ANNOTATIONS, SAMPLES):
+            path = posixpath.join(self.root, PARTS, shard, f"{part}.{table}.parquet")
+            if self.fs.get_file_info(path).type == pafs.FileType.File:
+                self.fs.delete_file(path)
+
+    def clear_parts(self, shard: str) -> None:
+        """Remove ``_parts/<shard>/`` (what an earlier, interrupted run left of the shard)."""
+        directory = posixpath.join(self.root, PARTS, shard)
+        if self.fs.get_file_info(directory).type == pafs.FileType.Directory:
+            self.fs.delete_dir(directory)
 
     def upload(self, folder: str, name: str, local: Path) -> str:
         """Copy the local file to ``folder/name`` via a temp name and a move, streaming."""
@@ -173,3 +212,50 @@ def _annotation(shard: str, row: dict, i: int, model: str) -> dict:
         "height": row["height"],
         "model": model,
     }
+
+
+def commit_shard(output: str, shard: str, parts: list[str], n_input: int) -> dict:
+    """Merge a shard's parts into its final tables (on a worker: the rows never reach the
+    driver) and delete the parts; returns the counts of the done marker.
+
+    A key in more than one part (a retried batch written twice) keeps its first part's rows, in
+    ``parts`` order (the order the driver accounted for them); rows are sorted by key, as one
+    shard's rows always were. ValueError unless every one of the ``n_input`` keys is there.
+    """
+    out = OutputDir(output)
+    chosen: dict[str, int] = {}  # key → index of the part its rows come from
+    annotations, samples = [], []
+    for index, part in enumerate(parts):
+        s = out.read_part(shard, part, SAMPLES)
+        keys = s.column("key").to_pylist()
+        fresh = [k not in chosen for k in keys]
+        for key, keep in zip(keys, fresh):
+            if keep:
+                chosen[key] = index
+        samples.append(s.filter(pa.array(fresh)))
+        a = out.read_part(shard, part, ANNOTATIONS)
+        own = [chosen.get(k) == index for k in a.column("key").to_pylist()]
+        annotations.append(a.filter(pa.array(own, pa.bool_())))
+    samples_table = _sorted(samples, SAMPLES_SCHEMA)
+    annotations_table = _sorted(annotations, ANNOTATIONS_SCHEMA)
+    out.write_tables(shard, annotations_table, samples_table, n_input)
+    out.clear_parts(shard)
+    kinds: dict[str, int] = {}
+    for error in samples_table.column("error").to_pylist():
+        if error is not None:
+            kind = error.split(":", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {
+        "samples": samples_table.num_rows,
+        "errors_by_kind": dict(sorted(kinds.items())),
+        "annotations": annotations_table.num_rows,
+    }
+
+
+def _sorted(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """The tables concatenated and stably sorted by key (an image's rows keep their order)."""
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, sort_keys=[("key", "ascending")])
+    return table.take(order)

@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 
 from flmm.build import build_sam, sam_config
 from flmm.heads import save_heads
-from pipeline.annotate import AnnotateConfig, Summary, _Collector, run_annotation
+from pipeline.annotate import AnnotateConfig, Summary, _Collector, run_annotation, write_parts
 from pipeline.decode import decode_batch
+from pipeline.grounding import RESULT_SCHEMA
 from pipeline.lock import LOCK, OutputLock, OutputLocked
 from pipeline.sources import ShardError, iter_tar_samples, read_shard
 from pipeline.spec import ModelSpec
@@ -100,6 +101,14 @@ def result_row(key, height, width, mask_size, n_masks=1) -> dict:
     }  # fmt: skip
 
 
+def add_rows(collector: _Collector, out: OutputDir, *rows: dict) -> None:
+    """The rows as one batch through the writer stage (a part under ``_parts/``), its
+    manifests to the driver's collector."""
+    batch = pa.Table.from_pylist([{"n_samples": 1, **r} for r in rows], RESULT_SCHEMA)
+    for manifest in write_parts(batch, out.uri, "m").to_pylist():
+        collector.add(manifest)
+
+
 @pytest.mark.parametrize(
     "row, reason",
     [
@@ -107,28 +116,35 @@ def result_row(key, height, width, mask_size, n_masks=1) -> dict:
         (result_row("k", 20, 30, [20, 30], n_masks=2), "1 phrases but 2 masks"),
     ],
 )
-def test_a_result_that_does_not_fit_its_sample_fails_the_shard_unwritten(tmp_path, row, reason):
+def test_a_result_that_does_not_fit_its_sample_fails_the_shard_unwritten(
+    ray_session, tmp_path, row, reason
+):
     out = OutputDir(str(tmp_path / "out"))
     summary = Summary(out.uri)
     collector = _Collector(out, "m", summary, None, time.perf_counter())
     collector.expect({"s": "s.tar"})
-    collector.add(row)
+    add_rows(collector, out, row)
+    collector.close()
     assert summary.failed["s"].startswith("internal_error: ") and reason in summary.failed["s"]
     assert not out.is_done("s") and not (tmp_path / "out" / "annotations").exists()
+    assert not (tmp_path / "out" / "_parts").exists()  # nothing of it was written
 
 
-def test_a_retried_batch_row_is_dropped_and_counted(tmp_path):
+def test_a_retried_batch_row_is_dropped_and_counted(ray_session, tmp_path):
     out = OutputDir(str(tmp_path / "out"))
     summary = Summary(out.uri)
     collector = _Collector(out, "m", summary, None, time.perf_counter())
     collector.expect({"s": "s.tar"})
     first = {**result_row("a", 4, 4, [4, 4]), "n_samples": 2}
-    collector.add(first)
-    collector.add({**first, "scores": [0.9]})  # the same key again: a retried batch
-    collector.add({**result_row("b", 4, 4, [4, 4]), "n_samples": 2})
+    add_rows(collector, out, first)
+    add_rows(collector, out, {**first, "scores": [0.9]})  # the same key again: a retried batch
+    add_rows(collector, out, {**result_row("b", 4, 4, [4, 4]), "n_samples": 2})
+    collector.close()
     assert summary.done == ["s"] and out.read_done("s")["duplicate_rows_dropped"] == 1
+    assert summary.retried["rows of retried batches"] == 1
     scores = pq.read_table(out.path("annotations", "s.parquet"))["score"].to_pylist()
     assert scores == [0.0, 0.0]  # the first row of "a" was kept
+    assert not (tmp_path / "out" / "_parts" / "s").exists()  # merged, then removed
 
 
 def member_ends(path: Path) -> list[int]:
