@@ -100,6 +100,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {error}")
     for name, reason in summary.failed.items():
         print(f"FAILED {name}: {reason}", file=sys.stderr)
+    if summary.planned:
+        print(summary.traffic(), flush=True)
     print(summary.line(), flush=True)
     if summary.failed:
         sys.exit(1)

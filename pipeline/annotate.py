@@ -21,23 +21,22 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow as pa
 import ray
 
 from pipeline.decode import decode_batch
-from pipeline.grounding import STAGES, GroundingActor
+from pipeline.grounding import GroundingActor
 from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import OutputDir, commit_shard, shard_tables
+from pipeline.writer import OutputDir, timed_commit, write_parts
 from schemas.annotations import SCHEMA_VERSION
+from schemas.results import STAGES
 
 
 @dataclass(frozen=True)
@@ -94,6 +93,15 @@ class Summary:
     result_bytes: int = 0
     retried: Counter = field(default_factory=Counter)
 
+    def traffic(self) -> str:
+        """What reached the driver, against the result rows the workers wrote."""
+        per_row = self.driver_bytes / max(1, self.annotations)
+        return (
+            f"driver received {self.driver_bytes / 1e3:.1f} kB of manifests for "
+            f"{self.result_bytes / 1e3:.1f} kB of result rows written by the workers "
+            f"({per_row:.0f} bytes per annotation row); commits {self.commit_s:.1f} s"
+        )
+
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         retried = ", ".join(f"{n} {what}" for what, n in sorted(self.retried.items()) if n)
@@ -104,87 +112,6 @@ class Summary:
             + (f"| retried: {retried} " if retried else "")
             + f"| {self.output}"
         )
-
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("n_samples", pa.int64()),
-        ("part", pa.string()),  # "" when nothing was written
-        ("keys", pa.list_(pa.string())),
-        ("shard_error", pa.string()),  # the shard could not be read
-        ("problem", pa.string()),  # results that do not fit their samples (a bug)
-        ("write_error", pa.string()),  # the part could not be written
-        ("write_retries", pa.int32()),
-        ("result_bytes", pa.int64()),  # the result rows' bytes this part stands for
-        ("read_s", pa.float64()),
-        ("decode_s", pa.float64()),
-        ("model_s", pa.float64()),
-        *((name, pa.float64()) for name in STAGES),
-        ("write_s", pa.float64()),  # writing the part (retries included)
-    ]
-)
-
-WRITE_ATTEMPTS = 3
-
-
-def write_parts(
-    batch: pa.Table, output: str, model_id: str, fail_first_write: tuple[str, ...] = ()
-) -> pa.Table:
-    """The writer stage (a CPU task after the model stage): ``RESULT_SCHEMA`` rows → one part
-    per shard in the batch, written under ``_parts/<shard>/`` (``WRITE_ATTEMPTS`` tries, with a
-    short back-off) → one ``MANIFEST_SCHEMA`` row per shard. Shard-level rows (``status
-    "shard"``) write nothing and pass their error on."""
-    by_shard: dict[str, list[dict]] = {}
-    for row in batch.to_pylist():
-        by_shard.setdefault(row["shard"], []).append(row)
-    out = OutputDir(output)
-    manifests = []
-    for shard, rows in by_shard.items():
-        entry = dict.fromkeys(MANIFEST_SCHEMA.names, "")
-        entry.update(shard=shard, n_samples=rows[0]["n_samples"], keys=[], write_retries=0)
-        entry["write_s"] = 0.0
-        entry["result_bytes"] = pa.Table.from_pylist(rows, batch.schema).nbytes
-        samples = [r for r in rows if r["status"] != "shard"]
-        entry["read_s"] = max((r["read_s"] for r in rows), default=0.0)
-        for name in ("decode_s", "model_s", *STAGES):
-            entry[name] = sum(r[name] for r in samples)
-        errors = [r["shard_error"] for r in rows if r["status"] == "shard" and r["shard_error"]]
-        if errors:
-            entry["shard_error"] = errors[0]
-        if samples:
-            try:
-                annotations, table = shard_tables(shard, samples, model_id)
-            except ValueError as error:
-                entry["problem"] = str(error)
-            else:
-                started = time.perf_counter()
-                entry.update(part=uuid.uuid4().hex, keys=[r["key"] for r in samples])
-                entry.update(_write_part(out, shard, entry["part"], annotations, table,
-                                         shard in fail_first_write))  # fmt: skip
-                entry["write_s"] = time.perf_counter() - started
-        manifests.append(entry)
-    return pa.Table.from_pylist(manifests, MANIFEST_SCHEMA)
-
-
-def _write_part(out: OutputDir, shard, part, annotations, samples, fail_first: bool) -> dict:
-    """Write one part, retrying; → ``write_retries`` and, if every try failed, ``write_error``
-    (the part's files removed)."""
-    for attempt in range(WRITE_ATTEMPTS):
-        try:
-            if fail_first and attempt == 0:
-                raise OSError(f"injected write failure of {shard}/{part}")
-            out.write_part(shard, part, annotations, samples)
-            return {"write_retries": attempt}
-        except OSError as error:
-            last = f"{type(error).__name__}: {error}"
-            if attempt + 1 < WRITE_ATTEMPTS:
-                time.sleep(0.2 * 2**attempt)
-    try:
-        out.delete_part(shard, part)
-    except OSError:
-        pass  # a rerun clears the shard's parts anyway
-    return {"write_retries": WRITE_ATTEMPTS - 1, "write_error": last}
 
 
 @dataclass
@@ -318,7 +245,7 @@ class _Collector:
         self.buffers: dict[str, _ShardBuffer] = {}
         self.pending: dict[ray.ObjectRef, tuple[str, _ShardBuffer]] = {}
         self.commit = ray.remote(num_cpus=COMMIT_CPUS, max_retries=2, retry_exceptions=[OSError])(
-            _timed_commit
+            timed_commit
         )
 
     def expect(self, uris: dict[str, str]) -> None:
@@ -410,13 +337,6 @@ class _Collector:
         self.summary.annotations += done["annotations"]
         if self.on_shard is not None:
             self.on_shard(name, done, self.summary)
-
-
-def _timed_commit(output: str, shard: str, parts: list[str], n_input: int):
-    """``commit_shard`` and its seconds (a Ray task)."""
-    started = time.perf_counter()
-    counts = commit_shard(output, shard, parts, n_input)
-    return counts, time.perf_counter() - started
 
 
 def _done_marker(name, buffer: _ShardBuffer, counts: dict, model_id: str, elapsed: float):

@@ -30,40 +30,7 @@ import torch
 from flmm.heads import FLMMHeads
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
-
-STAGES = ("describe_s", "prepare_s", "lmm_s", "sam_s", "heads_s", "post_s")
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("key", pa.string()),
-        ("n_samples", pa.int64()),
-        ("status", pa.string()),  # "ok" | "error" | "shard"
-        ("error_kind", pa.string()),
-        ("error", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("phrases", pa.list_(pa.string())),  # parallel lists, one entry per phrase
-        ("spans", pa.list_(pa.list_(pa.int32()))),  # [start, end) in text; [] when given
-        ("selector_scores", pa.list_(pa.float32())),  # the selector's confidence; [] when given
-        ("counts", pa.list_(pa.string())),  # COCO RLE counts of a [height, width] mask
-        ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
-        ("scores", pa.list_(pa.float32())),
-        ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
-        ("text", pa.string()),  # the caption or generated description grounded ("" when given)
-        ("source", pa.string()),  # "given" | "caption" | "generated"
-        ("warning", pa.string()),
-        ("shard_error", pa.string()),
-        ("read_s", pa.float64()),
-        ("decode_s", pa.float64()),
-        ("model_s", pa.float64()),  # this sample's share of its batch's model time
-        # model_s split by stage (shares of the batch's successful forward; 0 on error rows):
-        # prepare (LMM + SAM preprocessing), LMM prefill, SAM image encoder, heads (U-Net +
-        # refiner), postprocess (threshold, RLE, box, score); describe: generating the
-        # descriptions of image-only samples
-        *((name, pa.float64()) for name in STAGES),
-    ]
-)
+from schemas.results import RESULT_SCHEMA, STAGES
 
 PASSED_THROUGH = ("shard", "key", "n_samples", "status", "error_kind", "error", "height", "width")
 PASSED_THROUGH += ("phrases", "text", "source", "warning", "shard_error", "read_s", "decode_s")

@@ -19,6 +19,7 @@ import io
 import json
 import posixpath
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
+from schemas.results import MANIFEST_SCHEMA, STAGES
 
 UPLOAD_CHUNK = 8 << 20  # bytes per write when uploading a local file
 
@@ -259,3 +261,72 @@ def _sorted(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
         return table
     order = pc.sort_indices(table, sort_keys=[("key", "ascending")])
     return table.take(order)
+
+
+WRITE_ATTEMPTS = 3
+
+
+def write_parts(
+    batch: pa.Table, output: str, model_id: str, fail_first_write: tuple[str, ...] = ()
+) -> pa.Table:
+    """The annotation job's writer stage (a CPU task after the model stage): ``RESULT_SCHEMA`` rows → one part
+    per shard in the batch, written under ``_parts/<shard>/`` (``WRITE_ATTEMPTS`` tries, with a
+    short back-off) → one ``MANIFEST_SCHEMA`` row per shard. Shard-level rows (``status
+    "shard"``) write nothing and pass their error on."""
+    by_shard: dict[str, list[dict]] = {}
+    for row in batch.to_pylist():
+        by_shard.setdefault(row["shard"], []).append(row)
+    out = OutputDir(output)
+    manifests = []
+    for shard, rows in by_shard.items():
+        entry = dict.fromkeys(MANIFEST_SCHEMA.names, "")
+        entry.update(shard=shard, n_samples=rows[0]["n_samples"], keys=[], write_retries=0)
+        entry["write_s"] = 0.0
+        entry["result_bytes"] = pa.Table.from_pylist(rows, batch.schema).nbytes
+        samples = [r for r in rows if r["status"] != "shard"]
+        entry["read_s"] = max((r["read_s"] for r in rows), default=0.0)
+        for name in ("decode_s", "model_s", *STAGES):
+            entry[name] = sum(r[name] for r in samples)
+        errors = [r["shard_error"] for r in rows if r["status"] == "shard" and r["shard_error"]]
+        if errors:
+            entry["shard_error"] = errors[0]
+        if samples:
+            try:
+                annotations, table = shard_tables(shard, samples, model_id)
+            except ValueError as error:
+                entry["problem"] = str(error)
+            else:
+                started = time.perf_counter()
+                entry.update(part=uuid.uuid4().hex, keys=[r["key"] for r in samples])
+                entry.update(_write_part(out, shard, entry["part"], annotations, table,
+                                         shard in fail_first_write))  # fmt: skip
+                entry["write_s"] = time.perf_counter() - started
+        manifests.append(entry)
+    return pa.Table.from_pylist(manifests, MANIFEST_SCHEMA)
+
+
+def _write_part(out: OutputDir, shard, part, annotations, samples, fail_first: bool) -> dict:
+    """Write one part, retrying; → ``write_retries`` and, if every try failed, ``write_error``
+    (the part's files removed)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            if fail_first and attempt == 0:
+                raise OSError(f"injected write failure of {shard}/{part}")
+            out.write_part(shard, part, annotations, samples)
+            return {"write_retries": attempt}
+        except OSError as error:
+            last = f"{type(error).__name__}: {error}"
+            if attempt + 1 < WRITE_ATTEMPTS:
+                time.sleep(0.2 * 2**attempt)
+    try:
+        out.delete_part(shard, part)
+    except OSError:
+        pass  # a rerun clears the shard's parts anyway
+    return {"write_retries": WRITE_ATTEMPTS - 1, "write_error": last}
+
+
+def timed_commit(output: str, shard: str, parts: list[str], n_input: int):
+    """``commit_shard`` and its seconds (a Ray task)."""
+    started = time.perf_counter()
+    counts = commit_shard(output, shard, parts, n_input)
+    return counts, time.perf_counter() - started

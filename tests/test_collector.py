@@ -8,12 +8,12 @@ import pyarrow as pa
 import pytest
 from annotate_inputs import MIXED, write_tar
 
-from pipeline.annotate import Summary, _Collector, write_parts
+from pipeline.annotate import Summary, _Collector
 from pipeline.decode import decode_batch
 from pipeline.grounding import RESULT_SCHEMA, GroundingActor
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
-from pipeline.writer import ANNOTATIONS, SAMPLES, OutputDir
+from pipeline.writer import ANNOTATIONS, SAMPLES, OutputDir, write_parts
 
 KEYS = ("good_rgb", "good_grey", "bad_corrupt")  # two grounded samples, one error row
 

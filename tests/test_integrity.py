@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 
 from flmm.build import build_sam, sam_config
 from flmm.heads import save_heads
-from pipeline.annotate import AnnotateConfig, Summary, _Collector, run_annotation, write_parts
+from pipeline.annotate import AnnotateConfig, Summary, _Collector, run_annotation
 from pipeline.decode import decode_batch
 from pipeline.grounding import RESULT_SCHEMA
 from pipeline.lock import LOCK, OutputLock, OutputLocked
 from pipeline.sources import ShardError, iter_tar_samples, read_shard
 from pipeline.spec import ModelSpec
-from pipeline.writer import OutputDir
+from pipeline.writer import OutputDir, write_parts
 
 REPO = Path(__file__).resolve().parents[1]
 PHRASES = ["the red circle", "a small blue square", "the green triangle"]
