@@ -100,9 +100,8 @@ def _id_map(image_id):
     return ids
 
 
-@pytest.fixture
-def png_dir(tmp_path):
-    root = tmp_path / "png"
+def write_png_dir(root: Path) -> Path:
+    """The fixture split in PNG's layout under ``root`` (see the module)."""
     (root / "images").mkdir(parents=True)
     (root / "panoptic_segmentation").mkdir()
     rng = np.random.default_rng(1)
@@ -139,7 +138,12 @@ def png_dir(tmp_path):
     return root
 
 
-def _png_config(root, out, **kw):
+@pytest.fixture
+def png_dir(tmp_path):
+    return write_png_dir(tmp_path / "png")
+
+
+def png_config(root, out, **kw):
     return PngConfig(
         narratives=root / "png_coco_val2017.json",
         panoptic=root / "panoptic_val2017.json",
@@ -153,7 +157,7 @@ def _png_config(root, out, **kw):
 
 def test_png_conversion_unions_the_segments_of_each_grounded_phrase(png_dir, tmp_path):
     out = tmp_path / "out"
-    stats = convert_png(_png_config(png_dir, out, samples_per_shard=1))["val2017"]
+    stats = convert_png(png_config(png_dir, out, samples_per_shard=1))["val2017"]
     assert [p.name for p in stats.shards] == [
         "png_coco-val2017-000000.tar",
         "png_coco-val2017-000001.tar",
@@ -202,7 +206,7 @@ def test_png_samples_keep_every_narrative_with_its_spans_in_place_and_phrase_kin
     """F-LMM's way (flmm/datasets/png.py): each narrative whole (its pieces' utterances, stripped,
     joined by a space), every piece with segment ids grounded in place (``noun`` not read: "a
     cloud" is grounded, its flag kept); things and plurals as F-LMM splits them."""
-    stats = convert_png(_png_config(png_dir, tmp_path / "out"))["val2017"]
+    stats = convert_png(png_config(png_dir, tmp_path / "out"))["val2017"]
     first, second = (s["meta"] for s in read_samples(stats.shards))
     text = "In this picture a man and his dog under the blue sky a ghost trees"
     assert first["narrative_ids"] == [0, 5]
@@ -233,7 +237,7 @@ def test_png_samples_keep_every_narrative_with_its_spans_in_place_and_phrase_kin
 
 
 def test_png_skips_are_counted_and_ungrounded_pieces_are_not_skips(png_dir, tmp_path):
-    stats = convert_png(_png_config(png_dir, tmp_path / "out"))["val2017"]
+    stats = convert_png(png_config(png_dir, tmp_path / "out"))["val2017"]
     assert (stats.images, stats.objects, stats.expressions) == (2, 6, 6)
     assert (stats.narratives, stats.ungrounded, stats.skipped_images) == (7, 4, 2)
     assert [(s["image_id"], s["narrative"], s["segment"], s["reason"]) for s in stats.skipped] == [
