@@ -214,7 +214,7 @@ def iter_samples(
     narratives_required: bool = False,
 ):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
-    bad samples go to ``skipped`` (PNG samples without narratives too, when
+    bad samples go to ``skipped`` (so do samples without PNG narratives, when
     ``narratives_required``). Shards are read by the annotation job's reader, so a cut or
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
     read = 0

@@ -405,3 +405,27 @@ def test_png_protocol_grounds_narratives_in_place_and_reports_average_recall(
 
     stdout = capsys.readouterr().out
     assert "| png_coco-val2017 | png | 6 |" in stdout and "U-Net AR | things" in stdout
+
+
+def test_png_protocols_skip_samples_without_narratives_or_with_bad_ones():
+    from pipeline.evaluate import SkipSample, eval_sample
+    from pipeline.sources import sample_files
+
+    rle = {"size": [4, 4], "counts": "04"}  # every pixel set
+    obj = {"expressions": ["a dog"], "mask": rle, "narrative": 3, "narrative_span": [0, 5]}
+    png = {"objects": [obj], "narrative_ids": [3], "narrative_texts": ["a dog runs"]}
+    image = png_bytes(np.zeros((4, 4, 3), np.uint8))
+
+    def files(meta):
+        return sample_files({"png": image, "json": json.dumps(meta).encode()}, ["png", "json"])
+
+    sample = eval_sample("k", files(png), narratives_required=True)
+    assert sample.narratives == [("a dog runs", [(0, (0, 5))])]
+    assert (sample.things, sample.plurals) == ([False], [False])  # no isthing, no plural
+    referring = {"objects": [{"expressions": ["a dog"], "mask": rle}]}
+    assert eval_sample("k", files(referring)).narratives is None
+    with pytest.raises(SkipSample, match="no_narratives"):
+        eval_sample("k", files(referring), narratives_required=True)
+    bad = {**png, "narrative_ids": [4]}
+    with pytest.raises(SkipSample, match="bad_narratives"):
+        eval_sample("k", files(bad))
