@@ -227,6 +227,15 @@ class FrozenLMM(nn.Module):
             phrase_hidden.append([hidden[b, s] for s in slots])
         return LMMOutput(token_maps, attention, phrase_hidden, hidden)
 
+    def in_place(
+        self, out: LMMOutput, b: int, image: ImageInputs, slots: list[slice]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Phrases grounded in place in sample ``b``'s text prefill (``prepare_text``): ``slots``
+        are their tokens' query slots (``flmm.prompt.span_slots``) → attention
+        ``[P, V·L·H, h, w]`` (``merge_slots``) and per phrase hidden ``[n_tok, L, D]``."""
+        hidden = [out.token_hidden[b, s] for s in slots]
+        return self.merge_slots(out.token_maps[b], slots, image), hidden
+
     def merge_slots(
         self, maps: torch.Tensor, slots: list[slice], image: ImageInputs
     ) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Referring-segmentation metrics: cIoU and gIoU over predicted and ground-truth masks.
+"""Grounding metrics over predicted and ground-truth masks.
 
 - cIoU (cumulative IoU): Σ intersection / Σ union over all objects (0 when Σ union is 0);
 - gIoU (generalised / mean IoU): the mean of per-object IoU, where an object whose prediction and
-  ground truth are both empty (union 0) counts as IoU 0.
+  ground truth are both empty (union 0) counts as IoU 0;
+- AR (average recall, Panoptic Narrative Grounding's "average accuracy"): the area under the
+  curve of recall (the fraction of phrases with IoU ≥ t) over IoU thresholds t, overall and over
+  the things / stuff and singular / plural phrases (``AverageRecall``).
 
-Both are fractions in [0, 1]. Accumulators from several workers combine with ``merge``.
+All are fractions in [0, 1]. Accumulators from several workers combine with ``merge``.
 """
 
 from __future__ import annotations
@@ -70,3 +73,74 @@ class MaskIoU:
             "giou": math.fsum(self.ious()) / n if n > 0 else 0.0,
             "n": n,
         }
+
+
+# PNG's thresholds: ``np.arange(0, 1, 0.00001)`` in ``average_accuracy`` of both the benchmark's
+# evaluation (github.com/BCV-Uniandes/PNG ``baseline/utils/meters.py``) and F-LMM's
+# (github.com/wusize/F-LMM ``scripts/multiprocess_eval_png.py``): 100,000 thresholds 0, 1e-5, …,
+# 0.99999, not COCO's 0.5:0.05:0.95.
+AR_THRESHOLDS = np.arange(0.0, 1.0, 0.00001)
+# Both scripts sum recall(t_i) · (t_{i+1} − t_i) over consecutive pairs, i = 0 … N − 2 (a left
+# Riemann sum): ``_AR_AREA[k]`` is that sum's weight of the first k thresholds.
+_AR_AREA = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(AR_THRESHOLDS)))])
+
+
+def average_recall(ious) -> float:
+    """PNG's average recall of per-phrase IoUs (0 for no phrase).
+
+    The authors' ``average_accuracy``: Σ_{i=0}^{N−2} (t_{i+1} − t_i) · |{p : iou_p ≥ t_i}| / n
+    over ``AR_THRESHOLDS``, pooled over all phrases (not per image). Exchanging the sums, each
+    phrase contributes the weight of the thresholds at or below its IoU, so this is exact in
+    O(n log N) instead of O(n N): an IoU x off the grid counts (⌊x·10⁵⌋ + 1)·10⁻⁵, an IoU of 1
+    counts 0.99999 (the last threshold has no width), an IoU of 0 counts 10⁻⁵ (t_0 = 0 ≤ 0).
+    """
+    ious = np.asarray(ious, dtype=np.float64).reshape(-1)
+    if ious.size == 0:
+        return 0.0
+    passed = np.searchsorted(AR_THRESHOLDS[:-1], ious, side="right")  # #{i ≤ N−2 : t_i ≤ iou}
+    return float(_AR_AREA[passed].mean())
+
+
+class AverageRecall(MaskIoU):
+    """``MaskIoU`` that also keeps each phrase's kind and reports PNG's average recall.
+
+    ``update(pred, gt, thing=..., plural=...)``: masks as ``MaskIoU.update``; ``thing`` and
+    ``plural`` a bool for one ``[H, W]`` mask, or one bool per mask of ``[N, H, W]``. How a phrase
+    is a thing or plural is the caller's (PNG: ``pipeline.png.phrase_kinds``).
+
+    ``result()`` adds to cIoU / gIoU / n: ``ar`` over all phrases and ``ar_things``, ``ar_stuff``,
+    ``ar_singular``, ``ar_plural`` over those phrases (F-LMM's split: stuff = not thing, singular
+    = not plural), ``n_things`` … ``n_plural``, and ``acc_50``: the fraction of phrases with
+    IoU > 0.5 (strictly, as both scripts' "acc@0.5").
+    """
+
+    SPLITS = ("things", "stuff", "singular", "plural")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.things: list[bool] = []
+        self.plurals: list[bool] = []
+
+    def update(self, pred, gt, *, thing, plural) -> None:
+        n = 1 if pred.ndim == 2 else pred.shape[0]
+        things, plurals = np.broadcast_to(thing, (n,)), np.broadcast_to(plural, (n,))
+        super().update(pred, gt)
+        self.things.extend(bool(t) for t in things)
+        self.plurals.extend(bool(p) for p in plurals)
+
+    def merge(self, other: AverageRecall) -> AverageRecall:
+        super().merge(other)
+        self.things.extend(other.things)
+        self.plurals.extend(other.plurals)
+        return self
+
+    def result(self) -> dict:
+        ious = np.array(self.ious(), dtype=np.float64)
+        things, plurals = np.array(self.things, bool), np.array(self.plurals, bool)
+        splits = {"things": things, "stuff": ~things, "singular": ~plurals, "plural": plurals}
+        out = {**super().result(), "ar": average_recall(ious)}
+        for name, chosen in splits.items():
+            out[f"ar_{name}"] = average_recall(ious[chosen])
+        out.update({f"n_{name}": int(chosen.sum()) for name, chosen in splits.items()})
+        out["acc_50"] = float((ious > 0.5).mean()) if ious.size else 0.0
+        return out

@@ -127,9 +127,7 @@ class FLMM(nn.Module):
                     chars[x.text[start:end]] = (start, end)
                     spans.append(span)
             slots = [slice(s.start, s.end) for s in spans]
-            maps = lmm_out.token_maps[b]  # [L, H, Q, N]
-            attention = self.lmm.merge_slots(maps, slots, x.lmm.image)
-            hiddens = [hidden[s] for s in slots]
+            attention, hiddens = self.lmm.in_place(lmm_out, b, x.lmm.image, slots)
             confidences = [s.confidence for s in spans]
             out.append(Selection(attention, hiddens, list(chars.values()), confidences))
         return out

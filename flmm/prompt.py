@@ -87,6 +87,17 @@ def tokens_in_span(offsets: list[tuple[int, int]], start: int, end: int) -> torc
     return torch.tensor(hits, dtype=torch.long)
 
 
+def span_slots(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[slice | None]:
+    """Per ``[start, end)`` character span of a text whose tokens have ``offsets``, the range of
+    its tokens (first to last overlapping one; a text prompt's query slot i is its token i,
+    ``build_text_prompt``), or None for a span that no token overlaps."""
+    slots = []
+    for start, end in spans:
+        tokens = tokens_in_span(offsets, start, end)
+        slots.append(slice(int(tokens[0]), int(tokens[-1]) + 1) if len(tokens) else None)
+    return slots
+
+
 def build_prompt(layout: PromptLayout, phrases: list[str], n_image_tokens: int) -> Prompt:
     """Tokenise ``prefix + answer`` with the image placeholder expanded to ``n_image_tokens``."""
     answer, spans = answer_text(phrases)

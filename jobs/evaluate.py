@@ -1,15 +1,22 @@
-"""Evaluate F-LMM heads on eval shards: cIoU / gIoU of the U-Net and refined masks → metrics.json.
+"""Evaluate F-LMM heads on eval shards: cIoU / gIoU (referring sets) or PNG average recall of the
+U-Net and refined masks → metrics.json.
 
     python jobs/evaluate.py --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
         --sam-checkpoint sam_vit_l.pth --heads heads.safetensors \
-        --shards shards/refcoco [--shards testA=other/dir] [--protocol standard|flmm|flmm-separate|all]
+        --shards shards/refcoco [--shards testA=other/dir] [--shards shards/png] \
+        [--protocol standard|flmm|flmm-separate|png|png-separate|all]
 
 --shards takes `[name=]path` (a directory of .tar shards or one .tar) and may repeat; unnamed shards
 are grouped by split name (`refcoco_unc-val-000000.tar` → `refcoco_unc-val`). Writes
 `{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}` (fractions) to --output,
 per-set counts and skipped samples (with reasons) beside it as `*.stats.json`, and prints a table
 (×100). Protocols: standard = each expression its own query; flmm = first expression per object,
-all objects of an image in one sequence. See pipeline/evaluate.py.
+all objects of an image in one sequence; flmm-separate = each first expression alone; png = each
+PNG narrative prefilled whole, its grounded phrases grounded in place (average recall overall,
+things / stuff, singular / plural, as F-LMM's PNG script); png-separate = each PNG phrase alone.
+`all` (default) runs, per set, the PNG protocols on PNG shards (`png_coco-*.tar`, written by
+`jobs/prepare_refcoco.py --dataset png`) and the three referring ones on any other.
+See pipeline/evaluate.py.
 
 With no arguments it evaluates the shipped toy heads (models/toy/heads.safetensors, with the toy
 LMM and toy SAM) on the toy world's held-out scenes, written once to ./out/toy/val.
@@ -24,7 +31,7 @@ import time
 from pathlib import Path
 
 from pipeline.evaluate import (
-    PROTOCOLS,
+    ALL_PROTOCOLS,
     EvalConfig,
     eval_sets,
     evaluate,
@@ -44,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward")
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
-    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all"])
+    p.add_argument("--protocol", default="all", choices=[*ALL_PROTOCOLS, "all"])
     p.add_argument("--output", type=Path, default=Path("out/evaluate/metrics.json"))
     return p.parse_args(argv)
 
@@ -73,7 +80,7 @@ def main(argv=None) -> None:
         config = EvalConfig(
             sets=tuple(eval_sets(specs)),
             model=model,
-            protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,),
+            protocols=None if args.protocol == "all" else (args.protocol,),
             batch_size=args.batch_size,
             limit=args.limit,
             output=args.output,

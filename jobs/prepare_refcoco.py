@@ -16,7 +16,9 @@ is missing are skipped and counted (the stats file lists them); they do not stop
         --images data/png/images/val2017 --out shards/png [--split val2017]
 
 Writes `png_coco-{split}-{000000..}.tar` and `png_coco-{split}.stats.json`: one sample per image,
-one object per grounded noun phrase (mask: the union of its panoptic segments). --split defaults
+one object per grounded phrase (a narrative piece with segment ids, as F-LMM reads PNG; mask: the
+union of its panoptic segments), every narrative's text with its phrases' spans for the `png`
+evaluation protocol. --split defaults
 to the {split} of a narratives file named png_coco_{split}.json. Phrases whose image, label PNG or
 segments are missing are skipped and counted. See pipeline/refcoco.py and pipeline/png.py.
 """

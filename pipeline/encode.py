@@ -24,7 +24,7 @@ import ray
 import torch
 
 from flmm.families import ImageInputs
-from flmm.prompt import tokens_in_span
+from flmm.prompt import span_slots
 from flmm.selector import bio_tags
 from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
 from pipeline.features import ImageFeatures
@@ -152,18 +152,15 @@ class EncodeActor:
             named = torch.from_numpy(
                 np.frombuffer(row["span_masks"], np.uint8).reshape(shape).copy()
             )
-            slots, kept = [], []
-            for i, (start, end) in enumerate(spans):
-                tokens = tokens_in_span(offsets, start, end)
-                if len(tokens):
-                    slots.append(slice(int(tokens[0]), int(tokens[-1]) + 1))
-                    kept.append(i)
+            found = span_slots(offsets, spans)
+            kept = [i for i, slot in enumerate(found) if slot is not None]
             hidden = lmm_out.token_hidden[k, : len(offsets)].cpu()
             out[b] = {"text_hidden": hidden, "text_tags": bio_tags(offsets, spans)}
-            if slots:
-                maps = lmm_out.token_maps[k]
-                out[b]["span_attention"] = self.model.lmm.merge_slots(maps, slots, sample.image)
-                out[b]["span_hidden"] = [hidden[s] for s in slots]
+            if kept:
+                slots = [found[i] for i in kept]
+                attention, hiddens = self.model.lmm.in_place(lmm_out, k, sample.image, slots)
+                out[b]["span_attention"] = attention
+                out[b]["span_hidden"] = [h.cpu() for h in hiddens]
                 out[b]["span_masks"] = named[kept]
         return out
 

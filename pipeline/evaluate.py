@@ -1,4 +1,5 @@
-"""Evaluation of F-LMM heads on eval shards: cIoU / gIoU of the U-Net and the refined masks.
+"""Evaluation of F-LMM heads on eval shards: cIoU / gIoU (referring sets) or PNG's average recall
+(Panoptic Narrative Grounding sets) of the U-Net and the refined masks.
 
 Data path for one eval set (shards of ``schemas/INPUT_FORMAT.md`` with ``objects``):
 
@@ -19,6 +20,21 @@ Protocols (how an image's objects become LMM sequences):
   * ``flmm-separate`` (the authors' script without ``--concat``): the same first expressions,
     each alone in its own sequence; n = number of distinct objects.
 
+PNG protocols (shards of ``jobs/prepare_refcoco.py --dataset png``, ``pipeline/png.py``), scored
+by average recall overall and over things / stuff / singular / plural phrases
+(``flmm.metrics.AverageRecall``, ``pipeline.png.phrase_kinds``):
+  * ``png`` (F-LMM's, github.com/wusize/F-LMM ``scripts/multiprocess_eval_png.py`` with
+    ``flmm/datasets/png.py``): each narrative of an image is one sequence, its text whole after
+    the prompt (``FrozenLMM.prepare_text``); every grounded phrase is grounded in place, from its
+    own tokens' maps and hidden states in that prefill (``flmm.prompt.span_slots``,
+    ``FrozenLMM.in_place``); n = grounded phrases of all narratives, nothing de-duplicated (as
+    theirs). They score the refined masks only; both are reported here. Unlike theirs, a
+    narrative without a grounded phrase is left out (their reader then returns a random other
+    narrative).
+  * ``png-separate``: the same phrases, each alone in its own sequence (``" phrase."``).
+
+``default_protocols``: the referring protocols for referring sets, the PNG ones for PNG sets.
+
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
 """
@@ -36,14 +52,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flmm.metrics import MaskIoU
+from flmm.metrics import AverageRecall, MaskIoU
 from flmm.model import FLMM, GroundingInput
+from flmm.prompt import span_slots
 from pipeline.decode import SampleError, decode_sample, object_targets
+from pipeline.png import PNG_NAME, narrative_queries, phrase_kinds
 from pipeline.progress import track
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
 
-PROTOCOLS = ("standard", "flmm", "flmm-separate")
+PROTOCOLS = ("standard", "flmm", "flmm-separate")  # referring sets (RefCOCO/+/g, toy)
+PNG_PROTOCOLS = ("png", "png-separate")  # Panoptic Narrative Grounding sets
+ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS
 OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding.refined
 
 
@@ -90,6 +110,13 @@ def eval_sets(specs: Iterable[str]) -> list[EvalSet]:
     return [EvalSet(name, tuple(paths)) for name, paths in groups.items()]
 
 
+def default_protocols(eval_set: EvalSet) -> tuple[str, ...]:
+    """``PNG_PROTOCOLS`` for a set of PNG shards (``png_coco-{split}-*.tar``), else
+    ``PROTOCOLS``."""
+    png = all(shard_name(path).startswith(f"{PNG_NAME}-") for path in eval_set.paths)
+    return PNG_PROTOCOLS if png and eval_set.paths else PROTOCOLS
+
+
 @dataclass
 class EvalSample:
     """One image with its referred objects.
@@ -98,7 +125,10 @@ class EvalSample:
     (non-empty); masks ``[N, H, W]`` bool ground truth of the N objects, original frame;
     firsts: per object, the text F-LMM's protocols name it by (its ``raw[0].lower()`` when the
     sample has the annotators' raw text, else its first expression); distinct: the objects
-    F-LMM's protocols count (the first of each ``ann_id``; all without ids).
+    F-LMM's protocols count (the first of each ``ann_id``; all without ids). PNG samples only
+    (None otherwise): narratives, per narrative its text and its objects' ``(index, [start,
+    end))`` there (``pipeline.png.narrative_queries``); things, plurals: per object, its kind
+    (``pipeline.png.phrase_kinds``).
     """
 
     key: str
@@ -107,17 +137,21 @@ class EvalSample:
     masks: np.ndarray
     firsts: list[str] | None = None
     distinct: list[int] | None = None
+    narratives: list[tuple[str, list[tuple[int, tuple[int, int]]]]] | None = None
+    things: list[bool] | None = None
+    plurals: list[bool] | None = None
 
 
 class SkipSample(Exception):
     """A sample that cannot be evaluated; the message is the reason (counted per reason)."""
 
 
-def eval_sample(key: str, raw: dict) -> EvalSample:
+def eval_sample(key: str, raw: dict, narratives_required: bool = False) -> EvalSample:
     """A sample's raw files (``sources.sample_files``) → EvalSample, or SkipSample(reason).
 
     Decoding and validation are the other jobs' (``decode.decode_sample``, ``object_targets``);
-    the reason is the ``SampleError`` kind (``decode.ERROR_KINDS``).
+    the reason is the ``SampleError`` kind (``decode.ERROR_KINDS``), or ``bad_narratives`` (PNG
+    fields that do not fit), or ``no_narratives`` (none, when ``narratives_required``).
     """
     try:
         rgb, meta = decode_sample(raw)
@@ -126,6 +160,12 @@ def eval_sample(key: str, raw: dict) -> EvalSample:
             raise SampleError("bad_objects", "an object has no expressions")
     except SampleError as error:
         raise SkipSample(error.kind) from error
+    try:
+        narratives = narrative_queries(meta)
+    except ValueError as error:
+        raise SkipSample("bad_narratives") from error
+    if narratives is None and narratives_required:
+        raise SkipSample("no_narratives")
     masks = np.stack([mask for _, mask in targets])
     expressions = [expressions for expressions, _ in targets]
     firsts, distinct, seen = [], [], set()
@@ -140,7 +180,8 @@ def eval_sample(key: str, raw: dict) -> EvalSample:
         if ann_id is None or ann_id not in seen:
             distinct.append(k)
             seen.add(ann_id)
-    return EvalSample(key, rgb, expressions, masks, firsts, distinct)
+    things, plurals = phrase_kinds(meta) if narratives is not None else (None, None)
+    return EvalSample(key, rgb, expressions, masks, firsts, distinct, narratives, things, plurals)
 
 
 @dataclass
@@ -166,9 +207,15 @@ class Skipped:
         )
 
 
-def iter_samples(paths: Iterable[str], skipped: Skipped, limit: int | None = None):
+def iter_samples(
+    paths: Iterable[str],
+    skipped: Skipped,
+    limit: int | None = None,
+    narratives_required: bool = False,
+):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
-    bad samples go to ``skipped``. Shards are read by the annotation job's reader, so a cut or
+    bad samples go to ``skipped`` (so do samples without PNG narratives, when
+    ``narratives_required``). Shards are read by the annotation job's reader, so a cut or
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
     read = 0
     for path in paths:
@@ -177,7 +224,7 @@ def iter_samples(paths: Iterable[str], skipped: Skipped, limit: int | None = Non
                 return
             read += 1
             try:
-                yield eval_sample(key, sample_files(files, exts))
+                yield eval_sample(key, sample_files(files, exts), narratives_required)
             except SkipSample as reason:
                 skipped.add(key, str(reason))
 
@@ -201,12 +248,16 @@ def batched(items: Iterator, size: int) -> Iterator[list]:
 @dataclass(frozen=True)
 class Sequence:
     """One LMM sequence: ``phrases`` of image ``image`` (index in the batch), each referring to
-    the object ``objects[i]`` of that image, scored under ``protocol``."""
+    the object ``objects[i]`` of that image, scored under ``protocol``. With ``text``, the
+    sequence is that text whole (a PNG narrative) and phrase i is its characters ``spans[i]``,
+    grounded in place; else the phrases are the answer ``" p1. p2."``."""
 
     protocol: str
     image: int
     phrases: tuple[str, ...]
     objects: tuple[int, ...]
+    text: str | None = None
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 def sequences(
@@ -215,10 +266,28 @@ def sequences(
     image: int = 0,
     firsts: list[str] | None = None,
     distinct: list[int] | None = None,
+    narratives: list[tuple[str, list[tuple[int, tuple[int, int]]]]] | None = None,
 ) -> list[Sequence]:
     """The LMM sequences of one image's objects (``expressions`` per object) under ``protocol``;
     F-LMM's protocols name object k by ``firsts[k]`` (default: its first expression) and count
-    only the ``distinct`` objects (default: all; see ``EvalSample``)."""
+    only the ``distinct`` objects (default: all; see ``EvalSample``); ``png`` grounds the
+    objects of each of the ``narratives`` in place (``EvalSample.narratives``)."""
+    if protocol == "png":
+        return [
+            Sequence(
+                protocol,
+                image,
+                tuple(text[start:end] for _, (start, end) in grounded),
+                tuple(k for k, _ in grounded),
+                text,
+                tuple(span for _, span in grounded),
+            )
+            for text, grounded in narratives or []
+        ]
+    if protocol == "png-separate":
+        return [
+            Sequence(protocol, image, (phrases[0],), (k,)) for k, phrases in enumerate(expressions)
+        ]
     if protocol == "standard":
         return [
             Sequence(protocol, image, (phrase,), (k,))
@@ -231,22 +300,46 @@ def sequences(
         return [Sequence(protocol, image, tuple(firsts[k] for k in objects), objects)]
     if protocol == "flmm-separate":
         return [Sequence(protocol, image, (firsts[k],), (k,)) for k in objects]
-    raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
+    raise ValueError(f"unknown protocol {protocol!r}; known: {ALL_PROTOCOLS}")
+
+
+def lmm_features(model: FLMM, tensors: list[torch.Tensor], seqs: list[Sequence]):
+    """One LMM prefill over ``seqs`` (images ``[H, W, 3]`` uint8 tensors, by ``Sequence.image``)
+    → (per sequence its ``LMMSample``, attention ``[P, V·L·H, h, w]``, hidden per phrase
+    ``[n_tok, L, D]``). A text sequence's phrases are its spans' tokens in that prefill."""
+    prepared = []  # (sample, the text tokens' character offsets, or None for phrases)
+    for s in seqs:
+        if s.text is None:
+            prepared.append((model.lmm.prepare(tensors[s.image], list(s.phrases)), None))
+        else:
+            prepared.append(model.lmm.prepare_text(tensors[s.image], s.text))
+    lmm_out = model.lmm([sample for sample, _ in prepared])
+    attention, hidden = [], []
+    for b, (s, (sample, offsets)) in enumerate(zip(seqs, prepared)):
+        if offsets is None:
+            attention.append(lmm_out.attention[b])
+            hidden.append(lmm_out.hidden[b])
+            continue
+        slots = span_slots(offsets, list(s.spans))
+        if any(slot is None for slot in slots):
+            raise ValueError(f"a span of {s.text[:40]!r} maps to no token")
+        maps, hiddens = model.lmm.in_place(lmm_out, b, sample.image, slots)
+        attention.append(maps)
+        hidden.append(hiddens)
+    return [sample for sample, _ in prepared], attention, hidden
 
 
 def ground(model: FLMM, images: list[np.ndarray], seqs: list[Sequence]):
-    """Logits of every sequence's phrases: one LMM prefill over ``seqs``, one SAM encoding per
-    image (shared by that image's sequences). Returns ``model.decode``'s Groundings, in order."""
+    """Logits of every sequence's phrases: one LMM prefill over ``seqs`` (``lmm_features``), one
+    SAM encoding per image (shared by that image's sequences). Returns ``model.decode``'s
+    Groundings, in order."""
     tensors = [torch.from_numpy(image) for image in images]
     sam = [model.image_encoder.preprocess(t) for t in tensors]  # (pixels [1,3,S,S], (h1, w1))
-    inputs = [
-        GroundingInput(model.lmm.prepare(tensors[s.image], list(s.phrases)), *sam[s.image])
-        for s in seqs
-    ]
-    lmm_out = model.lmm([x.lmm for x in inputs])
+    samples, attention, hidden = lmm_features(model, tensors, seqs)
+    inputs = [GroundingInput(sample, *sam[s.image]) for sample, s in zip(samples, seqs)]
     embeddings = model.embed(torch.cat([pixels for pixels, _ in sam]))
     per_sequence = embeddings[torch.tensor([s.image for s in seqs], device=embeddings.device)]
-    return model.decode(inputs, lmm_out.attention, lmm_out.hidden, per_sequence)
+    return model.decode(inputs, attention, hidden, per_sequence)
 
 
 def masks_of(logits: torch.Tensor) -> torch.Tensor:
@@ -263,7 +356,7 @@ def masks_of(logits: torch.Tensor) -> torch.Tensor:
 class SetResult:
     """Accumulators and counts of one eval set."""
 
-    metrics: dict[str, dict[str, MaskIoU]]  # protocol → output → accumulator
+    metrics: dict[str, dict[str, MaskIoU]]  # protocol → output → accumulator (AverageRecall: PNG)
     skipped: Skipped = field(default_factory=Skipped)
     samples: int = 0  # evaluated (valid) samples
     queries: int = 0  # phrases grounded, all protocols
@@ -280,22 +373,21 @@ def evaluate_set(
     log_every: float = 10.0,
 ) -> SetResult:
     """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images."""
-    result = SetResult({p: {o: MaskIoU() for o in OUTPUTS} for p in protocols})
+    result = SetResult({p: {o: accumulator(p) for o in OUTPUTS} for p in protocols})
     start = last_log = time.perf_counter()
     paths = track(eval_set.paths, len(eval_set.paths), f"{eval_set.name} shards")
-    for batch in batched(iter_samples(paths, result.skipped, limit), batch_size):
+    png = any(p in PNG_PROTOCOLS for p in protocols)
+    for batch in batched(iter_samples(paths, result.skipped, limit, png), batch_size):
         seqs = [
             s
             for b, x in enumerate(batch)
             for p in protocols
-            for s in sequences(x.expressions, p, b, x.firsts, x.distinct)
+            for s in sequences(x.expressions, p, b, x.firsts, x.distinct, x.narratives)
         ]
         with torch.inference_mode():
-            groundings = ground(model, [x.image for x in batch], seqs)
+            groundings = ground(model, [x.image for x in batch], seqs) if seqs else []
         for seq, grounding in zip(seqs, groundings):
-            gt = torch.from_numpy(batch[seq.image].masks[list(seq.objects)])
-            result.metrics[seq.protocol]["unet"].update(masks_of(grounding.coarse), gt)
-            result.metrics[seq.protocol]["refined"].update(masks_of(grounding.refined), gt)
+            update(result.metrics[seq.protocol], batch[seq.image], seq.objects, grounding)
         result.samples += len(batch)
         result.queries += sum(len(s.phrases) for s in seqs)
         if time.perf_counter() - last_log >= log_every:
@@ -306,6 +398,24 @@ def evaluate_set(
     return result
 
 
+def accumulator(protocol: str) -> MaskIoU:
+    """The metric of a protocol: PNG's average recall, else cIoU / gIoU."""
+    return AverageRecall() if protocol in PNG_PROTOCOLS else MaskIoU()
+
+
+def update(metrics: dict[str, MaskIoU], sample: EvalSample, objects: tuple[int, ...], grounding):
+    """Score one sequence's masks (``OUTPUTS``) against its objects' ground truth."""
+    gt = torch.from_numpy(sample.masks[list(objects)])
+    for output, logits in (("unet", grounding.coarse), ("refined", grounding.refined)):
+        metric = metrics[output]
+        if isinstance(metric, AverageRecall):
+            thing = [sample.things[k] for k in objects]
+            plural = [sample.plurals[k] for k in objects]
+            metric.update(masks_of(logits), gt, thing=thing, plural=plural)
+        else:
+            metric.update(masks_of(logits), gt)
+
+
 def progress(result: SetResult, seconds: float) -> str:
     return (
         f"{result.samples} samples, {result.queries} queries, "
@@ -314,7 +424,9 @@ def progress(result: SetResult, seconds: float) -> str:
 
 
 def metrics_json(results: dict[str, SetResult]) -> dict:
-    """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``."""
+    """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``; PNG protocols
+    add ``ar``, ``ar_things``, ``ar_stuff``, ``ar_singular``, ``ar_plural``, ``n_things`` …
+    ``n_plural`` and ``acc_50`` (``flmm.metrics.AverageRecall``)."""
     return {
         f"{name}/{protocol}": {output: acc.result() for output, acc in outputs.items()}
         for name, result in results.items()
@@ -345,18 +457,36 @@ def write_json(data: dict, path: Path) -> Path:
     return path
 
 
+AR_COLUMNS = ("ar", "ar_things", "ar_stuff", "ar_singular", "ar_plural")
+
+
 def markdown_table(metrics: dict) -> str:
-    """The metrics as a markdown table, values ×100 with one decimal as papers print them."""
-    lines = [
-        "| eval set | protocol | n | U-Net cIoU | U-Net gIoU | refined cIoU | refined gIoU |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    """The metrics as markdown tables, values ×100 with one decimal as papers print them: cIoU /
+    gIoU of the referring protocols, average recall (all, things, stuff, singular, plural) of
+    the PNG ones."""
+    referring, png = [], []
     for key, outputs in metrics.items():
         name, _, protocol = key.rpartition("/")
-        values = [outputs[o][m] for o in OUTPUTS for m in ("ciou", "giou")]
+        ar = "ar" in outputs["unet"]
+        columns = AR_COLUMNS if ar else ("ciou", "giou")
+        values = [outputs[o][m] for o in OUTPUTS for m in columns]
         cells = " | ".join(f"{100 * v:.1f}" if math.isfinite(v) else "-" for v in values)
-        lines.append(f"| {name} | {protocol} | {outputs['unet']['n']} | {cells} |")
-    return "\n".join(lines)
+        (png if ar else referring).append(
+            f"| {name} | {protocol} | {outputs['unet']['n']} | {cells} |"
+        )
+    tables = []
+    if referring:
+        tables.append(
+            "| eval set | protocol | n | U-Net cIoU | U-Net gIoU | refined cIoU | refined gIoU |\n"
+            "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(referring)
+        )
+    if png:
+        splits = "AR | things | stuff | singular | plural"
+        tables.append(
+            f"| eval set | protocol | n | U-Net {splits} | refined {splits} |\n"
+            "|---|---|---:" + "|---:" * 10 + "|\n" + "\n".join(png)
+        )
+    return "\n\n".join(tables)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +498,7 @@ def markdown_table(metrics: dict) -> str:
 class EvalConfig:
     sets: tuple[EvalSet, ...]
     model: ModelSpec
-    protocols: tuple[str, ...] = PROTOCOLS
+    protocols: tuple[str, ...] | None = None  # None: each set's own (``default_protocols``)
     batch_size: int = 8
     limit: int | None = None
     output: Path = Path("out/evaluate/metrics.json")
@@ -379,10 +509,10 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     model = config.model.build()
     results = {}
     for eval_set in config.sets:
-        protocols = ", ".join(config.protocols)
-        log(f"{eval_set.name}: {len(eval_set.paths)} shard(s), protocols {protocols}")
+        protocols = config.protocols or default_protocols(eval_set)
+        log(f"{eval_set.name}: {len(eval_set.paths)} shard(s), protocols {', '.join(protocols)}")
         results[eval_set.name] = evaluate_set(
-            model, eval_set, config.protocols, config.batch_size, config.limit, log
+            model, eval_set, protocols, config.batch_size, config.limit, log
         )
     write_json(metrics_json(results), config.output)
     write_json(stats_json(results), config.output.with_suffix(".stats.json"))

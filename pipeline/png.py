@@ -6,9 +6,12 @@ Preparation", ``data/pre_process.py``, ``baseline/data/panoptic_narrative_ground
 
 - ``annotations/png_coco_{split}.json``: a list of localized narratives, each with ``image_id``
   (an int or a numeric str), ``caption`` and ``segments``: the caption cut into consecutive
-  pieces ``{utterance, segment_ids, noun, plural, ...}``; a piece is a grounded noun phrase when
-  ``noun`` is true and ``segment_ids`` (ids, int or numeric str, of segments of the image's COCO
-  panoptic annotation) is not empty. Missing ``noun`` counts as true.
+  pieces ``{utterance, segment_ids, noun, plural, ...}``; a piece is grounded when its
+  ``segment_ids`` (ids, int or numeric str, of segments of the image's COCO panoptic annotation)
+  is not empty, whatever its ``noun`` flag: F-LMM's reader grounds every piece with segment ids
+  and never reads ``noun`` (github.com/wusize/F-LMM ``flmm/datasets/png.py``, ``PNGDataset``;
+  PNG's own ``data/pre_process.py`` also wants ``noun``, which is kept per object: missing counts
+  as true).
 - COCO panoptic ``annotations/panoptic_{split}.json``: ``images`` (as in ``instances.json``),
   ``annotations`` (one per image: ``image_id``, ``file_name`` of its label PNG, ``segments_info``:
   ``[{id, category_id, iscrowd, bbox, area}]``) and ``categories`` (``id``, ``name``,
@@ -20,17 +23,29 @@ Preparation", ``data/pre_process.py``, ``baseline/data/panoptic_narrative_ground
 - the COCO images directory holding ``images[].file_name`` (``images/{split}``).
 
 PNG output: shards ``png_coco-{split}-{000000..}.tar`` with one sample per image that has a
-grounded noun phrase, key ``f"{split}_{image_id:012d}"``: the original image bytes, and a JSON whose
-``objects`` are the grounded noun phrases of all the image's narratives (in file order): the phrase
+grounded phrase, key ``f"{split}_{image_id:012d}"``: the original image bytes, and a JSON whose
+``objects`` are the grounded phrases of all the image's narratives (in file order): the phrase
 (its ``utterance``) as the single expression, the union of its panoptic segments as the mask (COCO
-RLE), ``segment_ids``, ``categories`` (one per segment), ``plural``, ``narrative`` and ``segment``
-(indices into the file and into the narrative's ``segments``); beside them ``phrases``,
-``narratives`` (the image's captions), ``width``, ``height``, ``image_id``. The first narrative is
-also the sample's ``caption``, and each of its phrases found in it carries its ``spans`` there
-(``[start, end)`` characters, found piece after piece from where the previous piece ended): the
-training job trains the keyword selector on them. The stats file
+RLE), ``segment_ids``, ``categories`` and ``isthing`` (one per segment, from the panoptic
+categories), ``plural``, ``noun``, ``narrative`` and ``segment`` (indices into the file and into
+the narrative's ``segments``) and ``narrative_span``; beside them ``phrases``, ``narratives`` (the
+image's captions), ``narrative_ids`` (their indices in the file) and ``narrative_texts``, ``width``,
+``height``, ``image_id``.
+
+Narratives as F-LMM feeds them (``flmm/datasets/png.py``, ``PNGDataset.__getitem__``): after the
+prompt, the tokens of every piece's utterance, encoded piece by piece, back to back; a grounded
+piece's tokens are its mask's tokens. ``narrative_texts[k]`` is that text: the narrative's
+utterances, stripped, joined by one space (what piece-by-piece encoding gives with LLaVA's
+SentencePiece tokenizer, which starts every encoded piece with a word boundary), and an object's
+``narrative_span`` is its utterance's ``[start, end)`` characters in the text of its narrative
+(``narrative_ids.index(object["narrative"])``). ``narrative_queries`` and ``phrase_kinds`` read
+them back for PNG evaluation (``pipeline/evaluate.py``, protocol ``png``).
+
+The first narrative is also the sample's ``caption``, and each of its phrases found in it carries
+its ``spans`` there (``[start, end)`` characters, found piece after piece from where the previous
+piece ended): the training job trains the keyword selector on them. The stats file
 ``png_coco-{split}.stats.json`` also counts the narratives read and the pieces that are not grounded
-noun phrases (``ungrounded_phrases``, not skips).
+(``ungrounded_phrases``, not skips).
 
 Shared with the RefCOCO converter: ``pipeline.coco``.
 """
@@ -105,6 +120,7 @@ class Panoptic:
     images: dict[int, dict]
     annotations: dict[int, dict]
     categories: dict[int, str]
+    isthing: dict[int, bool]  # category id → a thing (countable) category, else stuff
 
     @classmethod
     def load(cls, path: str | Path) -> Panoptic:
@@ -129,6 +145,11 @@ class Panoptic:
             },
             categories={
                 c["id"]: c.get("name") for c in categories if isinstance(c, dict) and "id" in c
+            },
+            isthing={
+                c["id"]: bool(c.get("isthing"))
+                for c in categories
+                if isinstance(c, dict) and "id" in c
             },
         )
 
@@ -170,7 +191,7 @@ def group_narratives(narratives: list, stats: PngSplitStats) -> dict[int, list[t
 
 @dataclass(frozen=True)
 class GroundedPhrase:
-    """One grounded noun phrase of a narrative: where it is, its text and panoptic segment ids."""
+    """One grounded phrase of a narrative: where it is, its text and panoptic segment ids."""
 
     narrative: int
     segment: int
@@ -178,16 +199,33 @@ class GroundedPhrase:
     segment_ids: tuple[int, ...]
     plural: bool | None
     span: tuple[int, int] | None = None  # [start, end) of ``text`` in the narrative's caption
+    noun: bool = True
+    text_span: tuple[int, int] | None = None  # [start, end) in ``narrative_text``'s text
+
+
+def narrative_text(narrative: dict) -> tuple[str, dict[int, tuple[int, int]]]:
+    """The narrative as F-LMM feeds it (see the module): its pieces' utterances, stripped, joined
+    by one space; and piece index → its ``[start, end)`` characters there (pieces without text
+    have none)."""
+    text, spans = "", {}
+    for k, piece in enumerate(narrative["segments"]):
+        utterance = piece.get("utterance") if isinstance(piece, dict) else None
+        if isinstance(utterance, str) and utterance.strip():
+            text += " " if text else ""
+            spans[k] = (len(text), len(text) + len(utterance.strip()))
+            text += utterance.strip()
+    return text, spans
 
 
 def grounded_phrases(
     image_id: int, index: int, narrative: dict, stats: PngSplitStats
 ) -> list[GroundedPhrase]:
-    """The grounded noun phrases of one narrative, in order. Pieces that are not (``noun`` false
-    or no ``segment_ids``) are counted in ``stats.ungrounded``; malformed ones are skipped."""
+    """The grounded phrases of one narrative, in order. Pieces without ``segment_ids`` are
+    counted in ``stats.ungrounded``; malformed ones are skipped."""
     phrases = []
     caption = narrative.get("caption")
     caption = caption if isinstance(caption, str) else ""
+    _, text_spans = narrative_text(narrative)
     cursor = 0  # pieces are consecutive: each is looked for after the previous one
     for k, piece in enumerate(narrative["segments"]):
         utterance = piece.get("utterance") if isinstance(piece, dict) else None
@@ -201,7 +239,7 @@ def grounded_phrases(
         if not isinstance(ids, list):
             stats.skip_phrase("malformed segment", image_id, index, k)
             continue
-        if not ids or not piece.get("noun", True):
+        if not ids:
             stats.ungrounded += 1
             continue
         parsed = [_as_id(i) for i in ids]
@@ -219,6 +257,8 @@ def grounded_phrases(
                 tuple(dict.fromkeys(parsed)),
                 plural if isinstance(plural, bool) else None,
                 span,
+                piece.get("noun", True) is not False,
+                text_spans.get(k),
             )
         )
     return phrases
@@ -284,6 +324,7 @@ def build_png_sample(
         if isinstance(info, dict) and "id" in info
     }
     objects = []
+    ids = [index for index, _ in narratives]
     for phrase in phrases:
         if any(i not in segments for i in phrase.segment_ids):
             stats.skip_phrase(
@@ -303,16 +344,23 @@ def build_png_sample(
                     panoptic.categories.get(segments[i].get("category_id"))
                     for i in phrase.segment_ids
                 ],
+                "isthing": [
+                    panoptic.isthing.get(segments[i].get("category_id"), False)
+                    for i in phrase.segment_ids
+                ],
                 "plural": phrase.plural,
+                "noun": phrase.noun,
                 "narrative": phrase.narrative,
                 "segment": phrase.segment,
+                "narrative_span": list(phrase.text_span),
             }
         )
         first = narratives[0][0]
         if phrase.narrative == first and phrase.span is not None:
             objects[-1]["spans"] = [list(phrase.span)]
     captions = [narrative.get("caption") for _, narrative in narratives]
-    extra = {"narratives": captions}
+    texts = [narrative_text(narrative)[0] for _, narrative in narratives]
+    extra = {"narratives": captions, "narrative_ids": ids, "narrative_texts": texts}
     if isinstance(captions[0], str) and any("spans" in obj for obj in objects):
         extra["caption"] = captions[0]
     return image_sample(split, image_id, image, read, objects, stats, **extra)
@@ -341,3 +389,53 @@ def convert_png(config: PngConfig) -> dict[str, PngSplitStats]:
             prefix, config.out, config.samples_per_shard, samples, stats
         )
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading PNG samples back (evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+def narrative_queries(meta: dict) -> list[tuple[str, list[tuple[int, tuple[int, int]]]]] | None:
+    """A PNG sample's narratives to ground in place: per narrative with a grounded object, its
+    text (``narrative_texts``) and its objects' ``(object index, [start, end))`` there, in
+    object order; None for a sample without ``narrative_texts`` (not a PNG sample, or one
+    converted before they existed). Raises ``ValueError`` for fields that do not fit."""
+    texts, ids = meta.get("narrative_texts"), meta.get("narrative_ids")
+    if texts is None:
+        return None
+    objects = meta.get("objects")
+    if not (isinstance(texts, list) and isinstance(ids, list) and len(ids) == len(texts)):
+        raise ValueError("`narrative_texts` and `narrative_ids` are not parallel lists")
+    grounded: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+    for index, obj in enumerate(objects):
+        narrative, span = obj.get("narrative"), obj.get("narrative_span")
+        if narrative not in ids:
+            raise ValueError(f"object {index}: narrative {narrative!r} not in `narrative_ids`")
+        k = ids.index(narrative)
+        if not (
+            isinstance(texts[k], str)
+            and isinstance(span, list)
+            and len(span) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+            and 0 <= span[0] < span[1] <= len(texts[k])
+        ):
+            raise ValueError(f"object {index}: `narrative_span` {span!r} not inside its text")
+        grounded.setdefault(k, []).append((index, (span[0], span[1])))
+    return [(texts[k], grounded[k]) for k in sorted(grounded)]
+
+
+def phrase_kinds(meta: dict) -> tuple[list[bool], list[bool]]:
+    """Per object of a PNG sample: (thing, plural), as F-LMM's PNG evaluation splits phrases
+    (``flmm/datasets/png.py``: ``mask_infos``; ``scripts/multiprocess_eval_png.py``): plural is
+    the piece's ``plural`` flag (missing: singular); a plural phrase counts as a thing, a
+    singular one is a thing when its segment's category ``isthing`` (the first segment's,
+    should one have several: F-LMM asserts a singular phrase has exactly one). PNG's own
+    evaluation (``baseline/test_net.py``) instead takes a plural phrase's category too."""
+    things, plurals = [], []
+    for obj in meta["objects"]:
+        plural = obj.get("plural") is True
+        isthing = obj.get("isthing") or [False]
+        plurals.append(plural)
+        things.append(plural or bool(isthing[0]))
+    return things, plurals

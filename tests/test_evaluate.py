@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_png import png_config, write_png_dir
 
 import jobs.evaluate as job
 import toyworld.models
@@ -261,3 +262,170 @@ def test_flmm_protocols_read_raw_text_lower_cased_and_count_each_annotation_once
     separate = sequences(sample.expressions, "flmm-separate", 0, sample.firsts, sample.distinct)
     assert [s.phrases for s in separate] == [("the man on the left",), ("red ball",)]
     assert len(sequences(sample.expressions, "standard")) == 3  # every expression, every ref
+
+
+# --------------------------------------------------------------------------------------------
+# PNG: narratives prefilled whole, phrases grounded in place, average recall
+# --------------------------------------------------------------------------------------------
+
+
+def test_png_sequences_are_one_per_narrative_with_their_spans_in_place():
+    narratives = [
+        ("a man and his dog under the sky", [(0, (0, 17)), (2, (28, 31))]),
+        ("a dog", [(1, (0, 5))]),
+    ]
+    expressions = [["a man and his dog"], ["a dog"], ["sky"]]
+    assert sequences(expressions, "png", 2, narratives=narratives) == [
+        Sequence(
+            "png", 2, ("a man and his dog", "sky"), (0, 2), narratives[0][0], ((0, 17), (28, 31))
+        ),
+        Sequence("png", 2, ("a dog",), (1,), "a dog", ((0, 5),)),
+    ]
+    assert sequences(expressions, "png-separate") == [
+        Sequence("png-separate", 0, (e[0],), (k,)) for k, e in enumerate(expressions)
+    ]
+
+
+def _span_positions(tokenizer, prefix: str, text: str, span) -> list[int]:
+    """The prompt positions of a span's tokens, from the tokenizer's own char → token map of
+    ``prefix + " " + text`` (the text prompt's layout), not from offsets."""
+    enc = tokenizer(prefix + " " + text)
+    base = len(prefix) + 1
+    found = {enc.char_to_token(base + c) for c in range(*span)}
+    return sorted(found - {None})
+
+
+def test_png_protocol_grounds_narratives_in_place_and_reports_average_recall(
+    models, tmp_path, capsys
+):
+    """The job on converted PNG fixture shards (two images, four narratives, six phrases) picks
+    the PNG protocols. Checked independently: (1) the maps it grounds each phrase with are the
+    stock eager model's attention rows of that phrase's own tokens in its narrative's prefill
+    (positions from the tokenizer's char → token map), mean over tokens, normalised; (2) its AR
+    and splits equal those of a direct run, one narrative at a time, with the authors' threshold
+    loop (``test_metrics._authors_average_accuracy``) on kinds known by hand."""
+    from test_metrics import _authors_average_accuracy
+    from transformers import AutoModelForImageTextToText
+
+    from flmm.model import GroundingInput
+    from pipeline.evaluate import eval_sample, lmm_features
+    from pipeline.png import convert_png
+    from pipeline.sources import iter_tar_samples, sample_files
+
+    out = tmp_path / "png"
+    png_dir = write_png_dir(tmp_path / "png_source")
+    (shard,) = convert_png(png_config(png_dir, out))["val2017"].shards
+    output = tmp_path / "metrics.json"
+    flags = {
+        "--lmm": models["lmm"],
+        "--sam": "tiny",
+        "--sam-checkpoint": models["sam"],
+        "--heads": models["heads"],
+        "--batch-size": 2,
+        "--output": output,
+        "--device": "cpu",
+    }
+    job.main([str(v) for item in flags.items() for v in item] + ["--shards", str(out)])
+    metrics = json.loads(output.read_text())
+    assert set(metrics) == {"png_coco-val2017/png", "png_coco-val2017/png-separate"}
+
+    lmm = FrozenLMM.from_pretrained(models["lmm"])
+    model = build_flmm(lmm, build_sam(sam_config("tiny"), models["sam"]), models["heads"])
+    tok = lmm.processor.tokenizer
+    eager = AutoModelForImageTextToText.from_pretrained(models["lmm"], attn_implementation="eager")
+    samples = [eval_sample(k, sample_files(f, e)) for k, f, e in iter_tar_samples(str(shard))]
+    # kinds by hand (tests/test_png.py): "a man and his dog" plural → thing; "the blue sky"
+    # stuff; "the man", "the dog", "a cloud", "A dog" singular things
+    assert [s.things for s in samples] == [[True, False, True], [True, True, True]]
+    assert [s.plurals for s in samples] == [[True, False, False], [False, False, False]]
+
+    ious = {"unet": [], "refined": []}
+    kinds = []
+    for x in samples:
+        image = torch.from_numpy(x.image)
+        seqs = sequences(x.expressions, "png", 0, narratives=x.narratives)
+        assert [s.text for s in seqs] == [text for text, _ in x.narratives]
+        with torch.inference_mode():
+            prepared, attention, _ = lmm_features(model, [image], seqs)
+        for seq, sample, maps in zip(seqs, prepared, attention):
+            prefix = lmm.layout.expanded_prefix(sample.image.n_tokens)
+            ids = sample.input_ids
+            image_pos = torch.nonzero(ids == lmm.image_token_id)[:, 0]
+            rows, cols = sample.image.grid
+            assert len(sample.image.views) == 1 and len(image_pos) == rows * cols
+            with torch.inference_mode():
+                _, inputs = lmm.model_inputs([sample])
+                stock = eager(**inputs, output_attentions=True)
+                direct = lmm([sample])  # this narrative alone, for (2)
+            hiddens, own_maps = [], []
+            for p, (phrase, span) in enumerate(zip(seq.phrases, seq.spans)):
+                pos = _span_positions(tok, prefix, seq.text, span)
+                assert tok.decode(ids[pos]).strip() == phrase  # the phrase's own tokens
+                # (1) eager attention of those tokens over the image, per layer and head
+                eager_maps = torch.stack(
+                    [a[0][:, pos][:, :, image_pos].mean(1) for a in stock.attentions]
+                )  # [L, H, N]
+                eager_maps = eager_maps.reshape(-1, rows, cols)
+                eager_maps = eager_maps / eager_maps.sum((-2, -1), keepdim=True)
+                torch.testing.assert_close(maps[p], eager_maps, atol=1e-5, rtol=0)
+                # (2) the same slots of the narrative's own prefill, merged by hand
+                slots = [int(torch.nonzero(sample.phrase_tokens[0] == q)) for q in pos]
+                own = direct.token_maps[0][:, :, slots, : rows * cols].mean(2)
+                own = own.reshape(-1, rows, cols)
+                own_maps.append(own / own.sum((-2, -1), keepdim=True))
+                hiddens.append(direct.token_hidden[0, slots])
+            sam_pixels, size = model.image_encoder.preprocess(image)
+            with torch.inference_mode():
+                (grounding,) = model.decode(
+                    [GroundingInput(sample, sam_pixels, size)],
+                    [torch.stack(own_maps)],
+                    [hiddens],
+                    model.embed(sam_pixels),
+                )
+            gt = torch.from_numpy(x.masks[list(seq.objects)])
+            for name, logits in (("unet", grounding.coarse), ("refined", grounding.refined)):
+                pred = logits[:, 0].sigmoid() > 0.5
+                inter, union = (pred & gt).sum((1, 2)), (pred | gt).sum((1, 2))
+                ious[name] += (inter / union).tolist()
+            kinds += [(x.things[k], x.plurals[k]) for k in seq.objects]
+
+    things = np.array([t for t, _ in kinds])
+    plurals = np.array([p for _, p in kinds])
+    splits = {"": slice(None), "_things": things, "_stuff": ~things}
+    splits.update({"_singular": ~plurals, "_plural": plurals})
+    for name, values in ious.items():
+        values = np.array(values)
+        got = metrics["png_coco-val2017/png"][name]
+        assert got["n"] == 6 and (got["n_things"], got["n_plural"]) == (5, 1)
+        for suffix, chosen in splits.items():
+            expected = _authors_average_accuracy(values[chosen])
+            assert got[f"ar{suffix}"] == pytest.approx(expected, abs=1e-9), (name, suffix)
+    assert 0.0 < metrics["png_coco-val2017/png"]["refined"]["ar"] < 1.0  # non-trivial masks
+    assert metrics["png_coco-val2017/png-separate"]["unet"]["n"] == 6
+
+    stdout = capsys.readouterr().out
+    assert "| png_coco-val2017 | png | 6 |" in stdout and "U-Net AR | things" in stdout
+
+
+def test_png_protocols_skip_samples_without_narratives_or_with_bad_ones():
+    from pipeline.evaluate import SkipSample, eval_sample
+    from pipeline.sources import sample_files
+
+    rle = {"size": [4, 4], "counts": "04"}  # every pixel set
+    obj = {"expressions": ["a dog"], "mask": rle, "narrative": 3, "narrative_span": [0, 5]}
+    png = {"objects": [obj], "narrative_ids": [3], "narrative_texts": ["a dog runs"]}
+    image = png_bytes(np.zeros((4, 4, 3), np.uint8))
+
+    def files(meta):
+        return sample_files({"png": image, "json": json.dumps(meta).encode()}, ["png", "json"])
+
+    sample = eval_sample("k", files(png), narratives_required=True)
+    assert sample.narratives == [("a dog runs", [(0, (0, 5))])]
+    assert (sample.things, sample.plurals) == ([False], [False])  # no isthing, no plural
+    referring = {"objects": [{"expressions": ["a dog"], "mask": rle}]}
+    assert eval_sample("k", files(referring)).narratives is None
+    with pytest.raises(SkipSample, match="no_narratives"):
+        eval_sample("k", files(referring), narratives_required=True)
+    bad = {**png, "narrative_ids": [4]}
+    with pytest.raises(SkipSample, match="bad_narratives"):
+        eval_sample("k", files(bad))

@@ -15,7 +15,7 @@ from test_refcoco import raw_images
 
 from pipeline.decode import read_samples
 from pipeline.formats import decode_rle
-from pipeline.png import PngConfig, convert_png
+from pipeline.png import PngConfig, convert_png, narrative_queries, phrase_kinds
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_IMAGES = {
@@ -75,11 +75,19 @@ PNG_NARRATIVES = [
             {"utterance": "the man", "segment_ids": ["233"], "noun": True, "plural": False}
         ],
     },
+    {  # the caption's spacing differs from its pieces'
+        "image_id": 2,
+        "caption": "A dog  sleeps.",
+        "segments": [
+            {"utterance": "A dog", "segment_ids": [77], "plural": False},
+            {"utterance": " sleeps.", "segment_ids": []},
+        ],
+    },
 ]
 # (image id, objects as (expression, segment ids)), in sample order
 PNG_EXPECTED = [
     (1, [("a man and his dog", [233, 1001]), ("the blue sky", [SKY]), ("the man", [233])]),
-    (2, [("the dog", [77])]),
+    (2, [("the dog", [77]), ("a cloud", [77]), ("A dog", [77])]),
 ]
 PNG_CATEGORIES = {1: "person", 2: "dog", 3: "sky-other-merged"}
 
@@ -92,9 +100,8 @@ def _id_map(image_id):
     return ids
 
 
-@pytest.fixture
-def png_dir(tmp_path):
-    root = tmp_path / "png"
+def write_png_dir(root: Path) -> Path:
+    """The fixture split in PNG's layout under ``root`` (see the module)."""
     (root / "images").mkdir(parents=True)
     (root / "panoptic_segmentation").mkdir()
     rng = np.random.default_rng(1)
@@ -131,7 +138,12 @@ def png_dir(tmp_path):
     return root
 
 
-def _png_config(root, out, **kw):
+@pytest.fixture
+def png_dir(tmp_path):
+    return write_png_dir(tmp_path / "png")
+
+
+def png_config(root, out, **kw):
     return PngConfig(
         narratives=root / "png_coco_val2017.json",
         panoptic=root / "panoptic_val2017.json",
@@ -145,7 +157,7 @@ def _png_config(root, out, **kw):
 
 def test_png_conversion_unions_the_segments_of_each_grounded_phrase(png_dir, tmp_path):
     out = tmp_path / "out"
-    stats = convert_png(_png_config(png_dir, out, samples_per_shard=1))["val2017"]
+    stats = convert_png(png_config(png_dir, out, samples_per_shard=1))["val2017"]
     assert [p.name for p in stats.shards] == [
         "png_coco-val2017-000000.tar",
         "png_coco-val2017-000001.tar",
@@ -185,13 +197,49 @@ def test_png_conversion_unions_the_segments_of_each_grounded_phrase(png_dir, tmp
     assert [o.get("spans") for o in first["objects"]] == [[[16, 33]], [[40, 52]], None]
     assert caption[16:33] == "a man and his dog" and caption[40:52] == "the blue sky"
     assert samples[1]["meta"]["caption"] == "the dog a cloud a shadow"
-    assert samples[1]["meta"]["objects"][0]["spans"] == [[0, 7]]
+    assert [o.get("spans") for o in samples[1]["meta"]["objects"]] == [[[0, 7]], [[8, 15]], None]
+
+
+def test_png_samples_keep_every_narrative_with_its_spans_in_place_and_phrase_kinds(
+    png_dir, tmp_path
+):
+    """F-LMM's way (flmm/datasets/png.py): each narrative whole (its pieces' utterances, stripped,
+    joined by a space), every piece with segment ids grounded in place (``noun`` not read: "a
+    cloud" is grounded, its flag kept); things and plurals as F-LMM splits them."""
+    stats = convert_png(png_config(png_dir, tmp_path / "out"))["val2017"]
+    first, second = (s["meta"] for s in read_samples(stats.shards))
+    text = "In this picture a man and his dog under the blue sky a ghost trees"
+    assert first["narrative_ids"] == [0, 5]
+    assert first["narrative_texts"] == [text, "the man"]
+    assert [o["narrative_span"] for o in first["objects"]] == [[16, 33], [40, 52], [0, 7]]
+    assert narrative_queries(first) == [
+        (text, [(0, (16, 33)), (1, (40, 52))]),
+        ("the man", [(2, (0, 7))]),
+    ]
+    # by hand: "the blue sky" is segment SKY of category 3 (stuff); "a man and his dog" is
+    # plural (a thing, whatever its segments); "the man" is a person (a thing)
+    assert [o["isthing"] for o in first["objects"]] == [[True, True], [False], [True]]
+    assert phrase_kinds(first) == ([True, False, True], [True, False, False])
+
+    assert second["narrative_ids"] == [2, 6]
+    assert second["narrative_texts"] == ["the dog a cloud a shadow", "A dog sleeps."]
+    assert [o["noun"] for o in second["objects"]] == [True, False, True]
+    assert narrative_queries(second) == [
+        ("the dog a cloud a shadow", [(0, (0, 7)), (1, (8, 15))]),
+        ("A dog sleeps.", [(2, (0, 5))]),
+    ]
+    # plural missing or false: singular; "the dog" (category 2) is a thing
+    assert phrase_kinds(second) == ([True, True, True], [False, False, False])
+    assert narrative_queries({"objects": []}) is None
+    broken = {**second, "objects": [{**second["objects"][0], "narrative_span": [0, 99]}]}
+    with pytest.raises(ValueError, match="not inside its text"):
+        narrative_queries(broken)
 
 
 def test_png_skips_are_counted_and_ungrounded_pieces_are_not_skips(png_dir, tmp_path):
-    stats = convert_png(_png_config(png_dir, tmp_path / "out"))["val2017"]
-    assert (stats.images, stats.objects, stats.expressions) == (2, 4, 4)
-    assert (stats.narratives, stats.ungrounded, stats.skipped_images) == (6, 4, 2)
+    stats = convert_png(png_config(png_dir, tmp_path / "out"))["val2017"]
+    assert (stats.images, stats.objects, stats.expressions) == (2, 6, 6)
+    assert (stats.narratives, stats.ungrounded, stats.skipped_images) == (7, 4, 2)
     assert [(s["image_id"], s["narrative"], s["segment"], s["reason"]) for s in stats.skipped] == [
         (None, 1, None, "malformed narrative"),
         (1, 0, 4, "segment not in panoptic annotation"),
@@ -203,7 +251,7 @@ def test_png_skips_are_counted_and_ungrounded_pieces_are_not_skips(png_dir, tmp_
     assert (written["skipped_objects"], written["ungrounded_phrases"], written["narratives"]) == (
         5,
         4,
-        6,
+        7,
     )
     assert written["shards"] == ["png_coco-val2017-000000.tar"]
     assert "skipped 2 images, 5 phrases" in stats.summary()
@@ -229,7 +277,7 @@ def test_png_cli_infers_the_split_and_refuses_refcoco_flags(png_dir, tmp_path):
     ]
     run = subprocess.run(command, check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert "png_coco val2017: 2 images, 4 objects, 4 expressions, 1 shards" in run.stdout
+    assert "png_coco val2017: 2 images, 6 objects, 6 expressions, 1 shards" in run.stdout
     assert "(5 phrases skipped, see *.stats.json)" in run.stdout
     assert len(list(read_samples([out / "png_coco-val2017-000000.tar"]))) == 2
     assert not list(out.glob(".*"))
