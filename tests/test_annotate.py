@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -140,6 +141,22 @@ def test_schemas_done_markers_and_preview(first_run):
     assert preview.mode == "RGB" and preview.width >= 200
     assert "annotate: shards 4 done, 0 skipped, 1 failed" in summary.line()
     assert out.read_done("empty-000000")["samples"] == 0
+
+
+def test_one_glob_per_table_reads_the_output_without_ray_and_no_parts_are_left(first_run):
+    """What a reader does (schemas/ANNOTATIONS.md): pandas over the folder, every shard whole;
+    the workers' part files were merged away; the driver got manifests, not results."""
+    import pandas as pd
+
+    config, summary = first_run
+    annotations = pd.read_parquet(os.path.join(config.output, "annotations"))
+    samples = pd.read_parquet(os.path.join(config.output, "samples"))
+    assert len(annotations) == summary.annotations and len(samples) == summary.samples
+    per_key = annotations.groupby(["shard", "key"]).size()
+    ok = samples[samples.status == "ok"].set_index(["shard", "key"]).n_annotations
+    assert per_key.to_dict() == ok[ok > 0].to_dict()
+    assert not list(Path(config.output).glob("_parts/**/*.parquet"))
+    assert 0 < summary.driver_bytes < summary.result_bytes / 5
 
 
 def test_a_rerun_skips_done_shards_without_touching_them(first_run, inputs):
