@@ -147,13 +147,9 @@ def test_toy_val_shards_hold_the_held_out_scenes(tmp_path):
     np.testing.assert_array_equal(samples[1]["image"], make_scene(scene_seed(0, 1_000_001)).image)
 
 
-def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
-    models, tmp_path, capsys
-):
-    toy = write_toy_shards(tmp_path / "toy", 2, 1, seed=1, config=SCENES, split_name="val")
-    bad = _bad_shard(tmp_path / "bad")
-    output = tmp_path / "metrics.json"
-    flags = {
+def job_flags(models: dict, output) -> dict:
+    """jobs/evaluate.py's flags for the tiny models, writing ``output``."""
+    return {
         "--lmm": models["lmm"],
         "--sam": "tiny",
         "--sam-checkpoint": models["sam"],
@@ -162,6 +158,15 @@ def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
         "--output": output,
         "--device": "cpu",
     }
+
+
+def test_job_metrics_equal_a_direct_computation_and_bad_samples_are_skipped(
+    models, tmp_path, capsys
+):
+    toy = write_toy_shards(tmp_path / "toy", 2, 1, seed=1, config=SCENES, split_name="val")
+    bad = _bad_shard(tmp_path / "bad")
+    output = tmp_path / "metrics.json"
+    flags = job_flags(models, output)
     argv = [str(v) for flag_value in flags.items() for v in flag_value]
     job.main([*argv, "--shards", f"toy={tmp_path / 'toy'}", "--shards", str(bad)])
     metrics = json.loads(output.read_text())
@@ -316,15 +321,7 @@ def test_png_protocol_grounds_narratives_in_place_and_reports_average_recall(
     png_dir = write_png_dir(tmp_path / "png_source")
     (shard,) = convert_png(png_config(png_dir, out))["val2017"].shards
     output = tmp_path / "metrics.json"
-    flags = {
-        "--lmm": models["lmm"],
-        "--sam": "tiny",
-        "--sam-checkpoint": models["sam"],
-        "--heads": models["heads"],
-        "--batch-size": 2,
-        "--output": output,
-        "--device": "cpu",
-    }
+    flags = job_flags(models, output)
     job.main([str(v) for item in flags.items() for v in item] + ["--shards", str(out)])
     metrics = json.loads(output.read_text())
     assert set(metrics) == {"png_coco-val2017/png", "png_coco-val2017/png-separate"}
