@@ -2,8 +2,8 @@
 
     python jobs/train.py --shards 'data/refcoco-train-{000000..000199}.tar' \
         --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
-        --sam-checkpoint sam_vit_l_0b3195.pth --workers 4 --gpus-per-worker 1 \
-        --encode-actors 4 --encode-gpus 1 --epochs 8 --output heads.safetensors
+        --sam-checkpoint sam_vit_l_0b3195.pth --workers 8 --gpus-per-worker 1 \
+        --encode-actors 4 --encode-gpus 1 --output heads.safetensors
 
     ray job submit --working-dir . -- python jobs/train.py ...   # the same, on a cluster
 
