@@ -72,3 +72,12 @@ class ImageGeometry:
         out = mask.new_zeros((*mask.shape[:-2], self.frame_height, self.frame_width))
         out[..., self.top : self.top + self.height, self.left : self.left + self.width] = mask
         return out
+
+
+def fit_longest(height: int, width: int, side: int) -> tuple[int, int]:
+    """(h, w) of a ``height × width`` image resized so that its longer side is ``side``, the
+    shorter truncated (F-LMM's ``CustomLlavaImageProcessor.resize``,
+    flmm/datasets/llava_processors.py; its ``image_shape``)."""
+    if height > width:
+        return side, int(width * side / height)
+    return int(height * side / width), side

@@ -45,20 +45,33 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def mask_losses(
-    unet_logits: torch.Tensor, refined_logits: torch.Tensor, gt: torch.Tensor
+    unet_logits: torch.Tensor,
+    refined_logits: torch.Tensor,
+    gt: torch.Tensor,
+    target_size: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """BCE + Dice of the U-Net and of the SAM refiner against the same ground truth.
 
     Args:
         unet_logits: [P, 1, h, w] coarse logits at the U-Net's resolution.
         refined_logits: [P, 1, H, W] refined logits, original frame.
-        gt: [P, H, W] ground-truth masks in {0, 1}, original frame; resized to (h, w) with
-            nearest interpolation for the U-Net terms.
+        gt: [P, H, W] ground-truth masks in {0, 1}, original frame.
+        target_size: None: both targets come from ``gt`` itself (resized nearest to (h, w) for
+            the U-Net terms). (h0, w0): F-LMM's targets, the image's size in the LMM's input
+            pixels (``flmm.families.ImageInputs.pixels``): ``gt`` is first resized (nearest) to
+            it, and both targets come from that (nearest to (h, w), and back to (H, W)), so the
+            refined logits are scored against a mask no finer than the LMM's frame. As F-LMM's
+            ``RefCOCO2PNG.transform_concat`` (flmm/datasets/transforms.py: ``masks``) and
+            ``FrozenLlavaSAM.compute_loss`` (flmm/models/frozen_llava.py: ``gt_masks``,
+            ``sam_gt_masks``) do.
     Returns:
         dict of float32 scalars: unet_bce, unet_dice, sam_bce, sam_dice, total (their sum).
     """
     gt = gt.float()[:, None]  # [P, 1, H, W]
-    gt_small = F.interpolate(gt, unet_logits.shape[-2:], mode="nearest")
+    source = gt if target_size is None else F.interpolate(gt, target_size, mode="nearest")
+    gt_small = F.interpolate(source, unet_logits.shape[-2:], mode="nearest")
+    if target_size is not None:
+        gt = F.interpolate(source, gt.shape[-2:], mode="nearest")
     losses = {
         "unet_bce": bce_loss(unet_logits, gt_small),
         "unet_dice": dice_loss(unet_logits, gt_small),

@@ -187,20 +187,41 @@ class FLMM(nn.Module):
         ]
 
 
+MASK_WEIGHTINGS = ("masks", "images")
+
+
 def grounding_loss(
     outputs: list[Grounding],
     masks: list[torch.Tensor],
     tags: list[torch.Tensor | None] | None = None,
+    weighting: str = "masks",
+    target_sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """F-LMM's loss over a batch: BCE + Dice on U-Net and refined logits, averaged over images;
-    with gold ``tags`` (per image ``[T]`` or None) and the outputs' tag logits, the keyword
-    selector's loss (``flmm.selector.tag_loss``) is added to the total as ``selector``.
+    """F-LMM's loss over a batch: per image BCE + Dice on U-Net and refined logits
+    (``flmm.losses.mask_losses``), then the images' mean; with gold ``tags`` (per image ``[T]``
+    or None) and the outputs' tag logits, the keyword selector's loss
+    (``flmm.selector.tag_loss``) is added to the total as ``selector``.
 
-    masks: per image ``[P, H, W]`` ground truth in {0, 1}, original frame. The U-Net terms compare
-    the cropped U-Net logits with the ground truth resized (nearest) to their size.
+    masks: per image ``[P, H, W]`` ground truth in {0, 1}, original frame.
+    weighting: ``"masks"``: each image's losses weighted by its number of masks (Σ P_b·L_b / Σ P_b,
+    F-LMM's ``FrozenLlavaSAM.compute_loss`` in flmm/models/frozen_llava.py); ``"images"``: every
+    image alike (the two agree at one image per batch, F-LMM's recipe).
+    target_sizes: per image the size its ground truth is first resized to (F-LMM's LMM frame,
+    see ``mask_losses``); None: the ground truth's own resolution.
     """
-    parts = [mask_losses(o.unet, o.refined, m.to(o.refined.device)) for o, m in zip(outputs, masks)]
-    loss = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
+    if weighting not in MASK_WEIGHTINGS:
+        raise ValueError(f"weighting {weighting!r}: one of {MASK_WEIGHTINGS}")
+    sizes = target_sizes or [None] * len(outputs)
+    parts = [
+        mask_losses(o.unet, o.refined, m.to(o.refined.device), size)
+        for o, m, size in zip(outputs, masks, sizes)
+    ]
+    stacked = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+    if weighting == "images":
+        loss = {k: v.mean() for k, v in stacked.items()}
+    else:
+        counts = torch.tensor([float(len(m)) for m in masks], device=stacked["total"].device)
+        loss = {k: (v * counts).sum() / counts.sum() for k, v in stacked.items()}
     tagged = [(o.tags, t) for o, t in zip(outputs, tags or []) if t is not None]
     if tagged:
         loss["selector"] = tag_loss([o for o, _ in tagged], [t for _, t in tagged])

@@ -2,13 +2,18 @@
 
     python jobs/train.py --shards 'data/refcoco-train-{000000..000199}.tar' \
         --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
-        --sam-checkpoint sam_vit_l_0b3195.pth --workers 4 --gpus-per-worker 1 \
-        --encode-actors 4 --encode-gpus 1 --epochs 8 --output heads.safetensors
+        --sam-checkpoint sam_vit_l_0b3195.pth --workers 8 --gpus-per-worker 1 \
+        --encode-actors 4 --encode-gpus 1 --output heads.safetensors
 
     ray job submit --working-dir . -- python jobs/train.py ...   # the same, on a cluster
 
 With no arguments it trains the toy world's heads: toy training shards (written once to
 out/toy/train/), toy LMM + toy SAM from models/toy/, heads to out/train/heads.safetensors.
+--recipe names the training settings: `flmm` (F-LMM's: 8 epochs of 1 image per worker, lr 1e-4,
+U-Net width 64, loss weighted per mask on targets through the LMM's frame, each object's
+expression drawn once; the default with --lmm) or `toy` (the toy heads' recipe: 8 epochs of 4
+images, lr 5e-4, width 32, loss per image on full-resolution targets, expressions redrawn every
+epoch; the default without --lmm). --epochs, --batch-size, --lr, --unet-channels override it.
 Samples whose JSON has a caption and their objects' spans in it also train the keyword selector
 (saved in the same heads file: caption and image-only annotation need it). Rerunning the same
 command (same --name and --storage) resumes from the latest checkpoint; a finished run is not
@@ -28,13 +33,17 @@ from pathlib import Path
 from flmm.optim import OptimConfig
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
-from pipeline.train import TrainJob, fit_heads
+from pipeline.train import FLMM_RECIPE, Recipe, TrainJob, fit_heads
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards
 from toyworld.vqa import LIST_INSTRUCTION
 
-TOY_EPOCHS, TOY_LR = 8, 5e-4  # a short CPU run: a higher lr than F-LMM's 1e-4
-TOY_UNET_CHANNELS = 32  # a quarter of F-LMM's U-Net weights: 16 attention channels need no more
+# The recipe the shipped toy heads (models/toy/heads.safetensors) were trained with: a short CPU
+# run (a higher lr than F-LMM's 1e-4), a quarter of F-LMM's U-Net weights (16 attention channels
+# need no more), and the loss and expression draw of the time (per image, full-resolution
+# targets, redrawn every epoch).
+TOY_RECIPE = Recipe("toy", 8, 4, 5e-4, 32, "images", "original", True)
+RECIPES = {recipe.name: recipe for recipe in (FLMM_RECIPE, TOY_RECIPE)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,9 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", default="out/train/runs", help="Ray Train storage (checkpoints)")
     p.add_argument("--name", default="flmm-heads", help="run name (same name + storage: resume)")
     add_model_args(p, heads="--init-heads", sam_heads_dtype=False)
-    p.add_argument("--epochs", type=int, default=None, help=f"default 1 (toy: {TOY_EPOCHS})")
-    p.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
-    p.add_argument("--lr", type=float, help=f"default {OptimConfig.lr} (toy: {TOY_LR})")
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="training settings (default: flmm with --lmm, toy without)",
+    )
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--batch-size", type=int, help="images per worker per step (the recipe's)")
+    p.add_argument("--lr", type=float, help="default: the recipe's")
     p.add_argument(
         "--selector-lr-scale",
         type=float,
@@ -60,11 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encode-gpus", type=float, default=0.0, help="GPUs per frozen actor")
     p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per frozen actor")
     p.add_argument("--encode-batch", type=int, default=8, help="images per frozen forward")
-    p.add_argument(
-        "--unet-channels",
-        type=int,
-        help=f"U-Net level-0 width (default 64; toy: {TOY_UNET_CHANNELS})",
-    )
+    p.add_argument("--unet-channels", type=int, help="U-Net level-0 width (the recipe's)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps")
     p.add_argument("--log-every", type=int, default=10, help="steps")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
@@ -80,31 +90,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def toy_defaults(args: argparse.Namespace) -> None:
-    """Without --shards: the toy world's training shards (written on first use) and the toy
-    recipe's epochs, lr and U-Net width; then the general defaults for what is still unset."""
-    if args.shards is None:
-        args.shards = [str(toy_shards("train"))]
-        args.epochs = args.epochs or TOY_EPOCHS
-        args.lr = args.lr or TOY_LR
-        args.unet_channels = args.unet_channels or TOY_UNET_CHANNELS
-        args.describe_prompt = args.describe_prompt or LIST_INSTRUCTION
-    args.epochs = args.epochs or 1
-    args.lr = args.lr or OptimConfig.lr
-    args.unet_channels = args.unet_channels or TrainJob.unet_channels
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    """--recipe, else F-LMM's with --lmm and the toy's without."""
+    return RECIPES[args.recipe or ("flmm" if args.lmm else "toy")]
 
 
 def job_of(args: argparse.Namespace) -> TrainJob:
-    """The training job; without --lmm the toy LMM + toy SAM (heads start from --init-heads, or
-    from SAM's decoder and a random U-Net)."""
+    """The training job: --shards, else the toy world's training shards (written on first use);
+    without --lmm the toy LMM + toy SAM (heads start from --init-heads, or from SAM's decoder and
+    a random U-Net) and the toy LMM's list question as the describe prompt; the recipe's
+    settings where no flag gives them."""
+    recipe = recipe_of(args)
+    shards = args.shards or [str(toy_shards("train"))]
+    describe_prompt = args.describe_prompt or (None if args.lmm else LIST_INSTRUCTION)
     return TrainJob(
-        shards=tuple(args.shards),
+        shards=tuple(shards),
         spec=model_spec(args, default=toy_model_spec(heads=False)),
         output=args.output,
         storage=args.storage,
         name=args.name,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
+        epochs=args.epochs or recipe.epochs,
+        batch_size=args.batch_size or recipe.batch_size,
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
@@ -112,20 +118,22 @@ def job_of(args: argparse.Namespace) -> TrainJob:
         encode_gpus=args.encode_gpus,
         encode_cpus=args.encode_cpus,
         encode_batch=args.encode_batch,
-        unet_channels=args.unet_channels,
+        unet_channels=args.unet_channels or recipe.unet_channels,
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         max_failures=args.max_failures,
         seed=args.seed,
-        optim=OptimConfig(lr=args.lr, selector_lr_scale=args.selector_lr_scale),
-        describe_prompt=args.describe_prompt,
+        optim=OptimConfig(lr=args.lr or recipe.lr, selector_lr_scale=args.selector_lr_scale),
+        describe_prompt=describe_prompt,
+        loss_weighting=recipe.loss_weighting,
+        loss_target=recipe.loss_target,
+        redraw_expressions=recipe.redraw_expressions,
     )
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    toy_defaults(args)
     connect(args.address, args.num_cpus)
     try:
         summary = fit_heads(job_of(args))

@@ -4,8 +4,11 @@
     (frozen LMM + SAM image encoder, GPU when given) → rows {shard, key, features: bytes}
 
 The same reader and parsers as the annotation job. A training sample grounds one expression per
-annotated object (drawn afresh every time the stream is read, i.e. every epoch), all objects of
-an image in one sequence, each with its object's mask as target — F-LMM's training layout.
+annotated object, all objects of an image in one sequence, each with its object's mask as target
+— F-LMM's training layout. The expression is drawn at random once per object for the whole run
+(``draw_seed``: the same in every epoch, as F-LMM's RefCOCO training set draws it once when it is
+built: mmdet's ``RefCocoDataset.load_data_list``, ``text_mode='random'``, mmdet/datasets/refcoco.py),
+or afresh every time the stream is read, i.e. every epoch (``draw_seed=None``, the toy recipe).
 A sample whose JSON has a ``caption`` and objects' ``spans`` in it (``schemas/INPUT_FORMAT.md``)
 also trains the keyword selector: its caption gets a prefill of its own (image + caption), whose
 text tokens' hidden states travel with their gold tags. The same prefill grounds every span in
@@ -17,6 +20,8 @@ Samples that cannot be used (bad image, no objects, …) are dropped here and co
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -81,11 +86,20 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def training_samples(batch: pa.Table) -> pa.Table:
-    """Pipeline stage: raw rows → training samples; unusable ones are dropped (see module)."""
-    rng = np.random.default_rng()
-    rows = [training_sample(row, rng) for row in batch.to_pylist()]
+def training_samples(batch: pa.Table, draw_seed: int | None = 0) -> pa.Table:
+    """Pipeline stage: raw rows → training samples; unusable ones are dropped (see module).
+    draw_seed: each sample's expressions drawn from a generator of (draw_seed, shard, key), the
+    same on every pass; None: from a fresh generator, different on every pass."""
+    fresh = np.random.default_rng()
+    rows = [training_sample(row, _draw(row, draw_seed, fresh)) for row in batch.to_pylist()]
     return pa.Table.from_pylist([r for r in rows if r["status"] == "ok"], SAMPLE_SCHEMA)
+
+
+def _draw(row: dict, seed: int | None, fresh: np.random.Generator) -> np.random.Generator:
+    """The generator a sample's expressions are drawn from (see ``training_samples``)."""
+    if seed is None:
+        return fresh
+    return np.random.default_rng([seed, zlib.crc32(f"{row['shard']}/{row['key']}".encode())])
 
 
 class EncodeActor:
@@ -125,6 +139,7 @@ class EncodeActor:
                 masks=masks,
                 sam_input_size=inputs[b].sam_input_size,
                 geometry=inputs[b].lmm.geometry,
+                lmm_pixels=inputs[b].lmm.image.pixels,
                 **text,
             )
             out.append({"shard": row["shard"], "key": row["key"], "features": features.to_bytes()})
@@ -198,13 +213,19 @@ def features_dataset(
     actors: int = 1,
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
+    draw_seed: int | None = 0,
 ) -> ray.data.Dataset:
     """The stream the trainer's workers split: rows ``FEATURE_SCHEMA``, one per usable image.
 
-    uris: shard name → URI (``pipeline.sources.resolve_shards`` + ``shard_name``).
+    uris: shard name → URI (``pipeline.sources.resolve_shards`` + ``shard_name``); draw_seed:
+    see ``training_samples`` (None: expressions drawn afresh every epoch).
     """
     samples = _raw(uris).map_batches(
-        training_samples, batch_size=16, batch_format="pyarrow", num_cpus=READ_CPUS
+        training_samples,
+        fn_kwargs={"draw_seed": draw_seed},
+        batch_size=16,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
     )
     return samples.map_batches(
         EncodeActor,

@@ -10,6 +10,8 @@ Arrow tensor extension, and the bytes are the same on every node):
     masks      [P, H, W]        ground-truth masks, original frame (uint8 0/1)
     sam_input  [2]              (h1, w1): the image's size inside SAM's input frame (int64)
     geometry   [6]              the image inside the LMM frame (int64, ``ImageGeometry``)
+    lmm_pixels [2]              (h0, w0): the image's size in the LMM's input pixels (int64,
+                                ``flmm.families.ImageInputs.pixels``; F-LMM's loss targets)
     text_hidden [T, L, D]       hidden states of a text's tokens (float16), and
     text_tags  [T]              their gold keyword tags (int64, ``flmm.selector.TAGS``): only
                                 for samples with a text and its groundable spans
@@ -35,6 +37,7 @@ class ImageFeatures:
     masks: torch.Tensor
     sam_input_size: tuple[int, int]
     geometry: ImageGeometry
+    lmm_pixels: tuple[int, int]
     text_hidden: torch.Tensor | None = None
     text_tags: torch.Tensor | None = None
 
@@ -45,6 +48,7 @@ class ImageFeatures:
             "masks": self.masks.to(torch.uint8),
             "sam_input": torch.tensor(self.sam_input_size, dtype=torch.int64),
             "geometry": self.geometry.to_tensor(),
+            "lmm_pixels": torch.tensor(self.lmm_pixels, dtype=torch.int64),
         }
         for i, h in enumerate(self.hidden):
             tensors[f"hidden_{i}"] = h.to(torch.float16)
@@ -65,6 +69,7 @@ class ImageFeatures:
             masks=tensors["masks"],
             sam_input_size=(h1, w1),
             geometry=ImageGeometry.from_tensor(tensors["geometry"]),
+            lmm_pixels=tuple(tensors["lmm_pixels"].tolist()),
             text_hidden=tensors.get("text_hidden"),
             text_tags=tensors.get("text_tags"),
         )

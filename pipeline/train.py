@@ -44,10 +44,40 @@ STATE_FILE = "trainer.pt"
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A named set of training settings (``jobs/train.py --recipe``; its flags override each).
+
+    epochs; batch_size: images per worker per step; lr: AdamW's base lr (``flmm.optim``);
+    unet_channels: the U-Net's level-0 width; loss_weighting: ``"masks"`` | ``"images"``
+    (``flmm.model.grounding_loss``); loss_target: ``"lmm"`` (targets through the LMM's input
+    frame) | ``"original"`` (``flmm.losses.mask_losses``); redraw_expressions: draw each
+    object's expression afresh every epoch instead of once (``pipeline.encode``).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    unet_channels: int
+    loss_weighting: str
+    loss_target: str
+    redraw_expressions: bool
+
+
+# F-LMM's recipe, every config of theirs alike (configs/*/frozen_*_refcoco_png.py: max_epochs 8,
+# batch_size 1 per device on 8 GPUs (README: NPROC_PER_NODE=8), lr 1e-4, UNetHead
+# base_channels 64); loss as FrozenLlavaSAM.compute_loss (flmm/models/frozen_llava.py); the
+# RefCOCO expression drawn once (mmdet's RefCocoDataset, text_mode 'random'). Give it 8 workers
+# of one GPU each for their global batch of 8.
+FLMM_RECIPE = Recipe("flmm", 8, 1, 1e-4, 64, "masks", "lmm", False)
+LOSS_TARGETS = ("lmm", "original")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What a worker needs. ``batch_size``: images per worker per step; ``selector``: train a
     keyword selector of this config beside the heads (None: none, unless ``init_heads`` has
-    one: it is then kept as it is)."""
+    one: it is then kept as it is); ``loss_weighting``, ``loss_target``: see ``Recipe``."""
 
     heads: HeadsConfig
     sam_variant: str
@@ -61,6 +91,8 @@ class TrainConfig:
     init_heads: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     selector: SelectorConfig | None = None
+    loss_weighting: str = FLMM_RECIPE.loss_weighting
+    loss_target: str = FLMM_RECIPE.loss_target
 
     @property
     def total_steps(self) -> int:
@@ -82,10 +114,17 @@ def build_trainable_heads(config: TrainConfig) -> FLMMHeads:
 
 
 def train_on_batch(
-    model: torch.nn.Module, features: list[ImageFeatures], device: torch.device
+    model: torch.nn.Module,
+    features: list[ImageFeatures],
+    device: torch.device,
+    weighting: str = FLMM_RECIPE.loss_weighting,
+    target: str = FLMM_RECIPE.loss_target,
 ) -> dict[str, torch.Tensor]:
     """Heads forward over one batch of images and F-LMM's loss parts (BCE + Dice, U-Net and
-    refined). ``model`` is ``FLMMHeads`` or its DDP wrapper."""
+    refined). ``model`` is ``FLMMHeads`` or its DDP wrapper; ``weighting``, ``target``: the
+    loss's mask weighting and target frame (``Recipe.loss_weighting`` / ``loss_target``)."""
+    if target not in LOSS_TARGETS:
+        raise ValueError(f"loss target {target!r}: one of {LOSS_TARGETS}")
     text_hidden = [_text_hidden(f, model) for f in features]
     outputs = model(
         [f.attention.float() for f in features],
@@ -96,7 +135,9 @@ def train_on_batch(
         text_hidden=text_hidden,
     )
     tags = [f.text_tags if h is not None else None for f, h in zip(features, text_hidden)]
-    return grounding_loss(outputs, [f.masks.float() for f in features], tags)
+    sizes = [f.lmm_pixels for f in features] if target == "lmm" else None
+    masks = [f.masks.float() for f in features]
+    return grounding_loss(outputs, masks, tags, weighting, sizes)
 
 
 def _text_hidden(features: ImageFeatures, model: torch.nn.Module) -> torch.Tensor | None:
@@ -198,9 +239,12 @@ class _WorkerRun:
 
     def train_step(self, features: list[ImageFeatures]) -> tuple[dict, float]:
         """Forward, loss, backward, clipped optimizer step; the loss parts and the grad norm."""
+        config = self.config
         with self.autocast:
-            parts = train_on_batch(self.model, features, self.device)
-        grad_norm = step(parts["total"], self.model, self.optim, self.schedule, self.config.optim)
+            parts = train_on_batch(
+                self.model, features, self.device, config.loss_weighting, config.loss_target
+            )
+        grad_norm = step(parts["total"], self.model, self.optim, self.schedule, config.optim)
         self.global_step += 1
         return parts, grad_norm
 
@@ -270,7 +314,8 @@ class TrainJob:
     workers / cpus_per_worker / gpus_per_worker: the ``TorchTrainer``'s DDP workers;
     encode_actors / encode_gpus / encode_batch: the frozen stage's actor pool, GPUs per actor and
     images per LMM forward; batch_size: images per worker per step; unet_channels: the U-Net's
-    level-0 width (F-LMM's is 64).
+    level-0 width; loss_weighting, loss_target, redraw_expressions: see ``Recipe``. The
+    defaults are F-LMM's recipe (``FLMM_RECIPE``; ``--workers 8`` makes their global batch).
     """
 
     shards: tuple[str, ...]
@@ -278,8 +323,8 @@ class TrainJob:
     output: str
     storage: str
     name: str = "flmm-heads"
-    epochs: int = 1
-    batch_size: int = 4
+    epochs: int = FLMM_RECIPE.epochs
+    batch_size: int = FLMM_RECIPE.batch_size
     workers: int = 1
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
@@ -287,13 +332,42 @@ class TrainJob:
     encode_gpus: float = 0.0
     encode_cpus: float = 1.0
     encode_batch: int = 8
-    unet_channels: int = HeadsConfig.unet_base_channels
+    unet_channels: int = FLMM_RECIPE.unet_channels
     checkpoint_every: int = 50
     log_every: int = 10
     max_failures: int = 3
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     describe_prompt: str | None = None  # recorded with a trained selector (see SelectorConfig)
+    loss_weighting: str = FLMM_RECIPE.loss_weighting
+    loss_target: str = FLMM_RECIPE.loss_target
+    redraw_expressions: bool = FLMM_RECIPE.redraw_expressions
+
+    def train_config(self, steps_per_epoch: int, captioned: int) -> TrainConfig:
+        """What its workers get: heads sized for its LMM, and a keyword selector when some
+        samples have captions (``captioned`` of them)."""
+        heads = lmm_dims(self.spec.lmm, self.unet_channels)
+        selector = None
+        if captioned:
+            selector = SelectorConfig(
+                heads.num_layers, heads.hidden_size, describe_instruction=self.describe_prompt
+            )
+        return TrainConfig(
+            heads=heads,
+            sam_variant=self.spec.sam_variant,
+            sam_checkpoint=self.spec.sam_checkpoint,
+            epochs=self.epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=self.batch_size,
+            checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
+            seed=self.seed,
+            init_heads=self.spec.heads,
+            optim=self.optim,
+            selector=selector,
+            loss_weighting=self.loss_weighting,
+            loss_target=self.loss_target,
+        )
 
 
 def _storage_path(storage: str) -> str:
@@ -335,26 +409,7 @@ def fit_heads(job: TrainJob) -> dict:
             f"{usable} usable training samples ({unusable} unusable) in {len(uris)} shards: "
             f"fewer than one step of {job.batch_size} images x {job.workers} workers"
         )
-    heads = lmm_dims(job.spec.lmm, job.unet_channels)
-    selector = None
-    if captioned:
-        selector = SelectorConfig(
-            heads.num_layers, heads.hidden_size, describe_instruction=job.describe_prompt
-        )
-    config = TrainConfig(
-        heads=heads,
-        sam_variant=job.spec.sam_variant,
-        sam_checkpoint=job.spec.sam_checkpoint,
-        epochs=job.epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=job.batch_size,
-        checkpoint_every=job.checkpoint_every,
-        log_every=job.log_every,
-        seed=job.seed,
-        init_heads=job.spec.heads,
-        optim=job.optim,
-        selector=selector,
-    )
+    config = job.train_config(steps_per_epoch, captioned)
     print(
         f"training heads: {usable} samples ({unusable} unusable, skipped) in {len(uris)} shards, "
         f"{job.epochs} epochs x {steps_per_epoch} steps of {job.batch_size} images x "
@@ -386,6 +441,7 @@ def fit_heads(job: TrainJob) -> dict:
                 actors=job.encode_actors,
                 gpus_per_actor=job.encode_gpus,
                 cpus_per_actor=job.encode_cpus,
+                draw_seed=None if job.redraw_expressions else job.seed,
             )
         },
     )

@@ -16,6 +16,7 @@ from PIL import Image
 
 from flmm.build import load_heads
 from flmm.checkpoint import read_metadata
+from flmm.geometry import fit_longest
 from flmm.lmm import FrozenLMM
 from flmm.optim import OptimConfig
 from flmm.prompt import FLMM_INSTRUCTION
@@ -62,6 +63,27 @@ def test_every_family_describes_a_batch_of_differently_sized_images(model_type, 
     batched = lmm.describe(images, max_new_tokens=4)
     alone = [lmm.describe([image], max_new_tokens=4)[0] for image in images]
     assert batched == alone and all(isinstance(t, str) for t in batched)
+
+
+def test_fit_longest_is_flmm_resize_rule_by_hand():
+    """F-LMM's ``CustomLlavaImageProcessor.resize``: the longer side to 336, the other truncated."""
+    assert fit_longest(480, 640, 336) == (252, 336)
+    assert fit_longest(641, 427, 336) == (336, 223)  # 427 * 336 / 641 = 223.8
+    assert fit_longest(300, 300, 336) == (336, 336)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_family_gives_the_image_size_in_its_input_pixels(model_type, tiny_lmm_dir):
+    """``ImageInputs.pixels``, the frame F-LMM's loss targets go through: the image's own aspect,
+    inside the model's input (LLaVA-1.5: the tower's S×S square, the longer side S)."""
+    lmm = FrozenLMM.from_pretrained(str(tiny_lmm_dir(model_type)))
+    height, width = 40, 70
+    image = lmm.prepare(random_image(height, width), ["the red circle"]).image
+    h, w = image.pixels
+    assert 0 < h < w and abs(h / w - height / width) < 0.15, image.pixels
+    if model_type == "llava":
+        side = lmm.model.config.vision_config.image_size
+        assert image.pixels == (int(height * side / width), side)
 
 
 @pytest.mark.slow

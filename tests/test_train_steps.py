@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from flmm.geometry import fit_longest
 from flmm.optim import OptimConfig, build_optimizer, step
 from flmm.selector import read_spans
 from pipeline.encode import EncodeActor, training_samples
@@ -82,6 +83,8 @@ def mean_loss(heads, features) -> float:
 def test_the_recipe_steps_lower_the_heads_loss_on_their_scenes(features, config):
     assert len(features) == N_SCENES
     assert all(len(f.hidden) == f.attention.shape[0] == f.masks.shape[0] for f in features)
+    # F-LMM's target frame: the image's size in the tiny LLaVA's input pixels (S = 56)
+    assert all(f.lmm_pixels == fit_longest(*f.masks.shape[-2:], 56) for f in features)
     heads = build_trainable_heads(config)
     before = mean_loss(heads, features)
     optim, schedule = build_optimizer(heads, config.total_steps, config.optim)
@@ -204,3 +207,32 @@ def test_the_captions_spans_are_grounded_in_place_as_extra_targets(tiny_llava_di
             assert torch.equal(f.hidden[n_given + i], f.text_hidden[span.start : span.end])
         sums = f.attention[n_given:].float().sum((-2, -1))
         torch.testing.assert_close(sums, torch.ones_like(sums), atol=2e-3, rtol=0)
+
+
+def test_each_objects_expression_is_drawn_once_for_the_whole_run(tmp_path):
+    """F-LMM draws one expression per object when its RefCOCO set is built (mmdet's
+    ``RefCocoDataset.load_data_list``, text_mode 'random'), so every epoch sees the same one:
+    two passes of the stream (two epochs) draw alike; the draw is random among the object's
+    expressions (not always its first), and depends on the seed. The toy recipe's redraw
+    (``draw_seed=None``) differs between passes."""
+    from pipeline.decode import decode_sample, object_targets
+
+    (shard,) = write_toy_shards(tmp_path, 8, 8, seed=3, config=SCENES)
+    raw = read_shard(pa.table({"uri": [str(shard)], "shard": ["a"]}))
+
+    def draw(seed):
+        return training_samples(raw, draw_seed=seed).column("phrases").to_pylist()
+
+    options = []
+    for row in raw.to_pylist():
+        pixels, meta = decode_sample(row)
+        objects = object_targets(meta, *pixels.shape[:2])
+        options.append([expressions for expressions, _ in objects if expressions])
+    first_epoch, second_epoch = draw(0), draw(0)
+    assert first_epoch == second_epoch
+    drawn = [(p, o) for phrases, opts in zip(first_epoch, options) for p, o in zip(phrases, opts)]
+    assert sum(len(o) > 1 for _, o in drawn) >= 10  # objects with a choice to make
+    assert all(p in o for p, o in drawn)
+    assert any(p != o[0] for p, o in drawn)
+    assert draw(1) != first_epoch
+    assert draw(None) != draw(None)

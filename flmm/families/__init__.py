@@ -49,7 +49,10 @@ class ImageInputs:
     batch (e.g. ``pixel_values [1, 3, S, S]``, or Qwen's ``[patches, D]`` with ``image_grid_thw
     [1, 3]``); n_tokens: image tokens standing for it in the sequence; views: the grids those
     tokens lie on (the attention maps of all views are resized to ``grid`` and stacked as
-    channels, view-major); grid: (h, w) of the maps handed to the U-Net; geometry: the LMM frame.
+    channels, view-major); grid: (h, w) of the maps handed to the U-Net; geometry: the LMM frame;
+    pixels: (h, w) of the image itself (its frame's padding left out) in the model's input pixels,
+    F-LMM's ``image_shape`` (the frame its head-training loss targets are resized to,
+    ``flmm.losses.mask_losses``).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -57,6 +60,7 @@ class ImageInputs:
     views: tuple[View, ...]
     grid: tuple[int, int]
     geometry: ImageGeometry
+    pixels: tuple[int, int]
 
 
 class Family:

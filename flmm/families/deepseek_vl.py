@@ -12,7 +12,7 @@ import math
 import torch
 
 from flmm.families import Family, ImageInputs, View, processor_image_inputs
-from flmm.geometry import ImageGeometry
+from flmm.geometry import ImageGeometry, fit_longest
 
 
 class DeepseekVL(Family):
@@ -25,4 +25,7 @@ class DeepseekVL(Family):
         if side * side != n_tokens:
             raise ValueError(f"{n_tokens} image tokens are not a square grid")
         geometry = ImageGeometry.square(image.shape[0], image.shape[1])
-        return ImageInputs(tensors, n_tokens, (View(0, side, side),), (side, side), geometry)
+        pixels = fit_longest(image.shape[0], image.shape[1], tensors["pixel_values"].shape[-1])
+        return ImageInputs(
+            tensors, n_tokens, (View(0, side, side),), (side, side), geometry, pixels
+        )

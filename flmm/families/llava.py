@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from flmm.families import Family, ImageInputs, View, require_default_feature_strategy
-from flmm.geometry import ImageGeometry
+from flmm.geometry import ImageGeometry, fit_longest
 
 
 class Llava(Family):
@@ -29,6 +29,7 @@ class Llava(Family):
             (View(0, side, side),),
             (side, side),
             geometry,
+            fit_longest(image.shape[0], image.shape[1], vision.image_size),
         )
 
 

@@ -48,7 +48,8 @@ class LlavaNext(Family):
                 f"{n_tokens} image tokens, expected {side}² + {rows}×({cols}+1) for LLaVA-NeXT"
             )
         geometry = ImageGeometry.whole(image.shape[0], image.shape[1])
-        return ImageInputs(tensors, n_tokens, (base, tiles), (rows, cols), geometry)
+        pixels = (rows * vision.patch_size, cols * vision.patch_size)  # the image on the tiles
+        return ImageInputs(tensors, n_tokens, (base, tiles), (rows, cols), geometry, pixels)
 
 
 def unpadded_grid(

@@ -28,4 +28,9 @@ class QwenVL(Family):
         if t * rows * cols != n_tokens:
             raise ValueError(f"{n_tokens} image tokens do not fill a {t}×{rows}×{cols} grid")
         geometry = ImageGeometry.whole(image.shape[0], image.shape[1])
-        return ImageInputs(tensors, n_tokens, (View(0, rows, cols),), (rows, cols), geometry)
+        pixels = (
+            h * processor.image_processor.patch_size,
+            w * processor.image_processor.patch_size,
+        )
+        view = View(0, rows, cols)
+        return ImageInputs(tensors, n_tokens, (view,), (rows, cols), geometry, pixels)
