@@ -34,7 +34,7 @@ from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import OutputDir, timed_commit, write_parts
+from pipeline.writer import DONE, OutputDir, timed_commit, write_parts
 from schemas.annotations import SCHEMA_VERSION
 from schemas.results import STAGES
 
@@ -174,14 +174,18 @@ def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on
 def _plan(uris: dict[str, str], out: OutputDir, overwrite: bool, summary: Summary) -> list[str]:
     """Names of the shards to run; done ones are skipped, or their markers removed first when
     overwriting (so an interrupted overwrite leaves no stale marker)."""
+    done = {name.removesuffix(".json") for name in out.names(DONE, suffix=".json")}
+    stale = out.part_shards()  # one listing each, not a request per shard (object stores)
     todo = []
     for name in uris:
-        if overwrite:
+        if overwrite and name in done:
             out.clear_done(name)
-        if out.is_done(name):
+            done.discard(name)
+        if name in done:
             summary.skipped.append(name)
         else:
-            out.clear_parts(name)  # an interrupted run's parts: this run writes its own
+            if name in stale:  # an interrupted run's parts: this run writes its own
+                out.clear_parts(name)
             todo.append(name)
     return todo
 
@@ -192,7 +196,7 @@ COMMIT_CPUS = 0.25
 
 def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> ray.data.Dataset:
     """One read task per shard (fused with decoding), blocks cut to ``batch_size`` rows so that
-    each actor call is one batch and results reach the driver batch by batch; ``actors`` model
+    each actor call is one batch and manifests reach the driver batch by batch; ``actors`` model
     actors, then the writer tasks. Ray Data's actor pools default to ``max_restarts=-1`` and
     ``max_task_retries=-1``: a killed actor is restarted and its unfinished batches are run
     again (their rows may then be written twice: the commit keeps one copy)."""

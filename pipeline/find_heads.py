@@ -37,7 +37,8 @@ from flmm.localization import (
     HeadSearchConfig,
     HeadVotes,
     LocalizationConfig,
-    coarse_logits,
+    combine,
+    grid_logits,
     image_attention,
     rank_heads,
     save_localization,
@@ -138,18 +139,10 @@ def calibrate(
                 maps = out.attention[b].unflatten(1, (lmm.num_views, n_k))  # [1, V, K, h, w]
                 gt = torch.from_numpy(phrase.mask)
                 for k in range(1, n_k + 1):
+                    # as LocalizationHeads grounds (coarse_logits), the k heads combined once
+                    combined = combine(maps[:, :, :k].flatten(1, 2), lmm.num_views, config.sigma)
                     for t, bar in enumerate(config.thresholds):
-                        settings = LocalizationConfig(
-                            tuple(candidates[:k]),
-                            lmm.num_layers,
-                            lmm.num_heads,
-                            lmm.num_views,
-                            config.sigma,
-                            bar,
-                        )
-                        _, coarse = coarse_logits(
-                            maps[:, :, :k].flatten(1, 2), sample.geometry, settings
-                        )
+                        coarse = sample.geometry.to_original(grid_logits(combined, bar))
                         total[k - 1, t] += _iou(coarse[0, 0] > 0, gt)
                 n += 1
             if time.perf_counter() - last >= 10:

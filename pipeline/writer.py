@@ -21,6 +21,7 @@ import posixpath
 import shutil
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +100,15 @@ class OutputDir:
             path = posixpath.join(self.root, PARTS, shard, f"{part}.{table}.parquet")
             if self.fs.get_file_info(path).type == pafs.FileType.File:
                 self.fs.delete_file(path)
+
+    def part_shards(self) -> set[str]:
+        """The shards with a folder under ``_parts/`` (one listing; none when ``_parts`` is not a
+        folder: writing parts will then fail, shard by shard)."""
+        directory = posixpath.join(self.root, PARTS)
+        if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
+            return set()
+        infos = self.fs.get_file_info(pafs.FileSelector(directory))
+        return {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory}
 
     def clear_parts(self, shard: str) -> None:
         """Remove ``_parts/<shard>/`` (what an earlier, interrupted run left of the shard)."""
@@ -242,11 +252,8 @@ def commit_shard(output: str, shard: str, parts: list[str], n_input: int) -> dic
     annotations_table = _sorted(annotations, ANNOTATIONS_SCHEMA)
     out.write_tables(shard, annotations_table, samples_table, n_input)
     out.clear_parts(shard)
-    kinds: dict[str, int] = {}
-    for error in samples_table.column("error").to_pylist():
-        if error is not None:
-            kind = error.split(":", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
+    errors = samples_table.column("error").to_pylist()
+    kinds = Counter(error.split(":", 1)[0] for error in errors if error is not None)
     return {
         "samples": samples_table.num_rows,
         "errors_by_kind": dict(sorted(kinds.items())),
@@ -269,10 +276,10 @@ WRITE_ATTEMPTS = 3
 def write_parts(
     batch: pa.Table, output: str, model_id: str, fail_first_write: tuple[str, ...] = ()
 ) -> pa.Table:
-    """The annotation job's writer stage (a CPU task after the model stage): ``RESULT_SCHEMA`` rows → one part
-    per shard in the batch, written under ``_parts/<shard>/`` (``WRITE_ATTEMPTS`` tries, with a
-    short back-off) → one ``MANIFEST_SCHEMA`` row per shard. Shard-level rows (``status
-    "shard"``) write nothing and pass their error on."""
+    """The annotation job's writer stage (a CPU task after the model stage): ``RESULT_SCHEMA``
+    rows → one part per shard in the batch, written under ``_parts/<shard>/``
+    (``WRITE_ATTEMPTS`` tries, with a short back-off) → one ``MANIFEST_SCHEMA`` row per shard.
+    Shard-level rows (``status "shard"``) write nothing and pass their error on."""
     by_shard: dict[str, list[dict]] = {}
     for row in batch.to_pylist():
         by_shard.setdefault(row["shard"], []).append(row)
@@ -282,7 +289,7 @@ def write_parts(
         entry = dict.fromkeys(MANIFEST_SCHEMA.names, "")
         entry.update(shard=shard, n_samples=rows[0]["n_samples"], keys=[], write_retries=0)
         entry["write_s"] = 0.0
-        entry["result_bytes"] = pa.Table.from_pylist(rows, batch.schema).nbytes
+        entry["result_bytes"] = batch.filter(pc.equal(batch["shard"], shard)).nbytes
         samples = [r for r in rows if r["status"] != "shard"]
         entry["read_s"] = max((r["read_s"] for r in rows), default=0.0)
         for name in ("decode_s", "model_s", *STAGES):
