@@ -35,6 +35,7 @@ from toyworld.lmm import (
 )
 from toyworld.scenes import make_scene, position_tags, scene_seed
 from toyworld.vqa import (
+    COLOURLESS_KINDS,
     KINDS,
     LIST_INSTRUCTION,
     SCENE_CONFIG,
@@ -252,6 +253,39 @@ def test_detailed_descriptions_follow_each_expression_with_its_objects_attribute
         assert plain.phrases == expressions  # same draws: details only add segments
 
 
+def test_referent_stage_names_objects_by_colourless_expressions_where_they_have_them(tiny_toy):
+    _, data = tiny_toy
+    colourless = {1.0: [], 0.0: []}
+    for index in range(40):
+        scene = make_scene(scene_seed(0, index))
+        for p, drawn in colourless.items():
+            rng = np.random.default_rng(index)
+            question = describe(scene, rng, True, COLOURLESS_KINDS, p)
+            for expression, obj in zip(question.phrases[::2], _named(scene, question)):
+                kind = obj.expression_kinds[obj.expressions.index(expression)]
+                drawn.append(kind in COLOURLESS_KINDS)
+                if p == 1.0:
+                    assert kind in COLOURLESS_KINDS or not COLOURLESS_KINDS & set(
+                        obj.expression_kinds
+                    )
+            assert score(question, scene, list(question.phrases)) == 1.0
+    assert np.mean(colourless[1.0]) > 0.8 and np.mean(colourless[0.0]) < 0.5
+    mixed = [data.referent_batch(step, Recipe(batch=8)) for step in range(3)]
+    texts = [data.processor.tokenizer.decode(ids) for b in mixed for ids in b["input_ids"]]
+    assert any(LIST_INSTRUCTION in t for t in texts) and any("Where is" in t for t in texts)
+    assert any("How many" in t or "What " in t or "Is there" in t for t in texts)
+    again = data.referent_batch(1, Recipe(batch=8))
+    assert torch.equal(again["input_ids"], mixed[1]["input_ids"])  # a pure function of the step
+
+
+def _named(scene, question):
+    """The objects a description's expressions name, in order."""
+    return [
+        next(o for o in scene.objects if expression in o.expressions)
+        for expression in question.phrases[::2]
+    ]
+
+
 def test_list_answers_name_every_object_once_and_score_only_when_whole():
     for index in range(30):
         scene = make_scene(scene_seed(0, index))
@@ -267,26 +301,37 @@ def test_list_answers_name_every_object_once_and_score_only_when_whole():
         )
 
 
-def test_stage_3_from_a_saved_stage_2_model_equals_the_whole_recipe(tmp_path):
+def test_resuming_a_saved_model_equals_the_whole_recipe(tmp_path):
     recipe = Recipe(
         vision_steps=2, vision_batch=2, steps=2, batch=2, warmup=1, list_steps=2, list_warmup=1,
-        log_every=100,
+        referent_steps=2, referent_warmup=1, log_every=100,
     )  # fmt: skip
     quiet = {"n_eval": 1, "log": lambda line: None}
     whole = build_toy_lmm(tmp_path / "whole", recipe, **quiet)
-    build_toy_lmm(tmp_path / "stage2", dataclasses.replace(recipe, list_steps=0), **quiet)
-    resumed = build_toy_lmm(tmp_path / "stage3", recipe, **quiet, stage3_from=tmp_path / "stage2")
+    stage_2 = dataclasses.replace(recipe, list_steps=0, referent_steps=0)
+    build_toy_lmm(tmp_path / "stage2", stage_2, **quiet)
+    build_toy_lmm(tmp_path / "stage3", dataclasses.replace(recipe, referent_steps=0), **quiet)
+    from_2 = build_toy_lmm(tmp_path / "from2", recipe, **quiet, resume_from=tmp_path / "stage2")
+    from_3 = build_toy_lmm(tmp_path / "from3", recipe, **quiet, resume_from=tmp_path / "stage3")
     weights = {
         name: (tmp_path / name / "model.safetensors").read_bytes()
-        for name in ("whole", "stage2", "stage3")
+        for name in ("whole", "stage2", "stage3", "from2", "from3")
     }
-    assert weights["stage3"] == weights["whole"] != weights["stage2"]
-    assert resumed["final_list_stage_loss"] == whole["final_list_stage_loss"]
-    assert resumed["final_loss"] == whole["final_loss"]  # stage 2's record carried over
-    with pytest.raises(ValueError, match="different recipe"):
+    assert weights["from2"] == weights["from3"] == weights["whole"]
+    assert len({weights["whole"], weights["stage2"], weights["stage3"]}) == 3
+    for resumed in (from_2, from_3):
+        assert resumed["final_referent_stage_loss"] == whole["final_referent_stage_loss"]
+        assert resumed["final_list_stage_loss"] == whole["final_list_stage_loss"]
+        assert resumed["final_loss"] == whole["final_loss"]  # stage 2's record carried over
+    with pytest.raises(ValueError, match=r"different recipe \(\['lr'\]\)"):
         build_toy_lmm(
             tmp_path / "other", dataclasses.replace(recipe, lr=0.5), **quiet,
-            stage3_from=tmp_path / "stage2",
+            resume_from=tmp_path / "stage2",
         )  # fmt: skip
-    with pytest.raises(ValueError, match="stage 3 already"):
-        build_toy_lmm(tmp_path / "again", recipe, **quiet, stage3_from=tmp_path / "whole")
+    with pytest.raises(ValueError, match=r"different recipe \(\['list_lr'\]\)"):
+        build_toy_lmm(
+            tmp_path / "other", dataclasses.replace(recipe, list_lr=0.5), **quiet,
+            resume_from=tmp_path / "stage3",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="every stage already"):
+        build_toy_lmm(tmp_path / "again", recipe, **quiet, resume_from=tmp_path / "whole")

@@ -12,11 +12,16 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
 3. saved in fp16 with ``save_pretrained``; then a third stage, from those fp16 weights: 70% of
    the questions ask to list every object (``toyworld.vqa.list_objects``,
    one right answer per scene, what the image-only mode asks), the rest as in stage 2 so that
-   nothing learnt is lost; saved in fp16 again (plus ``toy_world.json``, the recipe and its results);
-   then frozen forever: the F-LMM heads are trained on its phrase→image attention. Because stage
-   3 starts from the saved stage-2 weights, ``--stage3-from DIR`` runs it alone from a saved
-   stage-2 model and gives what the whole recipe gives;
-4. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
+   nothing learnt is lost; saved in fp16 again;
+4. a fourth stage (the referent stage), from the stage-3 fp16 weights: detailed descriptions whose
+   expressions name objects without their colour (shape, size + shape, position) where they can,
+   their details colour first, so that the token ending such an expression has to find its
+   object to predict what comes next; plus lists and "Where is …?" questions. Saved in fp16
+   (plus ``toy_world.json``, the recipe and its results); then frozen forever: the F-LMM heads
+   are trained on its phrase→image attention. Each stage after the second starts from the saved
+   weights of the one before, so ``--resume-from DIR`` (a model saved after stage 2 or 3) runs
+   the remaining stages alone and gives what the whole recipe gives;
+5. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
    and how much of each phrase's attention falls on its object (``attention_lift``).
 
 Scene ``i`` of training is ``make_scene(scene_seed(seed, i))``; everything follows from ``seed``.
@@ -57,6 +62,7 @@ from toyworld.scenes import (
     scene_seed,
 )
 from toyworld.vqa import (
+    COLOURLESS_KINDS,
     DESCRIBE,
     KINDS,
     LIST,
@@ -69,6 +75,7 @@ from toyworld.vqa import (
     Question,
     answer_options,
     ask,
+    describe,
     existence_instruction,
     list_objects,
     sample_question,
@@ -76,6 +83,7 @@ from toyworld.vqa import (
 
 VISION_START = 100_000_000  # the vision stage's scenes
 LIST_START = 200_000_000  # the list stage's scenes
+REFERENT_START = 300_000_000  # the referent stage's scenes
 RECORD = "toy_world.json"
 
 
@@ -106,6 +114,13 @@ class Recipe:
     list_warmup: int = 20
     list_tower_lr_scale: float = 1.0  # the vision tower's lr in stage 3, × list_lr (0: frozen)
     list_fraction: float = 0.7  # of stage 3's questions; the rest drawn as in stage 2
+    referent_steps: int = 800  # stage 4 (0: none); batch as stage 2, every weight
+    referent_lr: float = 1e-3
+    referent_warmup: int = 20
+    referent_list_fraction: float = 0.25  # of stage 4's questions: lists (as stage 3's)
+    referent_position_fraction: float = 0.1  # "Where is …?" questions
+    referent_short_fraction: float = 0.2  # short-answer questions of any kind (as stage 2's)
+    referent_colourless: float = 0.8  # the rest: detailed descriptions, colourless expressions
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -240,6 +255,30 @@ class ToyData:
             return self._stage_2_question(scene, rng, recipe)
 
         return self._batch(LIST_START + step * recipe.batch, recipe, question)
+
+    def referent_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Stage 4: scenes ``REFERENT_START + step·batch …``; a list (``referent_list_fraction``),
+        a "Where is …?" question (``referent_position_fraction``, when the scene has one), a
+        short-answer question (``referent_short_fraction``: the other answers are not forgotten)
+        or a detailed description, colour first, naming each object by a ``COLOURLESS_KINDS``
+        expression with probability ``referent_colourless``; padded."""
+
+        def question(scene: Scene, rng: np.random.Generator, recipe: Recipe) -> Question:
+            draw = rng.random()
+            if draw < recipe.referent_list_fraction:
+                return list_objects(scene, self.scenes)
+            draw -= recipe.referent_list_fraction
+            if draw < recipe.referent_position_fraction:
+                where = ask(scene, "position", rng, self.scenes)
+                if where is not None:
+                    return where
+            elif draw < recipe.referent_position_fraction + recipe.referent_short_fraction:
+                return sample_question(scene, rng, 0.0, self.scenes)
+            return describe(
+                scene, rng, True, COLOURLESS_KINDS, recipe.referent_colourless, colour_first=True
+            )
+
+        return self._batch(REFERENT_START + step * recipe.batch, recipe, question)
 
     def _stage_2_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
         return sample_question(
@@ -461,16 +500,31 @@ def list_stage_recipe(recipe: Recipe) -> Recipe:
     )
 
 
-def train_list_stage(
-    out_dir: Path, recipe: Recipe, log: Callable[[str], None] = print
+def referent_stage_recipe(recipe: Recipe) -> Recipe:
+    """Stage 4's schedule as a stage-2 ``Recipe``: its steps, lr and warm-up; every weight."""
+    return dataclasses.replace(
+        recipe,
+        steps=recipe.referent_steps,
+        lr=recipe.referent_lr,
+        warmup=recipe.referent_warmup,
+        vqa_tower_lr_scale=1.0,
+    )
+
+
+def train_stage(
+    out_dir: Path, recipe: Recipe, stage: int, log: Callable[[str], None] = print
 ) -> tuple[list[float], float]:
-    """Stage 3 on the fp16 stage-2 model saved in ``out_dir``, saved back there in fp16; returns
-    the loss per step and the seconds it took."""
+    """Stage 3 or 4 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
+    fp16; returns the loss per step and the seconds it took."""
     model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out_dir)
     data = ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+    schedule, batches = {
+        3: (list_stage_recipe, data.list_batch),
+        4: (referent_stage_recipe, data.referent_batch),
+    }[stage]
     start = time.perf_counter()
-    losses = pretrain(model, data, list_stage_recipe(recipe), log, data.list_batch)
+    losses = pretrain(model, data, schedule(recipe), log, batches)
     seconds = time.perf_counter() - start
     model.half().save_pretrained(out_dir)
     return losses, seconds
@@ -514,7 +568,7 @@ def score(question: Question, scene: Scene, phrases: list[str]) -> float:
     """1 for a right short answer or a right whole list; for ``describe``, the fraction of the
     generated segments that are right (0 for none): an expression is right when it is a unique
     expression of an object of the scene, a detail (``"big red circle"``, after an expression) when it gives the
-    size, colour and shape of the object the expression before it names."""
+    size, colour and shape of the object the expression before it names (either order)."""
     if question.kind == LIST:
         return float(tuple(phrases) == question.phrases)
     if question.kind != DESCRIBE:
@@ -527,7 +581,10 @@ def score(question: Question, scene: Scene, phrases: list[str]) -> float:
             previous = named.get(segment)
         else:
             obj, previous = previous, None
-            right += obj is not None and segment == f"{obj.size} {obj.colour} {obj.shape}"
+            right += obj is not None and segment in (
+                f"{obj.size} {obj.colour} {obj.shape}",
+                f"{obj.colour} {obj.size} {obj.shape}",  # stage 4's order
+            )
     return right / len(phrases) if phrases else 0.0
 
 
@@ -599,23 +656,26 @@ def build_toy_lmm(
     recipe: Recipe = Recipe(),
     n_eval: int = 200,
     log: Callable[[str], None] = print,
-    stage3_from: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict:
-    """Initialise, pretrain (stages 1-2), save (fp16), run stage 3 from the saved weights, save
-    and evaluate the toy LMM in ``out_dir``; returns the record also written to
-    ``out_dir/toy_world.json``. ``stage3_from``: a saved stage-2 model (its ``toy_world.json``
-    recipe must equal ``recipe``'s stages 1-2) to run stage 3 from instead of stages 1-2."""
+    """Initialise, pretrain (stages 1-2), save (fp16), run stages 3 and 4 each from the saved
+    weights, save and evaluate the toy LMM in ``out_dir``; returns the record also written to
+    ``out_dir/toy_world.json``. ``resume_from``: a model saved after stage 2 or 3 (its
+    ``toy_world.json`` recipe must equal ``recipe`` on the stages it has had): the stages it has
+    not had run from it, which gives what the whole recipe gives."""
     torch.set_num_threads(recipe.threads)
     out_dir = Path(out_dir)
     config = toy_config(recipe.seed)
-    if stage3_from is None:
-        record = _train_stages_1_2(out_dir, config, recipe, log)
+    if resume_from is None:
+        record, done = _train_stages_1_2(out_dir, config, recipe, log), 2
     else:
-        record = _copy_stage_2(Path(stage3_from), out_dir, recipe)
-    if recipe.list_steps:
-        losses, seconds = train_list_stage(out_dir, recipe, log)
-        record["final_list_stage_loss"] = float(np.mean(losses[-recipe.log_every :]))
-        record["list_stage_seconds"] = round(seconds, 1)
+        record, done = _copy_saved(Path(resume_from), out_dir, recipe)
+    for stage, steps in ((3, recipe.list_steps), (4, recipe.referent_steps)):
+        if stage > done and steps:
+            losses, seconds = train_stage(out_dir, recipe, stage, log)
+            loss_key, seconds_key = STAGE_RECORD[stage]
+            record[loss_key] = float(np.mean(losses[-recipe.log_every :]))
+            record[seconds_key] = round(seconds, 1)
     lmm = FrozenLMM.from_pretrained(
         str(out_dir), prompt=TOY_PROMPT
     )  # the shipped fp16 weights, as fp32
@@ -632,10 +692,24 @@ def build_toy_lmm(
     return record
 
 
-STAGE_2_RECORD = (
-    "variant", "parameters", "final_vision_loss", "vision_probe_accuracy", "final_loss",
-    "train_seconds",
-)  # fmt: skip
+# What each stage adds to the record; stages 3 and 4 own the recipe fields of their prefix.
+STAGE_RECORD = {
+    2: (
+        "variant", "parameters", "final_vision_loss", "vision_probe_accuracy", "final_loss",
+        "train_seconds",
+    ),
+    3: ("final_list_stage_loss", "list_stage_seconds"),
+    4: ("final_referent_stage_loss", "referent_stage_seconds"),
+}  # fmt: skip
+STAGE_PREFIX = {3: "list_", 4: "referent_"}
+
+
+def saved_stages(record: dict) -> int:
+    """How many stages a saved model's record says it has had (2, 3 or 4)."""
+    for stage in (4, 3):
+        if record.get(STAGE_RECORD[stage][0]) is not None:
+            return stage
+    return 2
 
 
 def _train_stages_1_2(out_dir: Path, config: TinyLlavaConfig, recipe: Recipe, log) -> dict:
@@ -662,23 +736,28 @@ def _train_stages_1_2(out_dir: Path, config: TinyLlavaConfig, recipe: Recipe, lo
     }
 
 
-def _copy_stage_2(source: Path, out_dir: Path, recipe: Recipe) -> dict:
-    """A saved stage-2 model copied to ``out_dir``; the stage-2 part of its record. Refused when
-    its recorded recipe differs from ``recipe`` in anything but stage 3's fields."""
+def _copy_saved(source: Path, out_dir: Path, recipe: Recipe) -> tuple[dict, int]:
+    """A model saved after stage 2 or 3 copied to ``out_dir``; its record of those stages and how
+    many it has had. Refused when its recorded recipe differs from ``recipe`` in the stages it has
+    had, or when it has had every stage."""
     saved = json.loads((source / RECORD).read_text())
+    done = saved_stages(saved)
+    if done == max(STAGE_RECORD):
+        raise ValueError(f"{source} has had every stage already: nothing to resume")
     ours = dataclasses.asdict(recipe)
-    stage_3 = {f for f in ours if f.startswith("list_")}
-    differ = sorted(k for k in ours if k not in stage_3 and saved["recipe"].get(k) != ours[k])
+    later = tuple(prefix for stage, prefix in STAGE_PREFIX.items() if stage > done)
+    differ = sorted(
+        k for k in ours if not k.startswith(later) and saved["recipe"].get(k) != ours[k]
+    )
     if differ:
         raise ValueError(f"{source} was trained with a different recipe ({differ})")
-    if saved.get("final_list_stage_loss") is not None:
-        raise ValueError(f"{source} has had stage 3 already: start from a stage-2 model")
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.resolve() != out_dir.resolve():
         for path in source.iterdir():
             if path.is_file() and path.name not in (RECORD, "signal_check.json"):
                 shutil.copyfile(path, out_dir / path.name)
-    return {k: saved[k] for k in STAGE_2_RECORD}
+    carried = [k for stage in range(2, done + 1) for k in STAGE_RECORD[stage]]
+    return {k: saved[k] for k in carried}, done
 
 
 def format_table(record: dict) -> str:
@@ -707,8 +786,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list-fraction", type=float, default=Recipe.list_fraction)
     parser.add_argument("--list-tower-lr-scale", type=float, default=Recipe.list_tower_lr_scale)
     parser.add_argument("--eval-questions", type=int, default=200, help="per question kind")
+    parser.add_argument("--referent-steps", type=int, default=Recipe.referent_steps)
+    parser.add_argument("--referent-lr", type=float, default=Recipe.referent_lr)
     parser.add_argument(
-        "--stage3-from", help="a saved stage-2 model (same recipe): run stage 3 only, from it"
+        "--resume-from",
+        help="a model saved after stage 2 or 3 (same recipe): run the stages it has not had",
     )
     args = parser.parse_args(argv)
     recipe = Recipe(
@@ -722,14 +804,17 @@ def main(argv: list[str] | None = None) -> None:
         list_lr=args.list_lr,
         list_fraction=args.list_fraction,
         list_tower_lr_scale=args.list_tower_lr_scale,
+        referent_steps=args.referent_steps,
+        referent_lr=args.referent_lr,
     )
     start = time.perf_counter()
-    record = build_toy_lmm(args.out, recipe, args.eval_questions, stage3_from=args.stage3_from)
+    record = build_toy_lmm(args.out, recipe, args.eval_questions, resume_from=args.resume_from)
     print(format_table(record))
     print(
         f"trained {record['train_seconds']:.0f} s (vision stage loss "
         f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}, list "
-        f"stage loss {record.get('final_list_stage_loss', float('nan')):.4f}), "
+        f"stage loss {record.get('final_list_stage_loss', float('nan')):.4f}, referent stage "
+        f"loss {record.get('final_referent_stage_loss', float('nan')):.4f}), "
         f"total {time.perf_counter() - start:.0f} s"
     )
 

@@ -34,6 +34,9 @@ LIST = "list"
 VQA_KINDS = ("colour", "shape", "size", "position", "count", "existence")
 KINDS = (DESCRIBE, *VQA_KINDS, LIST)  # LIST last: the other kinds' eval seeds use their index
 LIST_INSTRUCTION = "List the objects by colour."
+# Expression kinds that name an object without its colour: one look at a cell finds a colour, but
+# a shape, a size or a position needs the object's outline or the other objects compared.
+COLOURLESS_KINDS = frozenset({"shape", "size_shape", "position", "shape_position"})
 # The toy LMM's grounding instruction (the one it was pretrained to answer with every object's
 # expression; the shipped heads are trained under it). Not F-LMM's: the toy world pins its own.
 TOY_INSTRUCTION = "Please briefly describe this image."
@@ -110,23 +113,44 @@ def sample_question(
     raise AssertionError("count questions exist for every scene")
 
 
-def describe(scene: Scene, rng: np.random.Generator, detailed: bool = False) -> Question:
+def describe(
+    scene: Scene,
+    rng: np.random.Generator,
+    detailed: bool = False,
+    prefer: frozenset[str] = frozenset(),
+    prefer_p: float = 0.0,
+    colour_first: bool = False,
+) -> Question:
     """One random unique expression per object, objects in random or left-to-right order.
 
     ``detailed``: each expression is followed by its object's size, colour and shape
     (``" the circle on the left. big red circle. …"``): the token that ends an expression has to
     find that object to go on, and its attention is the phrase's last row at grounding time.
+    ``prefer``: expression kinds (``SceneObject.expression_kinds``) drawn from alone with
+    probability ``prefer_p`` for an object that has any. ``colour_first``: the details as colour,
+    size, shape (``" the circle. red big circle."``): the expression's last token then predicts
+    the colour, which it can only read off its object (size is a coin toss between two).
     """
     objects = list(scene.objects)
     if rng.random() < 0.3:
         objects.sort(key=lambda obj: obj.centre[0])
     else:
         objects = [objects[i] for i in rng.permutation(len(objects))]
-    phrases = tuple(str(rng.choice(obj.expressions)) for obj in objects)
+    phrases = tuple(str(rng.choice(_expressions(obj, rng, prefer, prefer_p))) for obj in objects)
     if detailed:
-        details = (f"{obj.size} {obj.colour} {obj.shape}" for obj in objects)
+        first, second = ("colour", "size") if colour_first else ("size", "colour")
+        details = (f"{getattr(obj, first)} {getattr(obj, second)} {obj.shape}" for obj in objects)
         phrases = tuple(x for pair in zip(phrases, details) for x in pair)
     return Question(DESCRIBE, TOY_INSTRUCTION, phrases)
+
+
+def _expressions(
+    obj: SceneObject, rng: np.random.Generator, prefer: frozenset[str], prefer_p: float
+) -> list[str]:
+    """``obj``'s expressions of the ``prefer`` kinds (with probability ``prefer_p``, when it has
+    any), else all of them."""
+    preferred = [e for e, k in zip(obj.expressions, obj.expression_kinds) if k in prefer]
+    return preferred if preferred and rng.random() < prefer_p else obj.expressions
 
 
 def listed_objects(scene: Scene, config: SceneConfig = SCENE_CONFIG) -> list[SceneObject]:
