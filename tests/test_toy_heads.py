@@ -105,3 +105,22 @@ def test_the_shipped_keyword_selector_reads_held_out_toy_texts_as_documented():
     for kind in EVAL_KINDS:
         measured = evaluate(selector, caption_features(lmm, 0, EVAL_START, 40, kind=kind))
         assert measured["span_f1"] >= documented[kind]["span_f1"] - 0.05, (kind, measured)
+
+
+@pytest.mark.slow  # 1,699 queries through the toy models: ~50 s idle
+def test_kinds_table_adds_up_to_the_documented_standard_row():
+    """``python -m toyworld.kinds`` scores the val split's scenes one expression kind at a time;
+    its ``all`` row is jobs/evaluate.py's ``standard`` row of heads_metrics.json (same scenes,
+    same queries), and every kind's rows add up to it."""
+    from toyworld.kinds import kind_metrics
+    from toyworld.models import toy_model_spec
+
+    table = kind_metrics(toy_model_spec().build(), 100)
+    documented = json.loads((TOY / "heads_metrics.json").read_text())["val/standard"]
+    for output in ("unet", "refined"):
+        assert table["all"][output]["n"] == documented[output]["n"]
+        assert table["all"][output]["giou"] == pytest.approx(documented[output]["giou"], abs=0.005)
+        kinds = [row[output] for kind, row in table.items() if kind != "all"]
+        assert sum(k["n"] for k in kinds) == table["all"][output]["n"]
+        weighted = sum(k["giou"] * k["n"] for k in kinds) / table["all"][output]["n"]
+        assert weighted == pytest.approx(table["all"][output]["giou"])
