@@ -16,7 +16,8 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
 4. a fourth stage (the referent stage), from the stage-3 fp16 weights: detailed descriptions whose
    expressions name objects without their colour (shape, size + shape, position) where they can,
    their details colour first, so that the token ending such an expression has to find its
-   object to predict what comes next; plus lists and "Where is …?" questions. Saved in fp16
+   object to predict what comes next; plus lists, "Where is …?" and other short-answer
+   questions (without them the model forgets those answers). Saved in fp16
    (plus ``toy_world.json``, the recipe and its results); then frozen forever: the F-LMM heads
    are trained on its phrase→image attention. Each stage after the second starts from the saved
    weights of the one before, so ``--resume-from DIR`` (a model saved after stage 2 or 3) runs
