@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from flmm.metrics import MaskIoU
-from pipeline.evaluate import OUTPUTS, Sequence, ground, masks_of
+from pipeline.evaluate import OUTPUTS, ground, masks_of, sequences
 from toyworld.models import toy_heads, toy_model_spec
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
 
@@ -32,15 +32,12 @@ def kind_metrics(model, n_scenes: int) -> dict[str, dict[str, dict]]:
     metrics: dict[str, dict[str, MaskIoU]] = defaultdict(lambda: {o: MaskIoU() for o in OUTPUTS})
     for i in range(n_scenes):
         scene = make_scene(scene_seed(0, EVAL_START + i))  # the val split's scene i
-        queries = [
-            (k, kind, Sequence("standard", 0, (expression,), (k,)))
-            for k, obj in enumerate(scene.objects)
-            for expression, kind in zip(obj.expressions, obj.expression_kinds)
-        ]
+        seqs = sequences([obj.expressions for obj in scene.objects], "standard")
+        kinds = [kind for obj in scene.objects for kind in obj.expression_kinds]  # same order
         with torch.inference_mode():
-            groundings = ground(model, [scene.image], [q for _, _, q in queries])
-        for (k, kind, _), grounding in zip(queries, groundings):
-            gt = torch.from_numpy(scene.objects[k].mask)[None]
+            groundings = ground(model, [scene.image], seqs)
+        for seq, kind, grounding in zip(seqs, kinds, groundings, strict=True):
+            gt = torch.from_numpy(scene.objects[seq.objects[0]].mask)[None]
             for output, logits in (("unet", grounding.coarse), ("refined", grounding.refined)):
                 for name in (kind, "all"):
                     metrics[name][output].update(masks_of(logits), gt)
