@@ -109,11 +109,13 @@ class FrozenLMM(nn.Module):
         trust_remote_code: bool = False,
     ) -> FrozenLMM:
         """Load a hub id or local directory of any supported family (``flmm.families``), frozen,
-        in ``dtype`` on ``device``."""
+        in ``dtype`` on ``device``. Hub kernels stay off: transformers would otherwise fetch kernel
+        code from the Hub while loading (on a GPU, offline, that load fails) and swap it into
+        the layers whose attention we capture."""
         config, _ = PretrainedConfig.get_config_dict(name_or_path)
         family = family_for(config.get("model_type", "(none)"))
         model = AutoModelForImageTextToText.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_kernels=False
         ).to(device)
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         return cls(model, processor, family, prompt or PromptConfig())
