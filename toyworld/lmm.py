@@ -115,12 +115,12 @@ class Recipe:
     list_warmup: int = 20
     list_tower_lr_scale: float = 1.0  # the vision tower's lr in stage 3, × list_lr (0: frozen)
     list_fraction: float = 0.7  # of stage 3's questions; the rest drawn as in stage 2
-    referent_steps: int = 800  # stage 4 (0: none); batch as stage 2, every weight
+    referent_steps: int = 1600  # stage 4 (0: none); batch as stage 2, every weight
     referent_lr: float = 1e-3
     referent_warmup: int = 20
-    referent_list_fraction: float = 0.25  # of stage 4's questions: lists (as stage 3's)
+    referent_list_fraction: float = 0.15  # of stage 4's questions: lists (as stage 3's)
     referent_position_fraction: float = 0.1  # "Where is …?" questions
-    referent_short_fraction: float = 0.2  # short-answer questions of any kind (as stage 2's)
+    referent_short_fraction: float = 0.1  # short-answer questions of any kind (as stage 2's)
     referent_colourless: float = 0.8  # the rest: detailed descriptions, colourless expressions
     seed: int = 0
     threads: int = 1
