@@ -512,14 +512,24 @@ def referent_stage_recipe(recipe: Recipe) -> Recipe:
     )
 
 
+def _load_for_training(
+    out_dir: Path, recipe: Recipe
+) -> tuple[LlavaForConditionalGeneration, AutoProcessor, ToyData]:
+    """The model saved in ``out_dir`` in fp32 (Hub kernels off, as ``FrozenLMM`` loads: on a GPU
+    machine offline transformers' default fails), its processor and the recipe's ``ToyData``."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        out_dir, dtype=torch.float32, use_kernels=False
+    )
+    processor = AutoProcessor.from_pretrained(out_dir)
+    return model, processor, ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+
+
 def train_stage(
     out_dir: Path, recipe: Recipe, stage: int, log: Callable[[str], None] = print
 ) -> tuple[list[float], float]:
     """Stage 3 or 4 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
     fp16; returns the loss per step and the seconds it took."""
-    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(out_dir)
-    data = ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+    model, _, data = _load_for_training(out_dir, recipe)
     schedule, batches = {
         3: (list_stage_recipe, data.list_batch),
         4: (referent_stage_recipe, data.referent_batch),
@@ -716,9 +726,7 @@ def saved_stages(record: dict) -> int:
 def _train_stages_1_2(out_dir: Path, config: TinyLlavaConfig, recipe: Recipe, log) -> dict:
     """Stages 1-2 from a fresh model, saved in fp16 to ``out_dir``; their part of the record."""
     write_tiny_llava(config, corpus(), out_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(out_dir)
-    data = ToyData(processor, n_image_tokens(model), recipe.seed, SCENE_CONFIG)
+    model, processor, data = _load_for_training(out_dir, recipe)
     start = time.perf_counter()
     probe, vision_losses = pretrain_vision(model, data, recipe, log)
     probe_eval = probe_accuracy(model, probe, data, n_scenes=100)
