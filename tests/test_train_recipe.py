@@ -4,26 +4,31 @@ configs/*/frozen_*_refcoco_png.py, loss of flmm/models/frozen_llava.py)."""
 
 from __future__ import annotations
 
+from safetensors import safe_open
+
 from flmm.optim import OptimConfig
 from flmm.selector import SelectorConfig
 from jobs import train as job
 from pipeline.train import TrainConfig, lmm_dims
-from toyworld.models import toy_model_spec
+from toyworld.models import toy_heads, toy_model_spec
+from toyworld.shards import TOY_SPLITS
 from toyworld.vqa import LIST_INSTRUCTION
 
-STEPS, CAPTIONED = 250, 1000  # the toy training split: 1,000 captioned scenes / 4 per step
+STEPS = 250  # steps per epoch given to train_config
+CAPTIONED = TOY_SPLITS["train"].n_scenes  # every toy training scene has a caption
 
 
 def test_without_lmm_the_job_trains_with_the_toy_heads_recipe(tmp_path):
     run = job.job_of(job.parse_args(["--shards", str(tmp_path)]))
     toy = toy_model_spec(heads=False)
     heads = lmm_dims(toy.lmm, 32)
-    assert run.train_config(STEPS, CAPTIONED) == TrainConfig(
+    steps_per_epoch = CAPTIONED // 4
+    assert run.train_config(steps_per_epoch, CAPTIONED) == TrainConfig(
         heads=heads,
         sam_variant=toy.sam_variant,
         sam_checkpoint=toy.sam_checkpoint,
-        epochs=8,
-        steps_per_epoch=STEPS,
+        epochs=4,
+        steps_per_epoch=steps_per_epoch,
         batch_size=4,
         optim=OptimConfig(lr=5e-4),
         selector=SelectorConfig(
@@ -33,6 +38,9 @@ def test_without_lmm_the_job_trains_with_the_toy_heads_recipe(tmp_path):
         loss_target="original",
     )
     assert run.redraw_expressions and run.workers == 1 and run.spec.lmm == toy.lmm
+    # the shipped heads were trained for as many steps as this recipe takes on the toy split
+    with safe_open(str(toy_heads()), "pt") as shipped:
+        assert int(shipped.metadata()["steps"]) == run.epochs * steps_per_epoch
 
 
 def test_with_lmm_the_job_trains_with_flmm_recipe(tmp_path, tiny_llava_dir):

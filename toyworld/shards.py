@@ -121,7 +121,7 @@ class ToySplit:
 TOY_SPLITS = {
     split.name: split
     for split in (
-        ToySplit("train", 1000, 100, seed=0),  # the toy heads' training set (jobs/train.py)
+        ToySplit("train", 2000, 100, seed=0),  # the toy heads' training set (jobs/train.py)
         # the annotate job's default input, all three sample forms; seed 1: unseen scenes
         ToySplit("sample", 24, 8, seed=1, modes=MODES),
         ToySplit("val", 100, 100, seed=0, first_index=EVAL_START),  # held out (jobs/evaluate.py)
