@@ -152,24 +152,35 @@ class FrozenLMM(nn.Module):
         prompt, offsets = build_text_prompt(self.layout, text, inputs.n_tokens)
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens), offsets
 
-    @torch.inference_mode()
     def describe(
         self,
         images: list[torch.Tensor],
         max_new_tokens: int = 64,
         instruction: str | None = None,
     ) -> list[str]:
-        """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB, one batched ``generate`` (KV
-        cache, prompts left-padded) with the prompt's chat template and ``instruction`` (default:
-        the grounding prompt's, so that the description continues the prompt the heads read)."""
-        layout = self.layout
-        if instruction is not None:
-            layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
+        """Greedy descriptions of images ``[H, W, 3]`` uint8 RGB (``answer``) under one
+        ``instruction`` (default: the grounding prompt's, so that the description continues the
+        prompt the heads read), whitespace runs collapsed to one space."""
+        instructions = [instruction or self.prompt.instruction] * len(images)
+        return [
+            " ".join(text.split()) for text in self.answer(images, instructions, max_new_tokens)
+        ]
+
+    @torch.inference_mode()
+    def answer(
+        self, images: list[torch.Tensor], instructions: list[str], max_new_tokens: int = 64
+    ) -> list[str]:
+        """The LMM's greedy answers to one instruction per image ``[H, W, 3]`` uint8 RGB: one
+        batched ``generate`` (KV cache, prompts left-padded) with the family's chat template;
+        each answer's special tokens dropped and its ends stripped (line breaks kept)."""
         tok = self.processor.tokenizer
         inputs = [self.image_inputs(image) for image in images]
+        layouts = {
+            i: PromptLayout(self.processor, PromptConfig(i, self.merge)) for i in instructions
+        }
         prompts = [
-            LMMSample(x, torch.tensor(tok(layout.expanded_prefix(x.n_tokens))["input_ids"]), [])
-            for x in inputs
+            LMMSample(x, torch.tensor(tok(layouts[i].expanded_prefix(x.n_tokens))["input_ids"]), [])
+            for x, i in zip(inputs, instructions)
         ]
         batch = collate(prompts, tok.pad_token_id, "left", self.image_token_id)
         ids, length = batch["input_ids"], batch["input_ids"].shape[1]
@@ -181,8 +192,9 @@ class FrozenLMM(nn.Module):
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
-        texts = tok.batch_decode(out[:, length:], skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]
+        return [
+            text.strip() for text in tok.batch_decode(out[:, length:], skip_special_tokens=True)
+        ]
 
     def _image_kwargs(self, inputs: list[ImageInputs], ids: torch.Tensor) -> dict:
         """The batch's image tensors (on the model's device; floats in its dtype) and, for

@@ -25,6 +25,7 @@ from torch import nn
 from flmm.heads import FLMMHeads, Grounding
 from flmm.lmm import FrozenLMM, LMMSample
 from flmm.losses import mask_losses
+from flmm.prompt import span_slots
 from flmm.sam import SamImageEncoder
 from flmm.selector import KeywordSelector, char_span, tag_loss
 
@@ -36,7 +37,9 @@ class GroundingInput:
     lmm: the LMM's sample (pixels, prompt ids, phrase tokens, geometry);
     sam_pixels ``[1, 3, S, S]`` in SAM's input frame; sam_input_size (h1, w1) before padding;
     text: the free text of a text input (phrases to be selected), None for given phrases;
-    text_offsets: each text token's ``[start, end)`` characters in ``text``.
+    text_offsets: each text token's ``[start, end)`` characters in ``text``;
+    spans: the ``[start, end)`` characters of ``text`` to ground, when proposed before the
+    prefill (``flmm.proposals``); None: the keyword selector picks them from the prefill.
     """
 
     lmm: LMMSample
@@ -44,18 +47,19 @@ class GroundingInput:
     sam_input_size: tuple[int, int]
     text: str | None = None
     text_offsets: list[tuple[int, int]] | None = None
+    spans: list[tuple[int, int]] | None = None
 
 
 @dataclass
 class Selection:
     """What one input grounds: attention ``[P, L·H, h, w]``, hidden per phrase ``[n_tok, L, D]``;
     for a text input, the selected phrases' ``[start, end)`` characters in the text and the
-    selector's confidences (empty lists for given phrases)."""
+    selector's confidences (empty lists for given phrases; None per proposed span)."""
 
     attention: torch.Tensor
     hidden: list[torch.Tensor]
     spans: list[tuple[int, int]]
-    confidences: list[float]
+    confidences: list[float | None]
 
 
 class FLMM(nn.Module):
@@ -97,40 +101,56 @@ class FLMM(nn.Module):
         sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
         return GroundingInput(self.lmm.prepare(image, phrases), sam_pixels.cpu(), input_size)
 
-    def prepare_text(self, image: torch.Tensor, text: str) -> GroundingInput:
-        """image ``[H, W, 3]`` uint8 RGB; a free text whose groundable spans the keyword selector
-        picks (a heads file without a selector cannot: ValueError)."""
-        if self.selector is None:
+    def prepare_text(
+        self, image: torch.Tensor, text: str, spans: list[tuple[int, int]] | None = None
+    ) -> GroundingInput:
+        """image ``[H, W, 3]`` uint8 RGB; a free text whose ``spans`` (``[start, end)``
+        characters) are grounded in place, or, with ``spans`` None, the spans the keyword
+        selector picks (a heads file without a selector cannot: ValueError)."""
+        if spans is None and self.selector is None:
             raise ValueError(
-                "these heads have no keyword selector: they ground given phrases only (captions "
-                "and image-only samples need heads trained with a selector)"
+                "these heads have no keyword selector: give the spans to ground (phrase "
+                "proposals, flmm.proposals) or heads trained with a selector"
             )
         sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
         lmm, offsets = self.lmm.prepare_text(image, text)
-        return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, offsets)
+        return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, offsets, spans)
 
     def select(self, inputs: list[GroundingInput], lmm_out) -> list[Selection]:
-        """Per input, what to ground: given phrases as prepared; for a text input the selector's
-        spans (possibly none; a phrase repeated in the text is grounded once, at its first
-        span), their maps merged from the prefill's captured token rows."""
+        """Per input, what to ground: given phrases as prepared; for a text input its proposed
+        spans, or the selector's (possibly none; a phrase repeated in the text is grounded
+        once, at its first span; a span of punctuation only, never), their maps merged from
+        the prefill's captured token rows."""
         out = []
         for b, x in enumerate(inputs):
             if x.text is None:
                 out.append(Selection(lmm_out.attention[b], lmm_out.hidden[b], [], []))
-                continue
-            n = len(x.text_offsets)
-            hidden = lmm_out.token_hidden[b, :n]  # [T, L, D]
-            spans, chars = [], {}  # a phrase's characters → its first span
-            for span in self.selector.select(hidden):
-                start, end = char_span(x.text_offsets, span, x.text)
-                if x.text[start:end] not in chars:
-                    chars[x.text[start:end]] = (start, end)
-                    spans.append(span)
-            slots = [slice(s.start, s.end) for s in spans]
-            attention, hiddens = self.lmm.in_place(lmm_out, b, x.lmm.image, slots)
-            confidences = [s.confidence for s in spans]
-            out.append(Selection(attention, hiddens, list(chars.values()), confidences))
+            elif x.spans is not None:
+                slots = span_slots(x.text_offsets, x.spans)
+                kept = [(span, s) for span, s in zip(x.spans, slots) if s is not None]
+                attention, hiddens = self.lmm.in_place(
+                    lmm_out, b, x.lmm.image, [s for _, s in kept]
+                )
+                spans = [span for span, _ in kept]
+                out.append(Selection(attention, hiddens, spans, [None] * len(spans)))
+            else:
+                out.append(self._selected(x, b, lmm_out))
         return out
+
+    def _selected(self, x: GroundingInput, b: int, lmm_out) -> Selection:
+        """The keyword selector's spans of text input ``x`` (sample ``b`` of the prefill)."""
+        hidden = lmm_out.token_hidden[b, : len(x.text_offsets)]  # [T, L, D]
+        chars: dict[str, tuple[int, int]] = {}  # a phrase → its first span's characters
+        confidences = []
+        for span in self.selector.select(hidden):
+            start, end = char_span(x.text_offsets, span, x.text)
+            if end > start and x.text[start:end] not in chars:
+                chars[x.text[start:end]] = (start, end)
+                confidences.append(span.confidence)
+        # the tokens of the whole words the spans were widened to
+        slots = span_slots(x.text_offsets, list(chars.values()))
+        attention, hiddens = self.lmm.in_place(lmm_out, b, x.lmm.image, slots)
+        return Selection(attention, hiddens, list(chars.values()), confidences)
 
     def decode_selected(
         self, inputs: list[GroundingInput], selections: list[Selection], embeddings: torch.Tensor

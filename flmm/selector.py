@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmm.proposals import whole_words
+
 TAGS = ("O", "B", "I")
 OUTSIDE, BEGIN, INSIDE = range(3)
 
@@ -125,14 +127,10 @@ def bio_tags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> to
 
 
 def char_span(offsets: list[tuple[int, int]], span: Span, text: str) -> tuple[int, int]:
-    """The ``[start, end)`` characters of ``text`` that a token span covers, surrounding
-    whitespace and trailing punctuation trimmed."""
-    start, end = offsets[span.start][0], offsets[span.end - 1][1]
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and (text[end - 1].isspace() or text[end - 1] in ".,;:!?"):
-        end -= 1
-    return start, end
+    """The ``[start, end)`` characters of ``text`` that a token span covers, as whole words
+    starting and ending on a letter or digit (``flmm.proposals.whole_words``: a token that ends
+    inside a word takes the word; empty when the tokens cover punctuation or spaces only)."""
+    return whole_words(text, offsets[span.start][0], offsets[span.end - 1][1])
 
 
 def span_f1(predicted: list[set], gold: list[set]) -> float:

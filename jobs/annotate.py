@@ -20,7 +20,9 @@ import argparse
 import os
 import sys
 
+from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
+from pipeline.grounding import PHRASES
 from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
@@ -55,7 +57,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="instruction for descriptions (default: the one the heads file's selector was "
         "trained to read, else the grounding prompt's)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=64, help="description length limit")
+    p.add_argument(
+        "--phrases",
+        choices=PHRASES,
+        default="auto",
+        help="who picks the phrases of captions and bare images: the heads file's keyword "
+        "selector, or the frozen LMM's proposals (auto: the selector if the heads file has one)",
+    )
+    p.add_argument(
+        "--propose-prompt",
+        default=PROPOSE_PROMPT,
+        help="the LMM's instruction for a caption's phrases, with {caption} (default: %(default)r)",
+    )
+    p.add_argument(
+        "--list-prompt",
+        default=LIST_PROMPT,
+        help="the LMM's instruction for what a bare image shows (default: %(default)r)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of generated text")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
     return p.parse_args(argv)
@@ -85,6 +104,9 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         describe=args.describe,
         max_new_tokens=args.max_new_tokens,
         describe_prompt=args.describe_prompt,
+        phrases=args.phrases,
+        propose_prompt=args.propose_prompt,
+        list_prompt=args.list_prompt,
     )
 
 

@@ -28,8 +28,9 @@ from datetime import datetime, timezone
 
 import ray
 
+from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.decode import decode_batch
-from pipeline.grounding import GroundingActor
+from pipeline.grounding import PHRASES, GroundingActor, check_propose_prompt
 from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
@@ -48,7 +49,10 @@ class AnnotateConfig:
     preview_images: images in preview.png (0: no preview); describe: ground a generated
     description of every image (image-only samples always are), of at most ``max_new_tokens``
     tokens, asked for with ``describe_prompt`` (None: the selector's own describe instruction,
-    else the grounding prompt's)."""
+    else the grounding prompt's); phrases: who picks the phrases of captions and image-only
+    samples (``auto`` | ``selector`` | ``lmm``, ``pipeline.grounding.proposer_for``), the LMM
+    with ``propose_prompt`` (a caption's, its ``{caption}`` slot filled) and ``list_prompt``
+    (an image's)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -64,9 +68,17 @@ class AnnotateConfig:
     describe: bool = False
     max_new_tokens: int = 64
     describe_prompt: str | None = None
+    phrases: str = "auto"
+    propose_prompt: str = PROPOSE_PROMPT
+    list_prompt: str = LIST_PROMPT
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.phrases not in PHRASES:
+            raise ValueError(f"phrases {self.phrases!r}: one of {PHRASES}")
+        check_propose_prompt(self.propose_prompt)
 
 
 @dataclass
@@ -217,6 +229,9 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
             "threshold": config.threshold,
             "max_new_tokens": config.max_new_tokens,
             "describe_prompt": config.describe_prompt,
+            "phrases": config.phrases,
+            "propose_prompt": config.propose_prompt,
+            "list_prompt": config.list_prompt,
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",

@@ -37,7 +37,7 @@ ERROR_KINDS = {
     "missing_text": "the .json has neither `phrases` nor `caption`",
     "bad_text": "the text is not UTF-8 / not a JSON object / phrases not a list of strings",
     "no_phrases": "the phrase list is empty, or a phrase is blank",
-    "no_selector": "a caption / image-only sample, but the heads file has no keyword selector",
+    "no_selector": "a caption / image-only sample under --phrases selector, without a selector",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
     "bad_spans": "objects' caption spans are not [start, end) inside the caption (training only)",
     "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",

@@ -9,7 +9,7 @@ annotations too: a negative), one ``annotations`` entry per grounded phrase::
 
     images       {id, file_name, width, height, flmm_shard, flmm_key}
     annotations  {id, image_id, category_id, segmentation (the RLE as stored), area, bbox (XYWH),
-                  score, iscrowd 0, phrase, source, span, selector_score}
+                  score, iscrowd 0, phrase, source, span, proposer, selector_score}
     categories   one per distinct phrase ("phrase", ids in order of first appearance), or one
                  "object" category for every annotation ("object")
 
@@ -274,6 +274,7 @@ def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Par
                 phrase=row["phrase"],
                 source=row["source"],
                 span=row["span"],
+                proposer=row.get("proposer"),  # (outputs of schema 2 have none)
                 selector_score=row["selector_score"],
             )
             parts.add("annotations", annotation)

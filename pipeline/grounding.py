@@ -6,11 +6,14 @@
 shard-level rows pass through unchanged. A batch the model raises on is retried sample by
 sample, so one bad sample becomes a ``model_error`` row and the rest of the batch is kept.
 
-What a sample grounds (``DECODED_SCHEMA.source``): its given phrases; or the spans the keyword
-selector picks in its caption, from the same prefill; or, for an image-only sample, the spans of
-a description the LMM writes first (one batched greedy ``generate`` for the batch's image-only
-samples, then the description is prefilled like a caption). Heads without a selector turn
-caption and image-only samples into ``no_selector`` error rows.
+What a sample grounds (``DECODED_SCHEMA.source``): its given phrases; or, in a caption, the
+spans picked by the keyword selector (from the caption's own prefill) or proposed by the frozen
+LMM (``flmm.proposals``: one batched greedy ``generate`` of the batch's captions, the proposals
+found in the caption and grounded in place); or, for an image-only sample, the spans the selector
+picks in a description the LMM writes first, or every item of a list of what the LMM sees.
+``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
+LMM otherwise; ``selector`` without one makes caption and image-only samples ``no_selector``
+error rows.
 
 Postprocessing (``annotate_logits``): mask = sigmoid(refined) > threshold in the original image
 frame, as COCO RLE; bbox = the mask's tight box, XYWH pixels (zeros for an empty mask); score =
@@ -20,6 +23,7 @@ the mean probability over the mask's pixels (0 for an empty mask), a confidence 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +32,14 @@ import ray
 import torch
 
 from flmm.heads import FLMMHeads
+from flmm.proposals import (
+    CAPTION_SLOT,
+    LIST_PROMPT,
+    PROPOSE_PROMPT,
+    listed_text,
+    locate,
+    parse_proposals,
+)
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
 from schemas.results import RESULT_SCHEMA, STAGES
@@ -64,6 +76,9 @@ class GroundingActor:
         threshold: float = 0.5,
         max_new_tokens: int = 64,
         describe_prompt: str | None = None,
+        phrases: str = "auto",
+        propose_prompt: str = PROPOSE_PROMPT,
+        list_prompt: str = LIST_PROMPT,
     ):
         if spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
@@ -78,6 +93,9 @@ class GroundingActor:
         self.threshold = threshold
         self.max_new_tokens = max_new_tokens
         self.describe_prompt = describe_prompt
+        self.proposer = proposer_for(phrases, self.model.selector is not None)
+        self.propose_prompt = check_propose_prompt(propose_prompt)
+        self.list_prompt = list_prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._check_selector(row) for row in batch.to_pylist()]
@@ -90,7 +108,7 @@ class GroundingActor:
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
             result.update(counts=[], bboxes=[], scores=[], mask_size=[], model_s=0.0)
-            result.update(spans=[], selector_scores=[])
+            result.update(spans=[], selector_scores=[], proposer="")
             result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
@@ -104,13 +122,13 @@ class GroundingActor:
         return pa.Table.from_pylist(out, RESULT_SCHEMA)
 
     def _check_selector(self, row: dict) -> dict:
-        """A caption / image-only row becomes a ``no_selector`` error row when the heads have
-        no keyword selector."""
-        if row["status"] != "ok" or row["source"] == "given" or self.model.selector is not None:
+        """With ``--phrases selector``, a caption / image-only row becomes a ``no_selector``
+        error row when the heads have no keyword selector."""
+        if row["status"] != "ok" or row["source"] == "given" or self.proposer != "missing":
             return row
         error = (
-            f"a {row['source']} sample needs a keyword selector, and the heads file has none: "
-            "give heads trained with a selector, or `phrases`"
+            f"a {row['source']} sample needs a keyword selector with --phrases selector, and the "
+            "heads file has none: give heads trained with a selector, `phrases`, or --phrases lmm"
         )
         return {**row, "status": "error", "error_kind": "no_selector", "error": error}
 
@@ -145,17 +163,12 @@ class GroundingActor:
             images = [torch.from_numpy(pixels_of(r).copy()) for r in rows]
             texts = self._texts(rows, images)
             clock.mark("describe_s")
-            out = [_empty_result(row, text) for row, text in zip(rows, texts)]
-            todo = []
-            for b, text in enumerate(texts):
-                if rows[b]["source"] == "generated" and not text.strip():
-                    out[b]["warning"] = "the generated description is empty"
-                else:
-                    todo.append(b)
+            out = [self._empty_result(row, text) for row, text in zip(rows, texts)]
+            todo = [b for b, t in enumerate(texts) if rows[b]["source"] == "given" or t.groundable]
             inputs = [
                 model.prepare(images[b], rows[b]["phrases"])
                 if rows[b]["source"] == "given"
-                else model.prepare_text(images[b], texts[b])
+                else model.prepare_text(images[b], texts[b].text, texts[b].spans)
                 for b in todo
             ]
             clock.mark("prepare_s")
@@ -168,7 +181,7 @@ class GroundingActor:
                 groundings = model.decode_selected(inputs, selections, embeddings)
                 clock.mark("heads_s")
                 for b, selection, grounding in zip(todo, selections, groundings):
-                    out[b].update(self._annotations(rows[b], texts[b], selection, grounding))
+                    out[b].update(self._annotations(rows[b], texts[b].text, selection, grounding))
         clock.mark("post_s")
         shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
         return [{**o, **shares} for o in out]
@@ -187,18 +200,38 @@ class GroundingActor:
             result["mask_size"] = list(grounding.refined.shape[-2:])
         return result
 
-    def _texts(self, rows: list[dict], images: list[torch.Tensor]) -> list[str]:
-        """Per row, the text to select phrases from: the caption, a description the LMM writes
-        (one batched generation for all image-only rows), or "" for given phrases."""
+    def _texts(self, rows: list[dict], images: list[torch.Tensor]) -> list[Text]:
+        """Per row, the text to ground phrases in and how they are picked: given phrases; a
+        caption or a generated description whose spans the keyword selector picks; or, with
+        LMM proposals, the caption's spans the LMM proposed (one batched generation for all
+        caption rows) or the list of what the LMM sees (one for all image-only rows)."""
+        texts = [Text(r["text"]) if r["source"] == "caption" else Text("") for r in rows]
         generated = [b for b, r in enumerate(rows) if r["source"] == "generated"]
-        texts = [r["text"] for r in rows]
-        if generated:
+        if self.proposer == "lmm":
+            captions = [b for b, r in enumerate(rows) if r["source"] == "caption"]
+            for b, answer in zip(captions, self._ask(images, captions, self._propose_for(rows))):
+                texts[b] = proposed_text(rows[b]["text"], answer)
+            for b, answer in zip(generated, self._ask(images, generated, self.list_prompt)):
+                texts[b] = listed(answer)
+        elif generated:
+            instruction = self._describe_instruction()
             descriptions = self.model.lmm.describe(
-                [images[b] for b in generated], self.max_new_tokens, self._describe_instruction()
+                [images[b] for b in generated], self.max_new_tokens, instruction
             )
             for b, description in zip(generated, descriptions):
-                texts[b] = description
+                texts[b] = Text(description, warning="" if description else EMPTY_DESCRIPTION)
         return texts
+
+    def _ask(self, images, rows: list[int], prompt) -> list[str]:
+        """The LMM's answers for ``rows`` (indices into the batch) to ``prompt`` (one string, or
+        a function of the row index); one batched generation, none for no rows."""
+        if not rows:
+            return []
+        instructions = [prompt(b) if callable(prompt) else prompt for b in rows]
+        return self.model.lmm.answer([images[b] for b in rows], instructions, self.max_new_tokens)
+
+    def _propose_for(self, rows: list[dict]):
+        return lambda b: self.propose_prompt.replace(CAPTION_SLOT, rows[b]["text"])
 
     def _describe_instruction(self) -> str | None:
         """``--describe-prompt``, else the instruction the selector was trained to read, else
@@ -207,14 +240,78 @@ class GroundingActor:
             return self.describe_prompt
         return self.model.selector.config.describe_instruction if self.model.selector else None
 
+    def _empty_result(self, row: dict, text: Text) -> dict:
+        """An ok sample's result before grounding: no phrase grounded yet, masks of its own
+        size, the text its phrases are picked from, and who picks them."""
+        empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
+        given = row["source"] == "given"
+        phrases = row["phrases"] if given else []
+        warning = "; ".join(w for w in (row["warning"], text.warning) if w)
+        return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
+                "text": text.text, "warning": warning,
+                "proposer": "" if given else self.proposer}  # fmt: skip
 
-def _empty_result(row: dict, text: str) -> dict:
-    """An ok sample's result before grounding (``text``: the one its phrases are picked from):
-    no phrase grounded yet, masks of its own size."""
-    empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
-    phrases = row["phrases"] if row["source"] == "given" else []
-    return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
-            "text": text, "warning": row["warning"]}  # fmt: skip
+
+EMPTY_DESCRIPTION = "the generated description is empty"
+PHRASES = ("auto", "selector", "lmm")
+
+
+def proposer_for(phrases: str, has_selector: bool) -> str:
+    """Who picks the phrases of captions and image-only samples: ``"selector"`` (the heads'
+    keyword selector), ``"lmm"`` (the frozen LMM's proposals) or ``"missing"`` (``selector``
+    asked for, and the heads have none). ``auto``: the selector when there is one."""
+    if phrases not in PHRASES:
+        raise ValueError(f"--phrases {phrases!r}: one of {PHRASES}")
+    if phrases == "auto":
+        return "selector" if has_selector else "lmm"
+    if phrases == "selector" and not has_selector:
+        return "missing"
+    return phrases
+
+
+def check_propose_prompt(prompt: str) -> str:
+    """The proposal instruction, which must hold the caption's slot once."""
+    if prompt.count(CAPTION_SLOT) != 1:
+        raise ValueError(f"--propose-prompt must hold {CAPTION_SLOT} once, got {prompt!r}")
+    return prompt
+
+
+@dataclass(frozen=True)
+class Text:
+    """The text a sample's phrases are picked from ("" for given phrases), the spans to ground
+    in it when proposed before the prefill (None: the selector picks them), and a warning."""
+
+    text: str
+    spans: list[tuple[int, int]] | None = None
+    warning: str = ""
+
+    @property
+    def groundable(self) -> bool:
+        """Whether a text sample has anything to ground: a text to select from, or spans."""
+        return bool(self.text.strip()) if self.spans is None else bool(self.spans)
+
+
+def proposed_text(caption: str, answer: str) -> Text:
+    """A caption and the LMM's answer to the proposal instruction → the caption with the spans
+    of the proposals found in it; the ones not found are named in the warning."""
+    proposals = parse_proposals(answer)
+    located = locate(caption, proposals)
+    warning = ""
+    if located.missing:
+        names = ", ".join(repr(p[:40]) for p in located.missing[:5])
+        warning = f"{len(located.missing)} proposed phrase(s) not in the caption: {names}"
+    elif not proposals:
+        warning = "the LMM proposed no phrase"
+    return Text(caption, located.spans, warning)
+
+
+def listed(answer: str) -> Text:
+    """The LMM's list of what it sees → the items as one text (``"p1. p2."``) with their spans."""
+    items = parse_proposals(answer)
+    if not items:
+        return Text("", [], "the LMM listed nothing")
+    text, spans = listed_text(items)
+    return Text(text, spans)
 
 
 class _StageClock:

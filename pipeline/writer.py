@@ -197,6 +197,7 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
         samples.append(
             {"key": row["key"], "shard": shard, "status": row["status"], "error": error,
              "n_annotations": n, "source": row["source"] if ok else None,
+             "proposer": row["proposer"] if ok and row["proposer"] else None,
              "text": row["text"] if ok and row["source"] != "given" else None,
              "warning": row["warning"] or None}
         )  # fmt: skip
@@ -216,6 +217,7 @@ def _annotation(shard: str, row: dict, i: int, model: str) -> dict:
         "phrase": row["phrases"][i],
         "source": row["source"],
         "span": None if given else row["spans"][i],
+        "proposer": None if given else row["proposer"],
         "selector_score": None if given else row["selector_scores"][i],
         "mask": {"size": [row["height"], row["width"]], "counts": row["counts"][i]},
         "bbox": row["bboxes"][i],

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: where phrases come from (source, span, selector_score; text)
+# 2: where phrases come from (source, span, selector_score; text); 3: who picked them (proposer)
+SCHEMA_VERSION = 3
 
 
 def _list(item: pa.DataType) -> pa.ListType:
@@ -40,7 +41,10 @@ ANNOTATIONS_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),  # "given" | "caption" | "generated"
         # [start, end) characters of the phrase in the sample's text; null when given
         pa.field("span", _list(pa.int32()), nullable=True),
-        pa.field("selector_score", pa.float32(), nullable=True),  # null when given
+        # who picked the phrase in the text: "selector" | "lmm"; null when given
+        pa.field("proposer", pa.string(), nullable=True),
+        # the keyword selector's confidence; null when given or proposed by the LMM
+        pa.field("selector_score", pa.float32(), nullable=True),
         pa.field("mask", RLE_TYPE, nullable=False),
         pa.field("bbox", _list(pa.float32()), nullable=False),  # XYWH, original pixels
         pa.field("score", pa.float32(), nullable=False),
@@ -60,6 +64,7 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("error", pa.string(), nullable=True),  # "<kind>: <message>", null when ok
         pa.field("n_annotations", pa.int32(), nullable=False),
         pa.field("source", pa.string(), nullable=True),  # null for error rows
+        pa.field("proposer", pa.string(), nullable=True),  # null when given or error
         # the caption or generated description phrases were selected from; null otherwise
         pa.field("text", pa.string(), nullable=True),
         pa.field("warning", pa.string(), nullable=True),  # e.g. a truncated caption

@@ -25,13 +25,15 @@ RESULT_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("phrases", pa.list_(pa.string())),  # parallel lists, one entry per phrase
         ("spans", pa.list_(pa.list_(pa.int32()))),  # [start, end) in text; [] when given
-        ("selector_scores", pa.list_(pa.float32())),  # the selector's confidence; [] when given
+        # the selector's confidence (null items for LMM proposals); [] when given
+        ("selector_scores", pa.list_(pa.float32())),
         ("counts", pa.list_(pa.string())),  # COCO RLE counts of a [height, width] mask
         ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
         ("scores", pa.list_(pa.float32())),
         ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
         ("text", pa.string()),  # the caption or generated description grounded ("" when given)
         ("source", pa.string()),  # "given" | "caption" | "generated"
+        ("proposer", pa.string()),  # who picked the phrases: "selector" | "lmm"; "" when given
         ("warning", pa.string()),
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),

@@ -59,7 +59,8 @@ MIXED = {
     "bad_empty_caption": ({"png": image_bytes("RGB"), "txt": b" \n "}, "error", "no_phrases"),
     "bad_no_caption": ({"png": image_bytes("RGB"), "json": b'{"x": 1}'}, "error", "missing_text"),
     # Caption and image-only samples decode fine; the tiny test models' heads have no keyword
-    # selector, so the model stage makes them no_selector rows (DECODE_EXPECTED: "ok").
+    # selector, so under --phrases selector the model stage makes them no_selector rows
+    # (DECODE_EXPECTED: "ok"; the default, --phrases auto, has the LMM propose their phrases).
     "image_only": ({"png": image_bytes("RGB")}, "error", "no_selector"),
     "caption_json": (
         {"png": image_bytes("RGB"), "json": json.dumps({"caption": "a red circle"}).encode()},

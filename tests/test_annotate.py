@@ -50,7 +50,8 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(ray_session, inputs, spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("annotate") / "out"
-    config = AnnotateConfig((str(inputs),), str(out), spec, batch_size=3)
+    # --phrases selector: caption and image-only samples are no_selector rows (no selector)
+    config = AnnotateConfig((str(inputs),), str(out), spec, batch_size=3, phrases="selector")
     return config, run_annotation(config)
 
 
@@ -132,7 +133,7 @@ def test_schemas_done_markers_and_preview(first_run):
         schema = pq.read_schema(out.path("samples", f"{shard}.parquet"))
         assert schema.equals(SAMPLES_SCHEMA, check_metadata=True)
         done = out.read_done(shard)
-        assert done["schema_version"] == SCHEMA_VERSION == 2 and done["duplicate_rows_dropped"] == 0
+        assert done["schema_version"] == SCHEMA_VERSION == 3 and done["duplicate_rows_dropped"] == 0
         assert done["ok"] + done["errors"] == done["samples"]
         assert set(done["versions"]) >= {"torch", "ray", "pyarrow", "flmm-pipeline"}
     kinds = out.read_done("mixed-000000")["errors_by_kind"]

@@ -218,7 +218,7 @@ def _result_row(key, status="ok", n=2):
         "phrases": ["a", "b"][:n], "counts": ["04", "04"][:n] if status == "ok" else [],
         "bboxes": [[0.0, 0.0, 1.0, 1.0]] * n, "scores": [0.5] * n, "mask_size": [4, 5],
         "source": "given" if status == "ok" else "", "text": "", "warning": "",
-        "spans": [], "selector_scores": [],
+        "spans": [], "selector_scores": [], "proposer": "",
     }  # fmt: skip
 
 
@@ -229,9 +229,9 @@ def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_pa
     assert samples.schema.equals(SAMPLES_SCHEMA, check_metadata=True)
     assert samples.to_pylist() == [
         {"key": "k1", "shard": "s", "status": "error", "error": "corrupt_image: broken",
-         "n_annotations": 0, "source": None, "text": None, "warning": None},
+         "n_annotations": 0, "source": None, "proposer": None, "text": None, "warning": None},
         {"key": "k2", "shard": "s", "status": "ok", "error": None, "n_annotations": 2,
-         "source": "given", "text": None, "warning": None},
+         "source": "given", "proposer": None, "text": None, "warning": None},
     ]  # fmt: skip
     assert annotations.column("phrase").to_pylist() == ["a", "b"]
     out = OutputDir(str(tmp_path / "out"))
@@ -246,11 +246,12 @@ def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_pa
 
 def test_schemas_have_exactly_the_issue_columns():
     assert ANNOTATIONS_SCHEMA.names == [
-        "key", "shard", "phrase", "source", "span", "selector_score", "mask", "bbox", "score",
-        "width", "height", "model",
+        "key", "shard", "phrase", "source", "span", "proposer", "selector_score", "mask", "bbox",
+        "score", "width", "height", "model",
     ]  # fmt: skip
     assert SAMPLES_SCHEMA.names == [
-        "key", "shard", "status", "error", "n_annotations", "source", "text", "warning"
+        "key", "shard", "status", "error", "n_annotations", "source", "proposer", "text",
+        "warning",
     ]  # fmt: skip
     assert ANNOTATIONS_SCHEMA.field("mask").type == pa.struct(
         [
@@ -258,7 +259,7 @@ def test_schemas_have_exactly_the_issue_columns():
             pa.field("counts", pa.string(), False),
         ]
     )
-    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"2"
+    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"3"
 
 
 def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sample(

@@ -52,7 +52,7 @@ def result_row(key, scene, masks, phrases):
         "width": width, "phrases": phrases, "counts": [r["counts"] for r in rles],
         "bboxes": boxes, "scores": [0.9 - 0.1 * i for i in range(len(masks))],
         "mask_size": [height, width], "source": "given", "text": "", "warning": "",
-        "spans": [], "selector_scores": [],
+        "spans": [], "selector_scores": [], "proposer": "",
     }  # fmt: skip
 
 

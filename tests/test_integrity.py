@@ -97,7 +97,7 @@ def result_row(key, height, width, mask_size, n_masks=1) -> dict:
         "scores": [0.0] * n_masks, "mask_size": mask_size, "shard_error": "", "read_s": 0.0,
         "decode_s": 0.0, "model_s": 0.0, "prepare_s": 0.0, "lmm_s": 0.0, "sam_s": 0.0,
         "heads_s": 0.0, "post_s": 0.0, "describe_s": 0.0, "source": "given", "text": "",
-        "warning": "", "spans": [], "selector_scores": [],
+        "warning": "", "spans": [], "selector_scores": [], "proposer": "",
     }  # fmt: skip
 
 

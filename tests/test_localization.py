@@ -301,8 +301,9 @@ def test_shipped_toy_localization_heads_beat_the_random_lmm_control(tmp_path, on
 
 
 def test_annotate_job_with_the_toy_localization_heads(ray_session, tmp_path):
-    """Given phrases are grounded; captions and image-only samples need a keyword selector,
-    which training-free heads do not have: ``no_selector`` error rows, nothing else lost."""
+    """Training-free heads have no keyword selector: given phrases are grounded, and the phrases
+    of captions and image-only samples are proposed by the LMM (``--phrases auto``); no error
+    rows. Under ``--phrases selector`` those samples are ``no_selector`` rows, nothing else lost."""
     import dataclasses
 
     import pyarrow.parquet as pq
@@ -312,15 +313,26 @@ def test_annotate_job_with_the_toy_localization_heads(ray_session, tmp_path):
     from toyworld.shards import toy_shards
 
     spec = dataclasses.replace(toy_model_spec(), heads=str(toy_localization_heads()))
-    out = tmp_path / "out"
-    summary = run_annotation(AnnotateConfig((str(toy_shards("sample")),), str(out), spec))
-    samples = pq.read_table(out / "samples").to_pylist()
+    inputs = (str(toy_shards("sample")),)
+    summary = run_annotation(AnnotateConfig(inputs, str(tmp_path / "auto"), spec))
+    samples = pq.read_table(tmp_path / "auto" / "samples").to_pylist()
+    assert len(samples) == summary.samples == 24 and summary.errors == 0
+    assert {s["source"] for s in samples} == {"given", "caption", "generated"}
+    assert {s["proposer"] for s in samples if s["source"] != "given"} == {"lmm"}
+    annotations = pq.read_table(tmp_path / "auto" / "annotations").to_pylist()
+    assert len(annotations) == summary.annotations == sum(s["n_annotations"] for s in samples)
+    assert {a["proposer"] for a in annotations if a["source"] == "given"} == {None}
+
+    summary = run_annotation(
+        AnnotateConfig(inputs, str(tmp_path / "sel"), spec, phrases="selector")
+    )
+    samples = pq.read_table(tmp_path / "sel" / "samples").to_pylist()
     ok = [s for s in samples if s["status"] == "ok"]
     errors = [s for s in samples if s["status"] != "ok"]
     assert ok and errors and len(samples) == summary.samples == 24
     assert {s["source"] for s in ok} == {"given"}
     assert all(s["error"].startswith("no_selector: ") for s in errors), errors[0]["error"]
-    annotations = pq.read_table(out / "annotations").to_pylist()
+    annotations = pq.read_table(tmp_path / "sel" / "annotations").to_pylist()
     assert len(annotations) == summary.annotations == sum(s["n_annotations"] for s in ok) > 0
     assert summary.errors == len(errors)
 

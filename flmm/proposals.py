@@ -1,0 +1,110 @@
+"""Phrase proposals by the frozen LMM itself: what to ground in a caption or a bare image when the
+heads have no keyword selector (or ``--phrases lmm``).
+
+Caption: the LMM is asked (``PROPOSE_PROMPT``, the caption in its ``{caption}`` slot) for the
+caption's phrases that name visible things, copied verbatim, one per line; each proposal is then
+found in the caption (``locate``: case-insensitive, on word boundaries, the first occurrence not
+yet claimed) and grounded in place from the caption's own prefill. Bare image: the LMM lists what
+it sees (``LIST_PROMPT``); the list, one item per line, becomes the sample's text and every item is
+grounded in place.
+
+Spans are ``[start, end)`` Unicode code points (Python ``str`` indices) of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROPOSE_PROMPT = (
+    "Which phrases of this caption name things in the image? Copy them, one per line.\n"
+    "Caption: {caption}"
+)
+LIST_PROMPT = "List the things you see in the image, one per line."
+CAPTION_SLOT = "{caption}"
+
+NONE_ANSWERS = {"none", "nothing", "n/a", "no", "no phrases", "none.", "-"}
+_NUMBERING = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*•·–—]|#)\s*")
+_QUOTES = "\"'`“”‘’«»"
+_EDGE_PUNCTUATION = ".,;:!?" + _QUOTES
+
+
+def parse_proposals(answer: str) -> list[str]:
+    """An LMM's answer → its proposed phrases, in order, each once (case-insensitive).
+
+    Items are split at line breaks, then at ``;`` and ``,``, and at sentence ends (a period
+    followed by a space: a list written as ``the red circle. the blue star.``); numbering
+    (``1.``, ``2)``) and bullets (``-``, ``*``, ``•``) are removed from the start of each line;
+    quotes, whitespace and trailing punctuation from both ends of each item. Empty items and
+    ``none``-like answers are dropped."""
+    items = []
+    for line in answer.splitlines():
+        line = _NUMBERING.sub("", line)
+        for part in re.split(r"[;,]|\.\s+", line):
+            item = part.strip().strip(_EDGE_PUNCTUATION).strip()
+            if item and item.lower() not in NONE_ANSWERS and has_word(item):
+                items.append(item)
+    seen, out = set(), []
+    for item in items:
+        if item.lower() not in seen:
+            seen.add(item.lower())
+            out.append(item)
+    return out
+
+
+def has_word(text: str) -> bool:
+    """Whether ``text`` holds a letter or digit (of any script)."""
+    return any(ch.isalnum() for ch in text)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Proposals found in a text: their ``[start, end)`` spans in text order, and the proposals
+    that were not found verbatim (on word boundaries, clear of spans already claimed)."""
+
+    spans: list[tuple[int, int]]
+    missing: list[str]
+
+
+def locate(text: str, proposals: list[str]) -> Located:
+    """Each proposal's first occurrence in ``text`` (case-insensitive, on word boundaries) that
+    overlaps no span claimed by an earlier proposal; spans returned in text order."""
+    claimed: list[tuple[int, int]] = []
+    missing = []
+    for proposal in proposals:
+        pattern = re.compile(r"(?<!\w)" + re.escape(proposal) + r"(?!\w)", re.IGNORECASE)
+        for match in pattern.finditer(text):
+            span = match.span()
+            if not any(span[0] < end and span[1] > start for start, end in claimed):
+                claimed.append(span)
+                break
+        else:
+            missing.append(proposal)
+    return Located(sorted(claimed), missing)
+
+
+def listed_text(items: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Listed items as one text, laid out as F-LMM lays out given phrases (``"p1. p2."``), and
+    each item's span in it."""
+    text, spans = "", []
+    for item in items:
+        if text:
+            text += " "
+        spans.append((len(text), len(text) + len(item)))
+        text += item + "."
+    return text, spans
+
+
+def whole_words(text: str, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` widened to whole words (a span that cuts a word takes all of it), then
+    trimmed to start and end on a letter or digit (whitespace, punctuation, quotes and brackets
+    at either end dropped); ``(start, start)``, empty, if no letter or digit is left."""
+    while 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum():
+        start -= 1
+    while 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum():
+        end += 1
+    while start < end and not text[start].isalnum():
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return start, end
