@@ -1,24 +1,29 @@
-"""The three ways the annotation job finds phrases, measured on the same held-out toy scenes.
+"""The ways the annotation job finds phrases, measured on the same held-out toy scenes.
 
 Each scene gets a caption naming some of its objects (``toyworld.captions``); the same scenes are
-written three times and annotated by the job (local Ray, the shipped toy models, one actor):
+written three times and annotated by the job (local Ray, the toy models, one actor):
 
   * ``given``: the caption's expressions as ``phrases`` (what the job did before caption mode);
-  * ``caption``: the caption alone (``<key>.txt``): the keyword selector picks the spans;
-  * ``image``: the image alone: the toy LMM describes it, the selector picks spans in that.
+  * ``caption``: the caption alone (``<key>.txt``): the keyword selector picks the spans, or the
+    LMM proposes them (``--phrases lmm``: proposals located in the caption, grounded in place);
+  * ``image``: the image alone: the toy LMM describes it and the selector picks spans in that,
+    or the LMM lists what it sees and every item is grounded.
 
-Printed: per mode, gIoU over the gold expressions (a missed span counts 0), span precision /
-recall of caption mode, and for image-only mode the share of objects given a mask with IoU ≥ 0.5
-(recall) and the share of masks that hit an object that well (precision); model seconds per
-image by stage (from the done markers: caption mode adds no prefill, image-only adds the
-generation).
+Caption and image modes run once per proposer (``--proposers``; the selector only when the heads
+file has one). Printed: per mode, gIoU over the gold expressions (a missed span counts 0), span
+precision / recall / F1 of caption mode, and for image-only mode the share of objects given a
+mask with IoU ≥ 0.5 (recall) and the share of masks that hit an object that well (precision);
+the share of samples given at least one mask, error rows; model seconds per image by stage
+(from the done markers: caption mode with the selector adds no prefill, LMM proposals add one
+generation, image-only adds the generation).
 
-    python bench/caption_modes.py [--scenes 90] [--json out.json]
+    python bench/caption_modes.py [--scenes 90] [--heads FILE] [--lmm DIR] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -93,7 +98,14 @@ def score(out: Path, mode: str, n: int) -> dict:
     done = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
     images = sum(d["samples"] for d in done)
     per_image = {s: sum(d["timings"][s] for d in done) / images for s in STAGES}
-    result = {"images": images, "annotations": len(rows), "model_s_per_image": per_image}
+    samples = pq.read_table(out / "samples").to_pylist()
+    result = {
+        "images": images,
+        "annotations": len(rows),
+        "with_masks": sum(s["n_annotations"] > 0 for s in samples) / len(samples),
+        "errors": sum(s["status"] != "ok" for s in samples),
+        "model_s_per_image": per_image,
+    }
     if mode == "image":
         result.update(
             object_recall_iou50=objects_found / n_objects,
@@ -103,13 +115,18 @@ def score(out: Path, mode: str, n: int) -> dict:
     else:
         result.update(giou=float(np.mean(gold_ious)), gold_spans=n_gold)
         if mode == "caption":
-            result.update(span_recall=hits / n_gold, span_precision=hits / max(1, n_pred))
+            recall, precision = hits / n_gold, hits / max(1, n_pred)
+            f1 = 2 * recall * precision / (recall + precision) if hits else 0.0
+            result.update(span_recall=recall, span_precision=precision, span_f1=f1)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenes", type=int, default=90)
+    parser.add_argument("--heads", help="heads file (default: the toy heads)")
+    parser.add_argument("--lmm", help="LMM directory (default: the toy LMM)")
+    parser.add_argument("--proposers", default="selector,lmm", help="comma-separated")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -117,25 +134,45 @@ def main() -> None:
 
     from pipeline.annotate import AnnotateConfig, run_annotation
 
+    spec = toy_model_spec()
+    spec = dataclasses.replace(spec, heads=args.heads or spec.heads, lmm=args.lmm or spec.lmm)
+    has_selector = str(spec.heads).endswith(".safetensors") and _has_selector(spec.heads)
+    proposers = [p for p in args.proposers.split(",") if p != "selector" or has_selector]
+    runs = [("given", "auto")] + [(m, p) for m in ("caption", "image") for p in proposers]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            shards, out = Path(tmp, mode, "in"), Path(tmp, mode, "out")
-            write_mode(shards, mode, args.scenes)
-            config = AnnotateConfig((str(shards),), str(out), toy_model_spec(), preview_images=0)
+            write_mode(Path(tmp, mode, "in"), mode, args.scenes)
+        for mode, proposer in runs:
+            name = mode if mode == "given" else f"{mode}/{proposer}"
+            out = Path(tmp, name.replace("/", "_"), "out")
+            config = AnnotateConfig(
+                (str(Path(tmp, mode, "in")),), str(out), spec, preview_images=0, phrases=proposer
+            )
             summary = run_annotation(config)
             assert not summary.failed, summary.failed
-            results[mode] = score(out, mode, args.scenes)
-            print(mode, json.dumps(results[mode]), flush=True)
+            results[name] = score(out, mode, args.scenes)
+            print(name, json.dumps(results[name]), flush=True)
     ray.shutdown()
-    given, caption = results["given"], results["caption"]
-    print(
-        f"caption vs given: gIoU {caption['giou']:.3f} vs {given['giou']:.3f}; LMM s/image "
-        f"{caption['model_s_per_image']['lmm_s']:.3f} vs {given['model_s_per_image']['lmm_s']:.3f}"
-    )
+    given = results["given"]
+    for proposer in proposers:
+        caption = results[f"caption/{proposer}"]
+        print(
+            f"{proposer}: caption vs given gIoU {caption['giou']:.3f} vs {given['giou']:.3f} "
+            f"(gap {given['giou'] - caption['giou']:.3f}); span F1 {caption['span_f1']:.3f}; "
+            f"image recall / precision {results[f'image/{proposer}']['object_recall_iou50']:.3f}"
+            f" / {results[f'image/{proposer}']['mask_precision_iou50']:.3f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _has_selector(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return any(k.startswith("selector.") for k in f.keys())  # noqa: SIM118 (not a dict)
 
 
 if __name__ == "__main__":
