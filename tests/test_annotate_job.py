@@ -48,3 +48,18 @@ def test_missing_inputs_fail_fast_with_a_clear_error(tmp_path):
     )
     assert run.returncode != 0 and "error: input not found" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_phrase_flags_reach_the_config_and_a_prompt_without_its_slot_fails_fast(tmp_path):
+    args = ["--input", "unused", "--phrases", "lmm", "--list-prompt", "What is there?"]
+    config = job.config_of(job.parse_args([*args, "--propose-prompt", "Phrases of: {caption}"]))
+    assert (config.phrases, config.list_prompt) == ("lmm", "What is there?")
+    assert config.propose_prompt == "Phrases of: {caption}"
+    assert job.config_of(job.parse_args(["--input", "unused"])).phrases == "auto"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/annotate.py"), "--input", str(tmp_path),
+         "--propose-prompt", "Which phrases name things?"],
+        check=False, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode != 0 and "--propose-prompt must hold {caption} once" in run.stderr
+    assert not (tmp_path / "out").exists()
