@@ -14,6 +14,7 @@ Spans are ``[start, end)`` Unicode code points (Python ``str`` indices) of the t
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 PROPOSE_PROMPT = (
@@ -68,19 +69,39 @@ class Located:
 
 def locate(text: str, proposals: list[str]) -> Located:
     """Each proposal's first occurrence in ``text`` (case-insensitive, on word boundaries) that
-    overlaps no span claimed by an earlier proposal; spans returned in text order."""
+    overlaps no span claimed by an earlier proposal; spans returned in text order. A combining
+    mark (``in_word``) next to an occurrence continues a word: no boundary there."""
     claimed: list[tuple[int, int]] = []
     missing = []
     for proposal in proposals:
         pattern = re.compile(r"(?<!\w)" + re.escape(proposal) + r"(?!\w)", re.IGNORECASE)
         for match in pattern.finditer(text):
             span = match.span()
+            if _joins_marks(text, *span):
+                continue
             if not any(span[0] < end and span[1] > start for start, end in claimed):
                 claimed.append(span)
                 break
         else:
             missing.append(proposal)
     return Located(sorted(claimed), missing)
+
+
+def _joins_marks(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` is part of a longer word through a combining mark at either
+    end (``\\w`` matches no mark: "पढ़" in "पढ़ो", "cafe" in NFD "café")."""
+    before = start > 0 and _is_mark(text[start - 1])
+    return before or (end < len(text) and _is_mark(text[end]))
+
+
+def _is_mark(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "M"
+
+
+def in_word(ch: str) -> bool:
+    """Whether ``ch`` is part of a word: a letter or digit of any script, or a combining mark
+    (Unicode category M: an accent, a vowel sign, which ``isalnum`` is not)."""
+    return ch.isalnum() or _is_mark(ch)
 
 
 def listed_text(items: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -97,14 +118,15 @@ def listed_text(items: list[str]) -> tuple[str, list[tuple[int, int]]]:
 
 def whole_words(text: str, start: int, end: int) -> tuple[int, int]:
     """``[start, end)`` widened to whole words (a span that cuts a word takes all of it), then
-    trimmed to start and end on a letter or digit (whitespace, punctuation, quotes and brackets
-    at either end dropped); ``(start, start)``, empty, if no letter or digit is left."""
-    while 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum():
+    trimmed to start on a letter or digit and end on one or on its combining marks (``in_word``;
+    whitespace, punctuation, quotes and brackets at either end dropped); ``(start, start)``,
+    empty, if no letter or digit is left."""
+    while 0 < start < len(text) and in_word(text[start - 1]) and in_word(text[start]):
         start -= 1
-    while 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum():
+    while 0 < end < len(text) and in_word(text[end - 1]) and in_word(text[end]):
         end += 1
     while start < end and not text[start].isalnum():
         start += 1
-    while end > start and not text[end - 1].isalnum():
+    while end > start and not in_word(text[end - 1]):
         end -= 1
     return start, end
