@@ -15,9 +15,15 @@ expression drawn once; the default with --lmm) or `toy` (the toy heads' recipe: 
 images, lr 5e-4, width 32, loss per image on full-resolution targets, expressions redrawn every
 epoch; the default without --lmm). --epochs, --batch-size, --lr, --unet-channels override it.
 Samples whose JSON has a caption and their objects' spans in it also train the keyword selector
-(saved in the same heads file: caption and image-only annotation need it). Rerunning the same
-command (same --name and --storage) resumes from the latest checkpoint; a finished run is not
-trained again, its heads are exported. Each worker logs its step metrics.
+(saved in the same heads file: caption and image-only annotation need it). `--init-heads H
+--train selector` trains that selector alone on top of the heads H (a fresh one, or H's own as
+the start), on the captioned samples only, with the LMM alone in the frozen stage (no SAM):
+
+    python jobs/train.py --init-heads heads.safetensors --train selector --epochs 1
+
+writes H's tensors unchanged plus the selector's. Rerunning the same command (same --name and
+--storage) resumes from the latest checkpoint; a finished run is not trained again, its heads
+are exported. Each worker logs its step metrics.
 Joins the Ray cluster named by --address or RAY_ADDRESS (``ray job submit`` sets it), else starts
 a local Ray.
 """
@@ -25,6 +31,7 @@ a local Ray.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +40,7 @@ from pathlib import Path
 from flmm.optim import OptimConfig
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
-from pipeline.train import FLMM_RECIPE, Recipe, TrainJob, fit_heads
+from pipeline.train import FLMM_RECIPE, TRAIN_PARTS, Recipe, TrainJob, fit_heads, heads_width
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards
 from toyworld.vqa import LIST_INSTRUCTION
@@ -59,8 +66,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=sorted(RECIPES),
         help="training settings (default: flmm with --lmm, toy without)",
     )
+    p.add_argument(
+        "--train",
+        choices=TRAIN_PARTS,
+        default="all",
+        help="all: the heads (and a keyword selector on captioned samples); selector: the "
+        "keyword selector alone, on top of --init-heads (left as they are)",
+    )
     p.add_argument("--epochs", type=int, help="default: the recipe's")
-    p.add_argument("--batch-size", type=int, help="images per worker per step (the recipe's)")
+    p.add_argument(
+        "--batch-size", type=int, help="images (captions) per worker per step (the recipe's)"
+    )
     p.add_argument("--lr", type=float, help="default: the recipe's")
     p.add_argument(
         "--selector-lr-scale",
@@ -75,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encode-gpus", type=float, default=0.0, help="GPUs per frozen actor")
     p.add_argument("--encode-cpus", type=float, default=1.0, help="CPUs per frozen actor")
     p.add_argument("--encode-batch", type=int, default=8, help="images per frozen forward")
-    p.add_argument("--unet-channels", type=int, help="U-Net level-0 width (the recipe's)")
+    p.add_argument(
+        "--unet-channels", type=int, help="U-Net level-0 width (--init-heads', else the recipe's)"
+    )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps")
     p.add_argument("--log-every", type=int, default=10, help="steps")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
@@ -97,16 +115,17 @@ def recipe_of(args: argparse.Namespace) -> Recipe:
 
 
 def job_of(args: argparse.Namespace) -> TrainJob:
-    """The training job: --shards, else the toy world's training shards (written on first use);
-    without --lmm the toy LMM + toy SAM (heads start from --init-heads, or from SAM's decoder and
-    a random U-Net) and the toy LMM's list question as the describe prompt; the recipe's
-    settings where no flag gives them."""
+    """The training job: --shards, else the toy world's training shards (written on first use,
+    once the job is known to be valid); without --lmm the toy LMM + toy SAM (heads start from
+    --init-heads, or from SAM's decoder and a random U-Net) and the toy LMM's list question as
+    the describe prompt; the U-Net as wide as --init-heads'; the recipe's settings where no flag
+    gives them."""
     recipe = recipe_of(args)
-    shards = args.shards or [str(toy_shards("train"))]
+    spec = model_spec(args, default=toy_model_spec(heads=False))
     describe_prompt = args.describe_prompt or (None if args.lmm else LIST_INSTRUCTION)
-    return TrainJob(
-        shards=tuple(shards),
-        spec=model_spec(args, default=toy_model_spec(heads=False)),
+    job = TrainJob(
+        shards=tuple(args.shards or ()),
+        spec=spec,
         output=args.output,
         storage=args.storage,
         name=args.name,
@@ -129,15 +148,20 @@ def job_of(args: argparse.Namespace) -> TrainJob:
         loss_weighting=recipe.loss_weighting,
         loss_target=recipe.loss_target,
         redraw_expressions=recipe.redraw_expressions,
+        train=args.train,
     )
+    if spec.heads and not args.unet_channels:
+        job = dataclasses.replace(job, unet_channels=heads_width(spec.heads))
+    return job if args.shards else dataclasses.replace(job, shards=(str(toy_shards("train")),))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    connect(args.address, args.num_cpus)
     try:
-        summary = fit_heads(job_of(args))
+        job = job_of(args)
+        connect(args.address, args.num_cpus)
+        summary = fit_heads(job)
     except ValueError as error:  # bad inputs: no shards, too few samples, missing paths
         sys.exit(f"error: {error}")
     if args.summary:

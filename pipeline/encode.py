@@ -17,6 +17,10 @@ Panoptic Narrative Grounding's narratives whole): extra targets for the heads, w
 the object the span names (the union for a span naming several).
 Samples that cannot be used (bad image, no objects, …) are dropped here and counted by
 ``count_training_samples``; they never fail a shard.
+
+When the keyword selector trains alone (``selector_only``), only the samples with a caption go
+on, without their masks, to ``CaptionActor``: the LMM alone (no SAM image encoding, no phrase
+prefill) prefills each image + caption once → ``TextFeatures``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from flmm.families import ImageInputs
 from flmm.prompt import span_slots
 from flmm.selector import bio_tags
 from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
-from pipeline.features import ImageFeatures
+from pipeline.features import ImageFeatures, TextFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 
@@ -86,13 +90,21 @@ def training_sample(row: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def training_samples(batch: pa.Table, draw_seed: int | None = 0) -> pa.Table:
+def training_samples(
+    batch: pa.Table, draw_seed: int | None = 0, captions_only: bool = False
+) -> pa.Table:
     """Pipeline stage: raw rows → training samples; unusable ones are dropped (see module).
     draw_seed: each sample's expressions drawn from a generator of (draw_seed, shard, key), the
-    same on every pass; None: from a fresh generator, different on every pass."""
+    same on every pass; None: from a fresh generator, different on every pass. captions_only:
+    only the samples with a caption, their masks dropped (the keyword selector alone needs
+    neither the others nor masks)."""
     fresh = np.random.default_rng()
     rows = [training_sample(row, _draw(row, draw_seed, fresh)) for row in batch.to_pylist()]
-    return pa.Table.from_pylist([r for r in rows if r["status"] == "ok"], SAMPLE_SCHEMA)
+    kept = [r for r in rows if r["status"] == "ok" and (r["text"] or not captions_only)]
+    if captions_only:
+        for row in kept:
+            row.update(masks=b"", span_masks=b"")
+    return pa.Table.from_pylist(kept, SAMPLE_SCHEMA)
 
 
 def _draw(row: dict, seed: int | None, fresh: np.random.Generator) -> np.random.Generator:
@@ -113,13 +125,8 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         with torch.inference_mode():
-            inputs, images = [], []
-            for row in rows:
-                image = np.frombuffer(row["pixels"], np.uint8).reshape(
-                    row["height"], row["width"], 3
-                )
-                images.append(torch.from_numpy(image.copy()))
-                inputs.append(self.model.prepare(images[-1], row["phrases"]))
+            images = [_image(row) for row in rows]
+            inputs = [self.model.prepare(image, row["phrases"]) for image, row in zip(images, rows)]
             lmm_out, embeddings = self.model.encode(inputs)
             texts = self._caption_features(rows, images, [x.lmm.image for x in inputs])
         out = []
@@ -155,10 +162,12 @@ class EncodeActor:
         chosen = [b for b, row in enumerate(rows) if row["text"]]
         if not chosen:
             return {}
-        prepared = [  # the images' LMM inputs of the phrases' prefill, not made again
-            self.model.lmm.prepare_text(images[b], rows[b]["text"], image_inputs[b]) for b in chosen
-        ]
-        lmm_out = self.model.lmm([sample for sample, _ in prepared])
+        lmm_out, prepared = caption_prefill(  # the images' LMM inputs of the phrases' prefill
+            self.model.lmm,
+            [images[b] for b in chosen],
+            [rows[b] for b in chosen],
+            [image_inputs[b] for b in chosen],
+        )
         out = {}
         for k, (b, (sample, offsets)) in enumerate(zip(chosen, prepared)):
             row = rows[b]
@@ -169,8 +178,8 @@ class EncodeActor:
             )
             found = span_slots(offsets, spans)
             kept = [i for i, slot in enumerate(found) if slot is not None]
-            hidden = lmm_out.token_hidden[k, : len(offsets)].cpu()
-            out[b] = {"text_hidden": hidden, "text_tags": bio_tags(offsets, spans)}
+            text = selector_targets(lmm_out, k, offsets, row)
+            out[b] = {"text_hidden": text.hidden, "text_tags": text.tags}
             if kept:
                 slots = [found[i] for i in kept]
                 attention, hiddens = self.model.lmm.in_place(lmm_out, k, sample.image, slots)
@@ -178,6 +187,54 @@ class EncodeActor:
                 out[b]["span_hidden"] = [h.cpu() for h in hiddens]
                 out[b]["span_masks"] = named[kept]
         return out
+
+
+class CaptionActor:
+    """The frozen stage when the keyword selector trains alone: the LMM only (``spec.build_lmm``;
+    no SAM, no heads), one batched prefill of image + caption per batch of captioned samples
+    (``training_samples(captions_only=True)``) → ``TextFeatures`` rows."""
+
+    def __init__(self, spec: ModelSpec):
+        self.lmm = spec.build_lmm()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        with torch.inference_mode():
+            lmm_out, prepared = caption_prefill(self.lmm, [_image(row) for row in rows], rows)
+        out = [
+            {
+                "shard": row["shard"],
+                "key": row["key"],
+                "features": selector_targets(lmm_out, k, offsets, row).to_bytes(),
+            }
+            for k, (row, (_, offsets)) in enumerate(zip(rows, prepared))
+        ]
+        return pa.Table.from_pylist(out, FEATURE_SCHEMA)
+
+
+def _image(row: dict) -> torch.Tensor:
+    """A ``SAMPLE_SCHEMA`` row's pixels, uint8 ``[H, W, 3]`` RGB."""
+    image = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
+    return torch.from_numpy(image.copy())
+
+
+def caption_prefill(
+    lmm, images: list[torch.Tensor], rows: list[dict], inputs: list[ImageInputs] | None = None
+):
+    """One batched prefill of each image + its row's caption (``FrozenLMM.prepare_text``;
+    ``inputs``: the images' LMM inputs when already made) → (``LMMOutput``, per row its
+    ``(LMMSample, token offsets)``)."""
+    inputs = inputs or [None] * len(images)
+    prepared = [lmm.prepare_text(i, row["text"], x) for i, row, x in zip(images, rows, inputs)]
+    return lmm([sample for sample, _ in prepared]), prepared
+
+
+def selector_targets(lmm_out, k: int, offsets: list[tuple[int, int]], row: dict) -> TextFeatures:
+    """Row ``k`` of a ``caption_prefill``: its caption tokens' hidden states ``[T, L, D]`` (CPU)
+    and their gold tags for the row's ``text_spans``."""
+    spans = [tuple(span) for span in row["text_spans"]]
+    hidden = lmm_out.token_hidden[k, : len(offsets)].cpu()
+    return TextFeatures(hidden, bio_tags(offsets, spans))
 
 
 READ_CPUS = 0.25  # read + decode tasks are light; whole CPUs would starve a small node
@@ -214,21 +271,23 @@ def features_dataset(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     draw_seed: int | None = 0,
+    selector_only: bool = False,
 ) -> ray.data.Dataset:
-    """The stream the trainer's workers split: rows ``FEATURE_SCHEMA``, one per usable image.
+    """The stream the trainer's workers split: rows ``FEATURE_SCHEMA``, one per usable image
+    (``ImageFeatures``), or with ``selector_only`` one per captioned image (``TextFeatures``).
 
     uris: shard name → URI (``pipeline.sources.resolve_shards`` + ``shard_name``); draw_seed:
     see ``training_samples`` (None: expressions drawn afresh every epoch).
     """
     samples = _raw(uris).map_batches(
         training_samples,
-        fn_kwargs={"draw_seed": draw_seed},
+        fn_kwargs={"draw_seed": draw_seed, "captions_only": selector_only},
         batch_size=16,
         batch_format="pyarrow",
         num_cpus=READ_CPUS,
     )
     return samples.map_batches(
-        EncodeActor,
+        CaptionActor if selector_only else EncodeActor,
         fn_constructor_kwargs={"spec": spec},
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -15,6 +15,9 @@ Arrow tensor extension, and the bytes are the same on every node):
     text_hidden [T, L, D]       hidden states of a text's tokens (float16), and
     text_tags  [T]              their gold keyword tags (int64, ``flmm.selector.TAGS``): only
                                 for samples with a text and its groundable spans
+
+When the keyword selector trains alone (``jobs/train.py --train selector``) only the last two
+travel (``TextFeatures``, the same keys).
 """
 
 from __future__ import annotations
@@ -73,3 +76,22 @@ class ImageFeatures:
             text_hidden=tensors.get("text_hidden"),
             text_tags=tensors.get("text_tags"),
         )
+
+
+@dataclass
+class TextFeatures:
+    """One caption's selector inputs and targets alone, what training the keyword selector by
+    itself needs: hidden ``[T, L, D]`` (float16 on the wire), tags ``[T]`` (int64). Stored under
+    ``ImageFeatures``' keys, so ``from_bytes`` also reads them out of an ``ImageFeatures`` blob."""
+
+    hidden: torch.Tensor
+    tags: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        hidden = self.hidden.detach().to(torch.float16).contiguous().cpu()
+        return save({"text_hidden": hidden, "text_tags": self.tags.to(torch.int64).cpu()})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> TextFeatures:
+        tensors = load(blob)
+        return cls(hidden=tensors["text_hidden"], tags=tensors["text_tags"])

@@ -6,6 +6,10 @@ F-LMM heads — U-Net, text layer weights / projection, SAM prompt encoder + mas
 F-LMM's loss and recipe (``flmm.optim``). When training samples carry captions with their
 groundable spans, a keyword selector (``flmm.selector``) is trained beside the heads on the
 captions' token hidden states (its loss added to F-LMM's) and saved in the same heads file.
+A run may also train the selector alone (``train="selector"``) on top of given heads: the frozen
+stage then prefills only the captions (``TextFeatures``, no SAM), the workers train only the
+selector's parameters, and the output is the given heads file's tensors as stored plus the
+selector's.
 
 Every worker runs exactly ``steps_per_epoch`` steps per epoch (the stream is split equally and a
 worker stops at that count), so DDP's collectives always pair up. A checkpoint directory holds
@@ -27,16 +31,25 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch.nn.utils.rnn import pad_sequence
 
-from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
+from flmm.build import (
+    HeadsConfig,
+    build_heads,
+    build_sam,
+    load_heads,
+    read_heads_file,
+    sam_config,
+    warn_if_other_prompt,
+)
 from flmm.checkpoint import read_metadata, save_tensors
 from flmm.families import family_for
-from flmm.heads import FLMMHeads, save_heads
+from flmm.heads import FLMMHeads, heads_dims, save_heads
 from flmm.model import grounding_loss
 from flmm.optim import OptimConfig, build_optimizer, step
 from flmm.prompt import PROMPT_KEY
-from flmm.selector import KeywordSelector, SelectorConfig
-from pipeline.features import ImageFeatures
+from flmm.selector import PREFIX, KeywordSelector, SelectorConfig, tag_loss
+from pipeline.features import ImageFeatures, TextFeatures
 from pipeline.spec import ModelSpec
 
 HEADS_FILE = "heads.safetensors"
@@ -71,13 +84,18 @@ class Recipe:
 # of one GPU each for their global batch of 8.
 FLMM_RECIPE = Recipe("flmm", 8, 1, 1e-4, 64, "masks", "lmm", False)
 LOSS_TARGETS = ("lmm", "original")
+# What a run trains: "all": the heads (and a keyword selector when samples have captions);
+# "selector": the keyword selector alone, on top of given heads that stay as they are.
+TRAIN_PARTS = ("all", "selector")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What a worker needs. ``batch_size``: images per worker per step; ``selector``: train a
     keyword selector of this config beside the heads (None: none, unless ``init_heads`` has
-    one: it is then kept as it is); ``loss_weighting``, ``loss_target``: see ``Recipe``."""
+    one: it is then kept as it is); ``loss_weighting``, ``loss_target``: see ``Recipe``;
+    ``train``: ``TRAIN_PARTS`` (``"selector"``: only the selector's parameters train, on
+    ``TextFeatures``)."""
 
     heads: HeadsConfig
     sam_variant: str
@@ -93,6 +111,7 @@ class TrainConfig:
     selector: SelectorConfig | None = None
     loss_weighting: str = FLMM_RECIPE.loss_weighting
     loss_target: str = FLMM_RECIPE.loss_target
+    train: str = "all"
 
     @property
     def total_steps(self) -> int:
@@ -102,7 +121,8 @@ class TrainConfig:
 def build_trainable_heads(config: TrainConfig) -> FLMMHeads:
     """Heads on SAM's pretrained prompt encoder / mask decoder (its image encoder is not kept),
     a seeded random U-Net (and a fresh selector if configured), or ``init_heads`` when given
-    (its selector, if it has one, replaces the fresh one)."""
+    (its selector, if it has one, replaces the fresh one). With ``train="selector"`` every
+    parameter but the selector's is frozen."""
     torch.manual_seed(config.seed)
     sam = build_sam(sam_config(config.sam_variant), config.sam_checkpoint)
     heads = build_heads(config.heads, sam)
@@ -110,6 +130,9 @@ def build_trainable_heads(config: TrainConfig) -> FLMMHeads:
         heads.selector = KeywordSelector(config.selector)
     if config.init_heads:
         load_heads(heads, config.init_heads)
+    if config.train == "selector":
+        heads.requires_grad_(False)
+        heads.selector.requires_grad_(True)
     return heads.train()
 
 
@@ -138,6 +161,20 @@ def train_on_batch(
     sizes = [f.lmm_pixels for f in features] if target == "lmm" else None
     masks = [f.masks.float() for f in features]
     return grounding_loss(outputs, masks, tags, weighting, sizes)
+
+
+def train_selector_on_batch(
+    selector: torch.nn.Module, features: list[TextFeatures], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The keyword selector alone (``KeywordSelector`` or its DDP wrapper) over one batch of
+    captions: one forward of their hidden states padded to ``[B, T, L, D]`` (padding masked:
+    real tokens' logits as unpadded), ``flmm.selector.tag_loss`` as ``selector`` and ``total``."""
+    lengths = [len(f.tags) for f in features]
+    hidden = pad_sequence([f.hidden for f in features], batch_first=True)
+    mask = torch.arange(hidden.shape[1])[None] < torch.tensor(lengths)[:, None]
+    logits = selector(hidden.to(device, torch.float32), mask.to(device))
+    loss = tag_loss([logits[b, :n] for b, n in enumerate(lengths)], [f.tags for f in features])
+    return {"selector": loss, "total": loss}
 
 
 def _text_hidden(features: ImageFeatures, model: torch.nn.Module) -> torch.Tensor | None:
@@ -182,16 +219,19 @@ class _WorkerRun:
         import ray.train.torch
 
         self.config = config
+        self.selector_only = config.train == "selector"
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.heads = build_trainable_heads(config)
         state = self._restore()
-        # SAM's IoU head and multimask tokens get no gradient (single-mask output).
-        self.model = ray.train.torch.prepare_model(
-            self.heads, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-        self.optim, self.schedule = build_optimizer(self.model, config.total_steps, config.optim)
+        if self.selector_only:  # DDP over what trains; the frozen rest never runs
+            self.model = ray.train.torch.prepare_model(self.heads.selector)
+        else:  # SAM's IoU head and multimask tokens get no gradient (single-mask output).
+            self.model = ray.train.torch.prepare_model(
+                self.heads, parallel_strategy_kwargs={"find_unused_parameters": True}
+            )
+        self.optim, self.schedule = build_optimizer(self.heads, config.total_steps, config.optim)
         self.global_step = self.resumed_from = 0
         if state is not None:
             self._resume(state)
@@ -233,17 +273,21 @@ class _WorkerRun:
             if i < skip:
                 tick = time.perf_counter()
                 continue
-            features = [ImageFeatures.from_bytes(blob) for blob in batch["features"]]
+            kind = TextFeatures if self.selector_only else ImageFeatures
+            features = [kind.from_bytes(blob) for blob in batch["features"]]
             yield features, time.perf_counter() - tick
             tick = time.perf_counter()
 
-    def train_step(self, features: list[ImageFeatures]) -> tuple[dict, float]:
+    def train_step(self, features: list) -> tuple[dict, float]:
         """Forward, loss, backward, clipped optimizer step; the loss parts and the grad norm."""
         config = self.config
         with self.autocast:
-            parts = train_on_batch(
-                self.model, features, self.device, config.loss_weighting, config.loss_target
-            )
+            if self.selector_only:
+                parts = train_selector_on_batch(self.model, features, self.device)
+            else:
+                parts = train_on_batch(
+                    self.model, features, self.device, config.loss_weighting, config.loss_target
+                )
         grad_norm = step(parts["total"], self.model, self.optim, self.schedule, config.optim)
         self.global_step += 1
         return parts, grad_norm
@@ -314,8 +358,10 @@ class TrainJob:
     workers / cpus_per_worker / gpus_per_worker: the ``TorchTrainer``'s DDP workers;
     encode_actors / encode_gpus / encode_batch: the frozen stage's actor pool, GPUs per actor and
     images per LMM forward; batch_size: images per worker per step; unet_channels: the U-Net's
-    level-0 width; loss_weighting, loss_target, redraw_expressions: see ``Recipe``. The
-    defaults are F-LMM's recipe (``FLMM_RECIPE``; ``--workers 8`` makes their global batch).
+    level-0 width; loss_weighting, loss_target, redraw_expressions: see ``Recipe``; train:
+    ``TRAIN_PARTS`` (``"selector"``: the keyword selector alone on the captioned samples, on top
+    of ``spec.heads``, which it needs; batch_size then counts captions). The defaults are
+    F-LMM's recipe (``FLMM_RECIPE``; ``--workers 8`` makes their global batch).
     """
 
     shards: tuple[str, ...]
@@ -342,6 +388,18 @@ class TrainJob:
     loss_weighting: str = FLMM_RECIPE.loss_weighting
     loss_target: str = FLMM_RECIPE.loss_target
     redraw_expressions: bool = FLMM_RECIPE.redraw_expressions
+    train: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_PARTS:
+            raise ValueError(f"train {self.train!r}: one of {TRAIN_PARTS}")
+        if self.train == "selector" and not self.spec.heads:
+            raise ValueError(
+                "training the keyword selector alone (--train selector) needs the heads it is "
+                "added to (--init-heads: a trained .safetensors or an F-LMM release .pth)"
+            )
+        if self.spec.heads and not Path(self.spec.heads).is_file():
+            raise ValueError(f"initial heads {self.spec.heads}: no such file")
 
     def train_config(self, steps_per_epoch: int, captioned: int) -> TrainConfig:
         """What its workers get: heads sized for its LMM, and a keyword selector when some
@@ -367,12 +425,19 @@ class TrainJob:
             selector=selector,
             loss_weighting=self.loss_weighting,
             loss_target=self.loss_target,
+            train=self.train,
         )
 
 
 def _storage_path(storage: str) -> str:
     """Ray Train's storage: a URI (``s3://bucket/runs``) as given, a local path made absolute."""
     return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def heads_width(path: str) -> int:
+    """The U-Net level-0 width of a heads file (ours or an F-LMM release ``.pth``); a
+    localization-heads file has none: ValueError."""
+    return heads_dims(read_heads_file(path)[0])["unet_base_channels"]
 
 
 def lmm_dims(lmm: str, unet_channels: int = HeadsConfig.unet_base_channels) -> HeadsConfig:
@@ -394,32 +459,78 @@ def lmm_dims(lmm: str, unet_channels: int = HeadsConfig.unet_base_channels) -> H
 def fit_heads(job: TrainJob) -> dict:
     """Train (or resume, or just export) the heads; write them to ``job.output``; returns a
     summary (steps, samples, final metrics, seconds, checkpoint path)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.encode import count_training_samples, features_dataset
+    from pipeline.encode import count_training_samples
     from pipeline.sources import resolve_shards, shard_name
 
     start = time.perf_counter()
     uris = {shard_name(uri): uri for uri in resolve_shards(list(job.shards))}
     usable, unusable, captioned = count_training_samples(uris)
-    steps_per_epoch = usable // (job.batch_size * job.workers)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{usable} usable training samples ({unusable} unusable) in {len(uris)} shards: "
-            f"fewer than one step of {job.batch_size} images x {job.workers} workers"
+    samples = _samples_per_epoch(job, len(uris), usable, unusable, captioned)
+    config = job.train_config(samples // (job.batch_size * job.workers), captioned)
+    if job.train == "selector":
+        warn_if_other_prompt(job.spec.heads, job.spec.prompt_config().instruction)
+        print(
+            f"training the keyword selector alone on {captioned} captions of {len(uris)} shards "
+            f"({usable - captioned} uncaptioned and {unusable} unusable samples skipped), on top "
+            f"of {job.spec.heads}: {job.epochs} epochs x {config.steps_per_epoch} steps of "
+            f"{job.batch_size} captions x {job.workers} workers"
         )
-    config = job.train_config(steps_per_epoch, captioned)
-    print(
-        f"training heads: {usable} samples ({unusable} unusable, skipped) in {len(uris)} shards, "
-        f"{job.epochs} epochs x {steps_per_epoch} steps of {job.batch_size} images x "
-        f"{job.workers} workers"
-        + (f"; keyword selector on {captioned} captions" if captioned else "")
-    )
+    else:
+        print(
+            f"training heads: {usable} samples ({unusable} unusable, skipped) in {len(uris)} "
+            f"shards, {job.epochs} epochs x {config.steps_per_epoch} steps of {job.batch_size} "
+            f"images x {job.workers} workers"
+            + (f"; keyword selector on {captioned} captions" if captioned else "")
+        )
+    result = _trainer(job, config, uris).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {job.name} produced no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        step_done = export_heads(job, Path(directory))
+    return {
+        "train": job.train,
+        "steps": step_done,
+        "total_steps": config.total_steps,
+        "samples": samples,
+        "unusable_samples": unusable,
+        "captioned_samples": captioned,
+        "metrics": result.metrics,
+        "checkpoint": result.checkpoint.path,
+        "output": job.output,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _samples_per_epoch(job: TrainJob, shards: int, usable: int, unusable: int, captioned: int):
+    """How many samples an epoch trains on (the captioned ones when the selector trains
+    alone); ValueError when that is fewer than one step."""
+    if job.train == "selector" and not captioned:
+        raise ValueError(
+            f"--train selector: none of the {usable} usable samples ({unusable} unusable) in "
+            f"{shards} shards has a caption with its objects' spans to train the keyword "
+            "selector on (schemas/INPUT_FORMAT.md: `caption` and the objects' `spans`)"
+        )
+    samples, kind = (captioned, "captioned") if job.train == "selector" else (usable, "usable")
+    if samples < job.batch_size * job.workers:
+        raise ValueError(
+            f"{samples} {kind} training samples ({unusable} unusable) in {shards} shards: "
+            f"fewer than one step of {job.batch_size} x {job.workers} workers"
+        )
+    return samples
+
+
+def _trainer(job: TrainJob, config: TrainConfig, uris: dict[str, str]):
+    """The run's ``TorchTrainer``: its workers, storage and checkpoints, and the frozen stage's
+    stream (``pipeline.encode.features_dataset``) as their ``train`` dataset."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.encode import features_dataset
+
     resources = {"CPU": job.cpus_per_worker}
     if job.gpus_per_worker:
         resources["GPU"] = job.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config},
         scaling_config=ray.train.ScalingConfig(
@@ -442,28 +553,43 @@ def fit_heads(job: TrainJob) -> dict:
                 gpus_per_actor=job.encode_gpus,
                 cpus_per_actor=job.encode_cpus,
                 draw_seed=None if job.redraw_expressions else job.seed,
+                selector_only=job.train == "selector",
             )
         },
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {job.name} produced no checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        # the worker validated the heads when it saved them; the driver only copies them (it
-        # need not have the SAM checkpoint, nor build SAM)
-        step_done = int(torch.load(Path(directory) / STATE_FILE, weights_only=True)["step"])
-        heads_file = Path(directory) / HEADS_FILE
-        metadata = {**read_metadata(heads_file), "steps": str(step_done), "lmm": job.spec.lmm}
-        metadata[PROMPT_KEY] = job.spec.prompt_config().instruction  # build_flmm warns on others
-        save_tensors(load_file(heads_file), job.output, metadata)
-    return {
-        "steps": step_done,
-        "total_steps": config.total_steps,
-        "samples": usable,
-        "unusable_samples": unusable,
-        "captioned_samples": captioned,
-        "metrics": result.metrics,
-        "checkpoint": result.checkpoint.path,
-        "output": job.output,
-        "seconds": round(time.perf_counter() - start, 1),
+
+
+def export_heads(job: TrainJob, directory: Path) -> int:
+    """The heads of a checkpoint ``directory`` → ``job.output`` with the run's metadata (its
+    steps, LMM and prompt); returns the steps trained. The worker validated the heads when it
+    saved them; the driver only copies them (it need not have the SAM checkpoint, nor build
+    SAM). When the selector trained alone, the output holds the given heads file's tensors as
+    stored (bit for bit) and metadata, plus the selector's (``selector_steps``: its steps)."""
+    step_done = int(torch.load(directory / STATE_FILE, weights_only=True)["step"])
+    heads_file = directory / HEADS_FILE
+    tensors, metadata = load_file(heads_file), read_metadata(heads_file)
+    if job.train == "selector":
+        tensors, metadata = _selector_on(job.spec.heads, tensors, metadata)
+        metadata["selector_steps"] = str(step_done)
+    else:
+        metadata["steps"] = str(step_done)
+    metadata["lmm"] = job.spec.lmm
+    metadata[PROMPT_KEY] = job.spec.prompt_config().instruction  # build_flmm warns on others
+    save_tensors(tensors, job.output, metadata)
+    return step_done
+
+
+def _selector_on(
+    init_heads: str, trained: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The ``selector.*`` tensors and metadata of a checkpoint's heads, on the tensors of the
+    ``init_heads`` file as read (``read_heads_file``: ours as stored, an F-LMM ``.pth``
+    converted) and its metadata (a ``.safetensors``'), its own selector's left out."""
+    heads, _ = read_heads_file(init_heads)
+    given = read_metadata(init_heads) if Path(init_heads).suffix == ".safetensors" else {}
+    selector = {k: v for k, v in trained.items() if k.startswith(PREFIX)}
+    kept = {k: v for k, v in given.items() if not k.startswith(PREFIX)}
+    return {**heads, **selector}, {
+        **kept,
+        **{k: v for k, v in metadata.items() if k.startswith(PREFIX)},
     }
