@@ -16,7 +16,19 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from flmm.build import TINY_LLAVA_VARIANTS
 from flmm.families import family_for
 from flmm.lmm import FrozenLMM
+from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from flmm.tiny_llava import write_tiny_llava
+from toyworld.captions import scene_text
+from toyworld.instructions import (
+    LINE_SEPARATOR,
+    REASON_TEMPLATES,
+    line_match,
+    list_lines,
+    propose,
+    read_lines,
+    reason,
+    reason_object,
+)
 from toyworld.lmm import (
     RECORD,
     Recipe,
@@ -39,11 +51,14 @@ from toyworld.vqa import (
     KINDS,
     LIST_INSTRUCTION,
     SCENE_CONFIG,
+    TOY_INSTRUCTION,
     TOY_PROMPT,
     WHERE,
     answer_options,
     ask,
     describe,
+    list_name,
+    listed_objects,
 )
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "llava"
@@ -301,37 +316,119 @@ def test_list_answers_name_every_object_once_and_score_only_when_whole():
         )
 
 
+def test_the_shipped_tokenizer_encodes_the_stage_5_prompts_without_unknown_tokens():
+    tokenizer = AutoProcessor.from_pretrained(SHIPPED).tokenizer
+    scene = make_scene(scene_seed(0, 10**9))
+    for question in (propose(scene), list_lines(scene)):
+        assert tokenizer.unk_token_id not in tokenizer(question.instruction)["input_ids"]
+    # a line after the first starts with its word token, as the words of the caption do
+    ids = tokenizer(" the star" + LINE_SEPARATOR + "the circle")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[1:] == ["▁the", "▁star", "\n", "▁the", "▁circle"]
+
+
+def test_proposal_stage_answers_are_the_texts_gold_spans_and_the_list_one_per_line(tiny_toy):
+    """Stage 5's data: a proposal's answer lines are the scene text's gold span texts in text
+    order (each verbatim in the caption of its prompt), a list's are the listed objects' names;
+    both tokenised as ``" line\n line"`` + EOS after the usual prompt."""
+    _, data = tiny_toy
+    tokenizer = data.processor.tokenizer
+    for index in range(40):
+        scene = make_scene(scene_seed(0, index))
+        text = scene_text(scene)
+        question = propose(scene)
+        assert question.instruction == PROPOSE_PROMPT.format(caption=text.text)
+        assert question.phrases == tuple(text.text[s:e] for s, e in text.spans)
+        assert all(line in text.text for line in question.phrases)
+        listed = list_lines(scene)
+        assert listed.instruction == LIST_PROMPT
+        assert listed.phrases == tuple(list_name(o) for o in listed_objects(scene))
+        for asked in (question, listed):
+            ids, start = data.encode(asked)
+            answer = tokenizer.decode(ids[start:])
+            assert answer.endswith("</s>") and "ASSISTANT" not in answer
+            assert read_lines(answer.removesuffix("</s>")) == list(asked.phrases)
+            assert tokenizer.decode(ids[:start]).endswith("ASSISTANT:")
+    batches = [data.proposal_batch(step, Recipe(batch=8)) for step in range(3)]
+    texts = [tokenizer.decode(ids) for b in batches for ids in b["input_ids"]]
+    assert any("Caption:" in t for t in texts) and any(LIST_PROMPT in t for t in texts)
+    assert any("Which object" in t for t in texts) and any(TOY_INSTRUCTION in t for t in texts)
+    again = data.proposal_batch(1, Recipe(batch=8))
+    assert torch.equal(again["input_ids"], batches[1]["input_ids"])  # a pure function of the step
+
+
+def test_read_lines_and_line_match_count_each_gold_line_once():
+    lines = read_lines(" the star\n The Circle\n\n the star \n the cross")
+    assert lines == ["the star", "The Circle", "the star", "the cross"]
+    assert line_match(lines, ("the star", "the circle", "the square")) == 2
+
+
+def test_reasoning_questions_name_the_one_object_that_answers_them():
+    asked = set()
+    for index in range(150):
+        scene = make_scene(scene_seed(0, index))
+        question = reason(scene, np.random.default_rng(index))
+        if question is None:
+            continue
+        obj = reason_object(scene, question)
+        others = [o for o in scene.objects if o is not obj]
+        kind = next(
+            k for k, t in REASON_TEMPLATES.items() if t.split("{")[0] in question.instruction
+        )
+        asked.add(kind)
+        area = {id(o): int(o.mask.sum()) for o in scene.objects}
+        if kind == "largest":
+            assert all(area[id(obj)] >= 1.5 * area[id(o)] for o in others)
+        elif kind == "smallest":
+            assert all(1.5 * area[id(obj)] <= area[id(o)] for o in others)
+        elif kind == "odd_colour":
+            assert len(others) >= 2 and {o.colour for o in others} == {others[0].colour}
+            assert obj.colour != others[0].colour
+        else:
+            axis = ("left_of", "above").index(kind)
+            anchor = _owner(
+                scene, question.instruction.split(" of " if axis == 0 else " above ")[1].rstrip("?")
+            )
+            assert obj.centre[axis] < anchor.centre[axis]
+            assert all(o.centre[axis] > anchor.centre[axis] for o in others if o is not anchor)
+    assert asked == set(REASON_TEMPLATES)
+
+
 def test_resuming_a_saved_model_equals_the_whole_recipe(tmp_path):
     recipe = Recipe(
         vision_steps=2, vision_batch=2, steps=2, batch=2, warmup=1, list_steps=2, list_warmup=1,
-        referent_steps=2, referent_warmup=1, log_every=100,
+        referent_steps=2, referent_warmup=1, proposal_steps=2, proposal_warmup=1, log_every=100,
     )  # fmt: skip
     quiet = {"n_eval": 1, "log": lambda line: None}
     whole = build_toy_lmm(tmp_path / "whole", recipe, **quiet)
-    stage_2 = dataclasses.replace(recipe, list_steps=0, referent_steps=0)
-    build_toy_lmm(tmp_path / "stage2", stage_2, **quiet)
-    build_toy_lmm(tmp_path / "stage3", dataclasses.replace(recipe, referent_steps=0), **quiet)
-    from_2 = build_toy_lmm(tmp_path / "from2", recipe, **quiet, resume_from=tmp_path / "stage2")
-    from_3 = build_toy_lmm(tmp_path / "from3", recipe, **quiet, resume_from=tmp_path / "stage3")
-    weights = {
-        name: (tmp_path / name / "model.safetensors").read_bytes()
-        for name in ("whole", "stage2", "stage3", "from2", "from3")
+    stage_4 = dataclasses.replace(recipe, proposal_steps=0)
+    stage_3 = dataclasses.replace(stage_4, referent_steps=0)
+    build_toy_lmm(tmp_path / "stage2", dataclasses.replace(stage_3, list_steps=0), **quiet)
+    build_toy_lmm(tmp_path / "stage3", stage_3, **quiet)
+    build_toy_lmm(tmp_path / "stage4", stage_4, **quiet)
+    resumed = {
+        n: build_toy_lmm(tmp_path / f"from{n}", recipe, **quiet, resume_from=tmp_path / f"stage{n}")
+        for n in (2, 3, 4)
     }
-    assert weights["from2"] == weights["from3"] == weights["whole"]
-    assert len({weights["whole"], weights["stage2"], weights["stage3"]}) == 3
-    for resumed in (from_2, from_3):
-        assert resumed["final_referent_stage_loss"] == whole["final_referent_stage_loss"]
-        assert resumed["final_list_stage_loss"] == whole["final_list_stage_loss"]
-        assert resumed["final_loss"] == whole["final_loss"]  # stage 2's record carried over
+    names = ("whole", "stage2", "stage3", "stage4", "from2", "from3", "from4")
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in names}
+    assert weights["from2"] == weights["from3"] == weights["from4"] == weights["whole"]
+    assert len({weights[name] for name in ("whole", "stage2", "stage3", "stage4")}) == 4
+    for record in resumed.values():
+        for key in (
+            "final_proposal_stage_loss", "final_referent_stage_loss", "final_list_stage_loss",
+            "final_loss",  # stage 2's record carried over
+        ):  # fmt: skip
+            assert record[key] == whole[key]
+    assert set(whole["instructions_eval"]) == {"propose", "propose_caption", "list_lines", "reason"}
     with pytest.raises(ValueError, match=r"different recipe \(\['lr'\]\)"):
         build_toy_lmm(
             tmp_path / "other", dataclasses.replace(recipe, lr=0.5), **quiet,
             resume_from=tmp_path / "stage2",
         )  # fmt: skip
-    with pytest.raises(ValueError, match=r"different recipe \(\['list_lr'\]\)"):
+    with pytest.raises(ValueError, match=r"different recipe \(\['referent_lr'\]\)"):
         build_toy_lmm(
-            tmp_path / "other", dataclasses.replace(recipe, list_lr=0.5), **quiet,
-            resume_from=tmp_path / "stage3",
+            tmp_path / "other", dataclasses.replace(recipe, referent_lr=0.5), **quiet,
+            resume_from=tmp_path / "stage4",
         )  # fmt: skip
     with pytest.raises(ValueError, match="every stage already"):
         build_toy_lmm(tmp_path / "again", recipe, **quiet, resume_from=tmp_path / "whole")

@@ -17,13 +17,20 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
    expressions name objects without their colour (shape, size + shape, position) where they can,
    their details colour first, so that the token ending such an expression has to find its
    object to predict what comes next; plus lists, "Where is …?" and other short-answer
-   questions (without them the model forgets those answers). Saved in fp16
-   (plus ``toy_world.json``, the recipe and its results); then frozen forever: the F-LMM heads
-   are trained on its phrase→image attention. Each stage after the second starts from the saved
-   weights of the one before, so ``--resume-from DIR`` (a model saved after stage 2 or 3) runs
-   the remaining stages alone and gives what the whole recipe gives;
-5. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind,
-   and how much of each phrase's attention falls on its object (``attention_lift``).
+   questions (without them the model forgets those answers); saved in fp16;
+5. a fifth stage (the proposal stage; a candidate, off by default: ``--proposal-steps 600``),
+   from the stage-4 fp16 weights, short, at half the lr, the vision tower frozen:
+   the instructions a frozen LMM is asked when the heads have no selector
+   (``toyworld.instructions``: a toy text's phrases copied one per line, a list one per line) and
+   questions answered by one object, mixed with replay of stage 4's questions so that the
+   attention the heads read moves little. Saved in fp16 (plus ``toy_world.json``, the recipe and
+   its results); then frozen forever: the F-LMM heads are trained on its phrase→image attention.
+   Each stage after the second starts from the saved weights of the one before, so
+   ``--resume-from DIR`` (a model saved after stage 2, 3 or 4) runs the remaining stages alone
+   and gives what the whole recipe gives;
+6. evaluated on held-out scenes (indices from ``EVAL_START``): greedy answers per question kind
+   (and per stage-5 instruction), and how much of each phrase's attention falls on its object
+   (``attention_lift``).
 
 Scene ``i`` of training is ``make_scene(scene_seed(seed, i))``; everything follows from ``seed``.
 """
@@ -51,8 +58,19 @@ from flmm.geometry import ImageGeometry
 from flmm.lmm import FrozenLMM
 from flmm.optim import OptimConfig
 from flmm.optim import step as optim_step
-from flmm.prompt import PromptConfig, PromptLayout, build_prompt
+from flmm.prompt import PromptConfig, PromptLayout, build_prompt, build_text_prompt
 from flmm.tiny_llava import TinyLlavaConfig, write_tiny_llava
+from toyworld.captions import make_caption
+from toyworld.instructions import (
+    LINE_KINDS,
+    PROPOSE,
+    line_match,
+    line_text,
+    list_lines,
+    propose,
+    read_lines,
+    reason,
+)
 from toyworld.scenes import (
     EVAL_START,
     POSITIONS,
@@ -85,6 +103,7 @@ from toyworld.vqa import (
 VISION_START = 100_000_000  # the vision stage's scenes
 LIST_START = 200_000_000  # the list stage's scenes
 REFERENT_START = 300_000_000  # the referent stage's scenes
+PROPOSAL_START = 400_000_000  # the proposal stage's scenes
 RECORD = "toy_world.json"
 
 
@@ -122,6 +141,14 @@ class Recipe:
     referent_position_fraction: float = 0.1  # "Where is …?" questions
     referent_short_fraction: float = 0.1  # short-answer questions of any kind (as stage 2's)
     referent_colourless: float = 0.8  # the rest: detailed descriptions, colourless expressions
+    proposal_steps: int = 0  # stage 5 (0: none; not shipped yet, its candidate: 600); batch 24
+    proposal_lr: float = 5e-4
+    proposal_warmup: int = 20
+    proposal_tower_lr_scale: float = 0.0  # the vision tower's lr in stage 5, × proposal_lr
+    proposal_fraction: float = 0.3  # of stage 5's questions: phrase proposals of a toy text
+    proposal_caption_fraction: float = 0.0  # of the proposals: on a fresh caption (make_caption)
+    proposal_list_fraction: float = 0.2  # lists one per line (LIST_PROMPT)
+    proposal_reason_fraction: float = 0.1  # questions answered by one object (if the scene has)
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -152,7 +179,9 @@ class Encoder:
     """Question → (input_ids ``[T]``, answer start) in the grounding layout, + EOS at the end.
 
     The prompt is ``build_prompt(PromptLayout(processor, PromptConfig(instruction)), phrases)``,
-    exactly what ``FrozenLMM.prepare`` builds; input_ids[start:] are the answer tokens.
+    exactly what ``FrozenLMM.prepare`` builds; input_ids[start:] are the answer tokens. Stage 5's
+    one-per-line answers (``toyworld.instructions.LINE_KINDS``) are ``" " + line_text(phrases)``
+    (``build_text_prompt``), the same prefix before them and the same EOS after.
     """
 
     def __init__(self, processor, n_image_tokens: int):
@@ -162,14 +191,23 @@ class Encoder:
         self.layouts: dict[str, PromptLayout] = {}
 
     def __call__(self, question: Question) -> tuple[torch.Tensor, int]:
-        instruction = question.instruction
-        if instruction not in self.layouts:
-            config = PromptConfig(instruction=instruction)
-            self.layouts[instruction] = PromptLayout(self.processor, config)
-        prompt = build_prompt(
-            self.layouts[instruction], list(question.phrases), self.n_image_tokens
-        )
+        layout = self.layout(question)
+        if question.kind in LINE_KINDS:  # " line1\n line2", stage 5's one-per-line answers
+            text = line_text(question.phrases)
+            prompt, _ = build_text_prompt(layout, text, self.n_image_tokens)
+        else:
+            prompt = build_prompt(layout, list(question.phrases), self.n_image_tokens)
         return torch.cat([prompt.input_ids, self.eos]), int(prompt.phrase_tokens[0][0])
+
+    def layout(self, question: Question) -> PromptLayout:
+        """The prompt prefix of the question's instruction (kept, except a proposal's: each
+        holds its own caption)."""
+        if question.instruction in self.layouts:
+            return self.layouts[question.instruction]
+        layout = PromptLayout(self.processor, PromptConfig(instruction=question.instruction))
+        if question.kind != PROPOSE:
+            self.layouts[question.instruction] = layout
+        return layout
 
 
 def n_image_tokens(model: LlavaForConditionalGeneration) -> int:
@@ -263,23 +301,45 @@ class ToyData:
         short-answer question (``referent_short_fraction``: the other answers are not forgotten)
         or a detailed description, colour first, naming each object by a ``COLOURLESS_KINDS``
         expression with probability ``referent_colourless``; padded."""
+        return self._batch(REFERENT_START + step * recipe.batch, recipe, self._referent_question)
+
+    def proposal_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Stage 5: scenes ``PROPOSAL_START + step·batch …``; a phrase proposal of the scene's toy
+        text (``proposal_fraction``), a list one per line (``proposal_list_fraction``), a question
+        answered by one object (``proposal_reason_fraction``, when the scene has one), else a
+        question drawn as stage 4 draws (replay: nothing learnt is forgotten); padded."""
 
         def question(scene: Scene, rng: np.random.Generator, recipe: Recipe) -> Question:
             draw = rng.random()
-            if draw < recipe.referent_list_fraction:
-                return list_objects(scene, self.scenes)
-            draw -= recipe.referent_list_fraction
-            if draw < recipe.referent_position_fraction:
-                where = ask(scene, "position", rng, self.scenes)
-                if where is not None:
-                    return where
-            elif draw < recipe.referent_position_fraction + recipe.referent_short_fraction:
-                return sample_question(scene, rng, 0.0, self.scenes)
-            return describe(
-                scene, rng, True, COLOURLESS_KINDS, recipe.referent_colourless, colour_first=True
-            )
+            if draw < recipe.proposal_fraction:
+                if rng.random() < recipe.proposal_caption_fraction:
+                    return propose(scene, make_caption(scene, rng))
+                return propose(scene)
+            draw -= recipe.proposal_fraction
+            if draw < recipe.proposal_list_fraction:
+                return list_lines(scene, self.scenes)
+            if draw < recipe.proposal_list_fraction + recipe.proposal_reason_fraction:
+                asked = reason(scene, rng, self.scenes)
+                if asked is not None:
+                    return asked
+            return self._referent_question(scene, rng, recipe)
 
-        return self._batch(REFERENT_START + step * recipe.batch, recipe, question)
+        return self._batch(PROPOSAL_START + step * recipe.batch, recipe, question)
+
+    def _referent_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
+        draw = rng.random()
+        if draw < recipe.referent_list_fraction:
+            return list_objects(scene, self.scenes)
+        draw -= recipe.referent_list_fraction
+        if draw < recipe.referent_position_fraction:
+            where = ask(scene, "position", rng, self.scenes)
+            if where is not None:
+                return where
+        elif draw < recipe.referent_position_fraction + recipe.referent_short_fraction:
+            return sample_question(scene, rng, 0.0, self.scenes)
+        return describe(
+            scene, rng, True, COLOURLESS_KINDS, recipe.referent_colourless, colour_first=True
+        )
 
     def _stage_2_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
         return sample_question(
@@ -512,6 +572,17 @@ def referent_stage_recipe(recipe: Recipe) -> Recipe:
     )
 
 
+def proposal_stage_recipe(recipe: Recipe) -> Recipe:
+    """Stage 5's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
+    return dataclasses.replace(
+        recipe,
+        steps=recipe.proposal_steps,
+        lr=recipe.proposal_lr,
+        warmup=recipe.proposal_warmup,
+        vqa_tower_lr_scale=recipe.proposal_tower_lr_scale,
+    )
+
+
 def _load_for_training(
     out_dir: Path, recipe: Recipe
 ) -> tuple[LlavaForConditionalGeneration, AutoProcessor, ToyData]:
@@ -527,12 +598,13 @@ def _load_for_training(
 def train_stage(
     out_dir: Path, recipe: Recipe, stage: int, log: Callable[[str], None] = print
 ) -> tuple[list[float], float]:
-    """Stage 3 or 4 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
+    """Stage 3, 4 or 5 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
     fp16; returns the loss per step and the seconds it took."""
     model, _, data = _load_for_training(out_dir, recipe)
     schedule, batches = {
         3: (list_stage_recipe, data.list_batch),
         4: (referent_stage_recipe, data.referent_batch),
+        5: (proposal_stage_recipe, data.proposal_batch),
     }[stage]
     start = time.perf_counter()
     losses = pretrain(model, data, schedule(recipe), log, batches)
@@ -560,10 +632,10 @@ def eval_examples(data: ToyData, kind: str, n: int) -> list[Example]:
     return examples
 
 
-def generate_answers(
+def generate_texts(
     model: LlavaForConditionalGeneration, data: ToyData, examples: list[Example], max_new: int
-) -> list[list[str]]:
-    """Greedy answers, each split into its phrases (``" p1. p2."`` → ``["p1", "p2"]``)."""
+) -> list[str]:
+    """Greedy answers, decoded (special tokens dropped)."""
     tokenizer = data.processor.tokenizer
     batch = pad_batch(examples, tokenizer.pad_token_id, with_answer=False)
     batch.pop("position_ids")  # generate derives positions from the mask
@@ -571,7 +643,14 @@ def generate_answers(
         out = model.generate(
             **batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_answers(
+    model: LlavaForConditionalGeneration, data: ToyData, examples: list[Example], max_new: int
+) -> list[list[str]]:
+    """Greedy answers, each split into its phrases (``" p1. p2."`` → ``["p1", "p2"]``)."""
+    texts = generate_texts(model, data, examples, max_new)
     return [[p.strip() for p in text.split(".") if p.strip()] for text in texts]
 
 
@@ -615,6 +694,66 @@ def evaluate(
                 scores.append(score(example.question, data.scene(example.index), phrases))
         chance = 0.0 if kind in (DESCRIBE, LIST) else 1 / len(answer_options(kind, data.scenes))
         table[kind] = {"accuracy": float(np.mean(scores)), "n": len(scores), "chance": chance}
+    return table
+
+
+INSTRUCTION_KINDS = ("propose", "propose_caption", "list_lines", "reason")
+
+
+def instruction_examples(data: ToyData, kind: str, n: int) -> list[Example]:
+    """``n`` stage-5 questions on held-out scenes ``EVAL_START …`` (``INSTRUCTION_KINDS``; scenes
+    without one skipped)."""
+    examples, index = [], EVAL_START
+    while len(examples) < n:
+        scene = data.scene(index)
+        rng = np.random.default_rng([data.seed, index, 100 + INSTRUCTION_KINDS.index(kind)])
+        question = instruction_question(scene, kind, rng, data.scenes)
+        if question is not None:
+            examples.append(data.example(index, question, data.pixels(scene)))
+        index += 1
+    return examples
+
+
+def instruction_question(
+    scene: Scene, kind: str, rng: np.random.Generator, scenes: SceneConfig
+) -> Question | None:
+    """``propose`` (the scene's toy text, as the shards carry it), ``propose_caption`` (a
+    caption, ``make_caption``), ``list_lines`` or ``reason`` (None when the scene has none)."""
+    if kind == "propose":
+        return propose(scene)
+    if kind == "propose_caption":
+        return propose(scene, make_caption(scene, rng))
+    if kind == "list_lines":
+        return list_lines(scene, scenes)
+    return reason(scene, rng, scenes)
+
+
+def evaluate_instructions(
+    model: LlavaForConditionalGeneration, data: ToyData, n: int, batch: int = 50
+) -> dict[str, dict[str, float]]:
+    """Stage 5's instructions, greedy, on held-out scenes. One-per-line answers: the answer's
+    lines that equal a gold line (case-insensitive, each gold line once) over the lines given
+    (``precision``) and over the gold lines (``recall``), and the share of answers exactly the
+    gold lines in order (``exact``); ``reason``: the share of right answers (``accuracy``)."""
+    model.eval()
+    table = {}
+    for kind in INSTRUCTION_KINDS:
+        examples = instruction_examples(data, kind, n)
+        hits = given = gold = exact = 0
+        for i in range(0, n, batch):
+            chunk = examples[i : i + batch]
+            for example, text in zip(chunk, generate_texts(model, data, chunk, 48)):
+                truth = example.question.phrases
+                lines = read_lines(text) if kind != "reason" else [text.split(".")[0].strip()]
+                hits += line_match(lines, truth)
+                given, gold = given + len(lines), gold + len(truth)
+                exact += [line.lower() for line in lines] == [t.lower() for t in truth]
+        row = {"exact": exact / n, "n": n}
+        if kind == "reason":
+            row = {"accuracy": exact / n, "n": n}
+        else:
+            row.update(precision=hits / max(1, given), recall=hits / max(1, gold))
+        table[kind] = row
     return table
 
 
@@ -669,9 +808,9 @@ def build_toy_lmm(
     log: Callable[[str], None] = print,
     resume_from: str | Path | None = None,
 ) -> dict:
-    """Initialise, pretrain (stages 1-2), save (fp16), run stages 3 and 4 each from the saved
+    """Initialise, pretrain (stages 1-2), save (fp16), run stages 3, 4 and 5 each from the saved
     weights, save and evaluate the toy LMM in ``out_dir``; returns the record also written to
-    ``out_dir/toy_world.json``. ``resume_from``: a model saved after stage 2 or 3 (its
+    ``out_dir/toy_world.json``. ``resume_from``: a model saved after stage 2, 3 or 4 (its
     ``toy_world.json`` recipe must equal ``recipe`` on the stages it has had): the stages it has
     not had run from it, which gives what the whole recipe gives."""
     torch.set_num_threads(recipe.threads)
@@ -681,7 +820,8 @@ def build_toy_lmm(
         record, done = _train_stages_1_2(out_dir, config, recipe, log), 2
     else:
         record, done = _copy_saved(Path(resume_from), out_dir, recipe)
-    for stage, steps in ((3, recipe.list_steps), (4, recipe.referent_steps)):
+    stages = ((3, recipe.list_steps), (4, recipe.referent_steps), (5, recipe.proposal_steps))
+    for stage, steps in stages:
         if stage > done and steps:
             losses, seconds = train_stage(out_dir, recipe, stage, log)
             loss_key, seconds_key = STAGE_RECORD[stage]
@@ -696,6 +836,7 @@ def build_toy_lmm(
         recipe=dataclasses.asdict(recipe),
         eval_scene_start=EVAL_START,
         eval=evaluate(lmm.model, data, n_eval),
+        instructions_eval=evaluate_instructions(lmm.model, data, n_eval),
         attention_lift=attention_lift(lmm, data, n_scenes=50),
         torch=torch.__version__,
     )
@@ -703,7 +844,7 @@ def build_toy_lmm(
     return record
 
 
-# What each stage adds to the record; stages 3 and 4 own the recipe fields of their prefix.
+# What each stage adds to the record; stages 3 to 5 own the recipe fields of their prefix.
 STAGE_RECORD = {
     2: (
         "variant", "parameters", "final_vision_loss", "vision_probe_accuracy", "final_loss",
@@ -711,13 +852,14 @@ STAGE_RECORD = {
     ),
     3: ("final_list_stage_loss", "list_stage_seconds"),
     4: ("final_referent_stage_loss", "referent_stage_seconds"),
+    5: ("final_proposal_stage_loss", "proposal_stage_seconds"),
 }  # fmt: skip
-STAGE_PREFIX = {3: "list_", 4: "referent_"}
+STAGE_PREFIX = {3: "list_", 4: "referent_", 5: "proposal_"}
 
 
 def saved_stages(record: dict) -> int:
-    """How many stages a saved model's record says it has had (2, 3 or 4)."""
-    for stage in (4, 3):
+    """How many stages a saved model's record says it has had (2 to 5)."""
+    for stage in (5, 4, 3):
         if record.get(STAGE_RECORD[stage][0]) is not None:
             return stage
     return 2
@@ -746,9 +888,9 @@ def _train_stages_1_2(out_dir: Path, config: TinyLlavaConfig, recipe: Recipe, lo
 
 
 def _copy_saved(source: Path, out_dir: Path, recipe: Recipe) -> tuple[dict, int]:
-    """A model saved after stage 2 or 3 copied to ``out_dir``; its record of those stages and how
-    many it has had. Refused when its recorded recipe differs from ``recipe`` in the stages it has
-    had, or when it has had every stage."""
+    """A model saved after stage 2, 3 or 4 copied to ``out_dir``; its record of those stages and
+    how many it has had. Refused when its recorded recipe differs from ``recipe`` in the stages it
+    has had, or when it has had every stage."""
     saved = json.loads((source / RECORD).read_text())
     done = saved_stages(saved)
     if done == max(STAGE_RECORD):
@@ -773,6 +915,8 @@ def format_table(record: dict) -> str:
     lines = [f"{'kind':<10} {'accuracy':>8} {'chance':>7} {'n':>5}"]
     for kind, row in record["eval"].items():
         lines.append(f"{kind:<10} {row['accuracy']:8.3f} {row['chance']:7.3f} {row['n']:5d}")
+    for kind, row in record.get("instructions_eval", {}).items():
+        lines.append(f"{kind:<15} " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "n"))
     lift = record["attention_lift"]
     lines.append(
         f"attention lift on the object: best channel {lift['best_channel']:.2f}, "
@@ -797,9 +941,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-questions", type=int, default=200, help="per question kind")
     parser.add_argument("--referent-steps", type=int, default=Recipe.referent_steps)
     parser.add_argument("--referent-lr", type=float, default=Recipe.referent_lr)
+    parser.add_argument("--proposal-steps", type=int, default=Recipe.proposal_steps)
+    parser.add_argument("--proposal-lr", type=float, default=Recipe.proposal_lr)
+    parser.add_argument(
+        "--proposal-tower-lr-scale", type=float, default=Recipe.proposal_tower_lr_scale
+    )
     parser.add_argument(
         "--resume-from",
-        help="a model saved after stage 2 or 3 (same recipe): run the stages it has not had",
+        help="a model saved after stage 2, 3 or 4 (same recipe): run the stages it has not had",
     )
     args = parser.parse_args(argv)
     recipe = Recipe(
@@ -815,6 +964,9 @@ def main(argv: list[str] | None = None) -> None:
         list_tower_lr_scale=args.list_tower_lr_scale,
         referent_steps=args.referent_steps,
         referent_lr=args.referent_lr,
+        proposal_steps=args.proposal_steps,
+        proposal_lr=args.proposal_lr,
+        proposal_tower_lr_scale=args.proposal_tower_lr_scale,
     )
     start = time.perf_counter()
     record = build_toy_lmm(args.out, recipe, args.eval_questions, resume_from=args.resume_from)
@@ -823,7 +975,8 @@ def main(argv: list[str] | None = None) -> None:
         f"trained {record['train_seconds']:.0f} s (vision stage loss "
         f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}, list "
         f"stage loss {record.get('final_list_stage_loss', float('nan')):.4f}, referent stage "
-        f"loss {record.get('final_referent_stage_loss', float('nan')):.4f}), "
+        f"loss {record.get('final_referent_stage_loss', float('nan')):.4f}, proposal stage "
+        f"loss {record.get('final_proposal_stage_loss', float('nan')):.4f}), "
         f"total {time.perf_counter() - start:.0f} s"
     )
 
