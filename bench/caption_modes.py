@@ -17,7 +17,8 @@ the share of samples given at least one mask, error rows; model seconds per imag
 (from the done markers: caption mode with the selector adds no prefill, LMM proposals add one
 generation, image-only adds the generation).
 
-    python bench/caption_modes.py [--scenes 90] [--heads FILE] [--lmm DIR] [--json out.json]
+    python bench/caption_modes.py [--scenes 90] [--heads FILE] [--lmm DIR]
+        [--proposers selector,lmm] [--caption-layout in-place|listed] [--json out.json]
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--heads", help="heads file (default: the toy heads)")
     parser.add_argument("--lmm", help="LMM directory (default: the toy LMM)")
     parser.add_argument("--proposers", default="selector,lmm", help="comma-separated")
+    parser.add_argument("--caption-layout", default="listed", help="listed or in-place")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -148,7 +150,12 @@ def main() -> None:
             name = mode if mode == "given" else f"{mode}/{proposer}"
             out = Path(tmp, name.replace("/", "_"), "out")
             config = AnnotateConfig(
-                (str(Path(tmp, mode, "in")),), str(out), spec, preview_images=0, phrases=proposer
+                (str(Path(tmp, mode, "in")),),
+                str(out),
+                spec,
+                preview_images=0,
+                phrases=proposer,
+                caption_layout=args.caption_layout,
             )
             summary = run_annotation(config)
             assert not summary.failed, summary.failed

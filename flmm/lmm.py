@@ -135,9 +135,12 @@ class FrozenLMM(nn.Module):
         """image ``[H, W, 3]`` uint8 RGB (original frame) → the family's inputs for it."""
         return self.family.image_inputs(self.model, self.processor, image)
 
-    def prepare(self, image: torch.Tensor, phrases: list[str]) -> LMMSample:
-        """image ``[H, W, 3]`` uint8 RGB (original frame); phrases non-empty strings."""
-        inputs = self.image_inputs(image)
+    def prepare(
+        self, image: torch.Tensor, phrases: list[str], inputs: ImageInputs | None = None
+    ) -> LMMSample:
+        """image ``[H, W, 3]`` uint8 RGB (original frame); phrases non-empty strings.
+        ``inputs``: the image's own inputs when already prepared, else made here."""
+        inputs = inputs or self.image_inputs(image)
         prompt = build_prompt(self.layout, phrases, inputs.n_tokens)
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens)
 

@@ -22,7 +22,7 @@ import sys
 
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
-from pipeline.grounding import PHRASES
+from pipeline.grounding import CAPTION_LAYOUTS, PHRASES
 from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
@@ -74,6 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=LIST_PROMPT,
         help="the LMM's instruction for what a bare image shows (default: %(default)r)",
     )
+    p.add_argument(
+        "--caption-layout",
+        choices=CAPTION_LAYOUTS,
+        default="listed",
+        help="ground the phrases picked in a caption or description listed, as given phrases "
+        "in a second prefill (default; bench/NOTES.md: on the toy 0.10 gIoU better), or in "
+        "place, from the text's own prefill (keeps the text's context, e.g. for pronouns)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of generated text")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
@@ -107,6 +115,7 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         phrases=args.phrases,
         propose_prompt=args.propose_prompt,
         list_prompt=args.list_prompt,
+        caption_layout=args.caption_layout,
     )
 
 

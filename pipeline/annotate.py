@@ -30,7 +30,12 @@ import ray
 
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.decode import decode_batch
-from pipeline.grounding import PHRASES, GroundingActor, check_propose_prompt
+from pipeline.grounding import (
+    PHRASES,
+    GroundingActor,
+    check_caption_layout,
+    check_propose_prompt,
+)
 from pipeline.lock import OutputLock, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
@@ -52,7 +57,8 @@ class AnnotateConfig:
     else the grounding prompt's); phrases: who picks the phrases of captions and image-only
     samples (``auto`` | ``selector`` | ``lmm``, ``pipeline.grounding.proposer_for``), the LMM
     with ``propose_prompt`` (a caption's, its ``{caption}`` slot filled) and ``list_prompt``
-    (an image's)."""
+    (an image's); caption_layout: where those phrases are grounded, ``in-place`` in the text's
+    prefill or ``listed`` in a second prefill as given phrases."""
 
     inputs: tuple[str, ...]
     output: str
@@ -71,6 +77,7 @@ class AnnotateConfig:
     phrases: str = "auto"
     propose_prompt: str = PROPOSE_PROMPT
     list_prompt: str = LIST_PROMPT
+    caption_layout: str = "listed"
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
@@ -79,6 +86,7 @@ class AnnotateConfig:
         if self.phrases not in PHRASES:
             raise ValueError(f"phrases {self.phrases!r}: one of {PHRASES}")
         check_propose_prompt(self.propose_prompt)
+        check_caption_layout(self.caption_layout)
 
 
 @dataclass
@@ -232,6 +240,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
             "phrases": config.phrases,
             "propose_prompt": config.propose_prompt,
             "list_prompt": config.list_prompt,
+            "caption_layout": config.caption_layout,
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",

@@ -23,7 +23,7 @@ the mean probability over the mask's pixels (0 for an empty mask), a confidence 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -79,12 +79,14 @@ class GroundingActor:
         phrases: str = "auto",
         propose_prompt: str = PROPOSE_PROMPT,
         list_prompt: str = LIST_PROMPT,
+        caption_layout: str = "listed",
     ):
         if spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
             # each op wait on the slowest thread, worst on a loaded machine.
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, round(cpus)))
+        self.spec = spec
         self.model = spec.build()
         # NHWC convolutions for the U-Net, most of the heads' time at small LMMs: faster on CPU,
         # the same logits to rounding (measured in bench/NOTES.md)
@@ -96,6 +98,7 @@ class GroundingActor:
         self.proposer = proposer_for(phrases, self.model.selector is not None)
         self.propose_prompt = check_propose_prompt(propose_prompt)
         self.list_prompt = list_prompt
+        self.caption_layout = check_caption_layout(caption_layout)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._check_selector(row) for row in batch.to_pylist()]
@@ -165,16 +168,19 @@ class GroundingActor:
             clock.mark("describe_s")
             out = [self._empty_result(row, text) for row, text in zip(rows, texts)]
             todo = [b for b, t in enumerate(texts) if rows[b]["source"] == "given" or t.groundable]
-            inputs = [
-                model.prepare(images[b], rows[b]["phrases"])
-                if rows[b]["source"] == "given"
-                else model.prepare_text(images[b], texts[b].text, texts[b].spans)
-                for b in todo
-            ]
+            inputs = [self._input(images[b], rows[b], texts[b]) for b in todo]
             clock.mark("prepare_s")
             if inputs:
                 lmm_out = model.lmm([x.lmm for x in inputs])
                 selections = model.select(inputs, lmm_out)
+                for k, b in enumerate(todo):
+                    if self._listed_proposals(rows[b], texts[b]):
+                        spans = texts[b].spans
+                        selections[k] = replace(
+                            selections[k], spans=spans, confidences=[None] * len(spans)
+                        )
+                if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
+                    selections = model.listed(inputs, selections)
                 clock.mark("lmm_s")
                 embeddings = model.encode_images(inputs)
                 clock.mark("sam_s")
@@ -185,6 +191,21 @@ class GroundingActor:
         clock.mark("post_s")
         shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
         return [{**o, **shares} for o in out]
+
+    def _input(self, image: torch.Tensor, row: dict, text: Text):
+        """The model's input for a row: its given phrases; phrases proposed before the prefill,
+        under the listed layout, laid out as given phrases; else its text (in which the proposed
+        spans are grounded in place, or the selector picks)."""
+        if row["source"] == "given":
+            return self.model.prepare(image, row["phrases"])
+        if self._listed_proposals(row, text):
+            return self.model.prepare(image, [text.text[a:b] for a, b in text.spans])
+        return self.model.prepare_text(image, text.text, text.spans)
+
+    def _listed_proposals(self, row: dict, text: Text) -> bool:
+        return (
+            row["source"] != "given" and text.spans is not None and self.caption_layout == "listed"
+        )
 
     def _annotations(self, row: dict, text: str, selection, grounding) -> dict:
         """The phrase lists of one sample: its phrases (selected ones: their text, span and
@@ -267,6 +288,17 @@ def proposer_for(phrases: str, has_selector: bool) -> str:
     if phrases == "selector" and not has_selector:
         return "missing"
     return phrases
+
+
+CAPTION_LAYOUTS = ("in-place", "listed")
+
+
+def check_caption_layout(layout: str) -> str:
+    """How the phrases picked in a caption or description are grounded: ``in-place`` in the
+    text's own prefill, or ``listed`` in a second prefill as given phrases (``FLMM.listed``)."""
+    if layout not in CAPTION_LAYOUTS:
+        raise ValueError(f"--caption-layout {layout!r}: one of {CAPTION_LAYOUTS}")
+    return layout
 
 
 def check_propose_prompt(prompt: str) -> str:

@@ -50,7 +50,7 @@ def run_actor(actor, rows):
 
 
 def test_captions_are_grounded_span_by_span_from_the_one_prefill(spec, decoded, one_thread):
-    actor = GroundingActor(spec)
+    actor = GroundingActor(spec, caption_layout="in-place")
     language_model = actor.model.lmm.model.model.language_model
     calls = []
     hook = language_model.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -79,6 +79,28 @@ def test_captions_are_grounded_span_by_span_from_the_one_prefill(spec, decoded, 
     assert caption["text"] == "a red circle" and caption["phrases"][:2] == ["a", "red"]
     assert len(long["text"]) == 1000 and long["warning"].startswith("caption truncated")
     assert long["phrases"][:3] == ["the", "red", "circle"] and len(long["phrases"]) < 12
+
+
+def test_listed_layout_grounds_the_selected_phrases_as_given_phrases(spec, decoded, one_thread):
+    """``--caption-layout listed`` (the default): the caption's spans are picked from its prefill,
+    then grounded in a second prefill exactly as the same phrases given in ``phrases`` are; the
+    in-place layout grounds them differently (a check that the two layouts are not the same)."""
+    actor = GroundingActor(spec)
+    (listed,) = run_actor(actor, [decoded["caption_txt"]]).values()
+    assert listed["phrases"] == ["a", "red", "circle"] and listed["spans"] == [
+        [0, 1],
+        [2, 5],
+        [6, 12],
+    ]
+    as_given = dict(decoded["good_rgb"], key="as_given", phrases=listed["phrases"])
+    as_given.update(pixels=decoded["caption_txt"]["pixels"])
+    as_given.update(height=decoded["caption_txt"]["height"], width=decoded["caption_txt"]["width"])
+    (given,) = run_actor(actor, [as_given]).values()
+    assert given["source"] == "given" and listed["counts"] == given["counts"]
+    assert listed["bboxes"] == given["bboxes"] and listed["scores"] == given["scores"]
+    in_place = GroundingActor(spec, caption_layout="in-place")
+    (row,) = run_actor(in_place, [decoded["caption_txt"]]).values()
+    assert row["spans"] == listed["spans"] and row["scores"] != listed["scores"]
 
 
 def test_image_only_samples_ground_the_description_the_lmm_writes(spec, decoded, one_thread):

@@ -278,6 +278,24 @@ def test_every_family_grounds_the_lmms_proposals(actor, decoded, grown, one_thre
     assert again["as_given"]["bboxes"] == bare["bboxes"]
 
 
+def test_in_place_layout_grounds_proposals_in_the_captions_own_prefill(actor, decoded, grown):
+    """``--caption-layout in-place``: the same spans, grounded from the caption's own prefill
+    (one prefill for the batch, the caption's tokens in it)."""
+    rows = [decoded["given"], grown]
+    listed_rows = run(actor, rows)
+    actor.caption_layout = "in-place"
+    try:
+        results, calls = counted_run(actor, rows)
+    finally:
+        actor.caption_layout = "listed"
+    assert results["grown"]["spans"] == listed_rows["grown"]["spans"] != []
+    assert results["given"]["counts"] == listed_rows["given"]["counts"]
+    assert calls["prefill"] == [2]
+    caption = actor.model.lmm.prepare_text(image_of(grown), grown["text"])[0].input_ids
+    listed_ids = actor.model.prepare(image_of(grown), results["grown"]["phrases"]).lmm.input_ids
+    assert not torch.equal(caption, listed_ids)  # the two layouts prefill different tokens
+
+
 def test_an_img2dataset_shard_goes_through_caption_mode(actor, decoded, one_thread):
     rows = [decoded[key] for key in IMG2DATASET]
     for row, files in zip(rows, IMG2DATASET.values()):
