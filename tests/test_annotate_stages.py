@@ -274,7 +274,8 @@ def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actor would have under Ray with one CPU
     try:
-        result = GroundingActor(ModelSpec(str(tiny_llava_dir), "tiny"))(batch)
+        spec = ModelSpec(str(tiny_llava_dir), "tiny")
+        result = GroundingActor(spec, phrases="selector")(batch)  # caption_txt: no_selector
     finally:
         torch.set_num_threads(threads)
     assert result.schema.equals(RESULT_SCHEMA)
