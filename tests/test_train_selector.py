@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_resume import straight_and_resumed
 
 from flmm.build import read_heads_file
 from flmm.checkpoint import read_metadata, save_tensors
@@ -38,7 +39,6 @@ from pipeline.train import (
     export_heads,
     fit_heads,
     lmm_dims,
-    restore_training_state,
     save_checkpoint,
     train_selector_on_batch,
 )
@@ -223,23 +223,7 @@ def test_a_selector_run_resumed_from_its_checkpoint_continues_as_if_never_stoppe
 ):
     config = selector_config(tiny_llava_dir, init_heads, epochs=4)
     total, stop = config.total_steps, 6
-    straight = build_trainable_heads(config)
-    optim, schedule = build_optimizer(straight, total, config.optim)
-    train(straight, optim, schedule, config, captions, 0, total)
-
-    first = build_trainable_heads(config)
-    optim, schedule = build_optimizer(first, total, config.optim)
-    train(first, optim, schedule, config, captions, 0, stop)
-    save_checkpoint(tmp_path, first, optim, schedule, stop)
-    del first, optim, schedule
-
-    resumed = build_trainable_heads(config)  # a restarted worker: fresh heads, then the state
-    state = restore_training_state(tmp_path, resumed)
-    optim, schedule = build_optimizer(resumed, total, config.optim)
-    optim.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    assert state["step"] == stop and schedule.last_epoch == stop
-    train(resumed, optim, schedule, config, captions, stop, total - stop)
+    straight, resumed = straight_and_resumed(config, train, captions, total, stop, tmp_path)
     expected, got = straight.state_dict(), resumed.state_dict()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)

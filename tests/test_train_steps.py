@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from train_resume import straight_and_resumed
 
 from flmm.geometry import fit_longest
 from flmm.optim import OptimConfig, build_optimizer, step
@@ -24,7 +25,6 @@ from pipeline.train import (
     build_trainable_heads,
     lmm_dims,
     restore_training_state,
-    save_checkpoint,
     train_on_batch,
 )
 from toyworld.scenes import SceneConfig
@@ -98,23 +98,7 @@ def test_a_run_resumed_from_its_checkpoint_continues_as_if_never_stopped(
     features, config, tmp_path
 ):
     total, stop = 8, 4
-    straight = build_trainable_heads(config)
-    optim, schedule = build_optimizer(straight, total, config.optim)
-    train(straight, optim, schedule, config, features, 0, total)
-
-    first = build_trainable_heads(config)
-    optim, schedule = build_optimizer(first, total, config.optim)
-    train(first, optim, schedule, config, features, 0, stop)
-    save_checkpoint(tmp_path, first, optim, schedule, stop)
-    del first, optim, schedule
-
-    resumed = build_trainable_heads(config)  # a restarted worker: fresh heads, then the state
-    state = restore_training_state(tmp_path, resumed)
-    optim, schedule = build_optimizer(resumed, total, config.optim)
-    optim.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    assert state["step"] == stop and schedule.last_epoch == stop
-    train(resumed, optim, schedule, config, features, stop, total - stop)
+    straight, resumed = straight_and_resumed(config, train, features, total, stop, tmp_path)
 
     expected, got = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
