@@ -37,7 +37,8 @@ class GroundingInput:
     lmm: the LMM's sample (pixels, prompt ids, phrase tokens, geometry);
     sam_pixels ``[1, 3, S, S]`` in SAM's input frame; sam_input_size (h1, w1) before padding;
     text: the free text of a text input (phrases to be selected), None for given phrases;
-    text_offsets: each text token's ``[start, end)`` characters in ``text``;
+    text_offsets: each text token's ``[start, end)`` characters in ``text`` (None when the
+    spans were prepared listed, as given phrases: ``prepare_text``);
     spans: the ``[start, end)`` characters of ``text`` to ground, when proposed before the
     prefill (``flmm.proposals``); None: the keyword selector picks them from the prefill.
     """
@@ -102,10 +103,15 @@ class FLMM(nn.Module):
         return GroundingInput(self.lmm.prepare(image, phrases), sam_pixels.cpu(), input_size)
 
     def prepare_text(
-        self, image: torch.Tensor, text: str, spans: list[tuple[int, int]] | None = None
+        self,
+        image: torch.Tensor,
+        text: str,
+        spans: list[tuple[int, int]] | None = None,
+        listed: bool = False,
     ) -> GroundingInput:
         """image ``[H, W, 3]`` uint8 RGB; a free text whose ``spans`` (``[start, end)``
-        characters) are grounded in place, or, with ``spans`` None, the spans the keyword
+        characters) are grounded in place, or, with ``listed``, laid out as given phrases
+        (``prepare``; the text then only names them); with ``spans`` None, the spans the keyword
         selector picks (a heads file without a selector cannot: ValueError)."""
         if spans is None and self.selector is None:
             raise ValueError(
@@ -113,6 +119,9 @@ class FLMM(nn.Module):
                 "proposals, flmm.proposals) or heads trained with a selector"
             )
         sam_pixels, input_size = self.image_encoder.preprocess(image.cpu())
+        if listed and spans is not None:
+            lmm = self.lmm.prepare(image, [text[a:b] for a, b in spans])
+            return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, None, spans)
         lmm, offsets = self.lmm.prepare_text(image, text)
         return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, offsets, spans)
 
@@ -125,6 +134,9 @@ class FLMM(nn.Module):
         for b, x in enumerate(inputs):
             if x.text is None:
                 out.append(Selection(lmm_out.attention[b], lmm_out.hidden[b], [], []))
+            elif x.text_offsets is None:  # its spans prepared listed, as given phrases
+                spans, attention, hidden = x.spans, lmm_out.attention[b], lmm_out.hidden[b]
+                out.append(Selection(attention, hidden, list(spans), [None] * len(spans)))
             elif x.spans is not None:
                 slots = span_slots(x.text_offsets, x.spans)
                 kept = [(span, s) for span, s in zip(x.spans, slots) if s is not None]
@@ -144,7 +156,9 @@ class FLMM(nn.Module):
         confidences are kept. (Where the heads ground an expression better from its listed
         tokens than from inside a text: the toy's, whose tokenizer merges a phrase's last word
         with the period after it, bench/NOTES.md.)"""
-        picks = [b for b, x in enumerate(inputs) if x.text is not None and selections[b].spans]
+        picks = [
+            b for b, x in enumerate(inputs) if x.text_offsets is not None and selections[b].spans
+        ]
         if not picks:
             return selections
         samples = []

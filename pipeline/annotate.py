@@ -31,9 +31,9 @@ import ray
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.decode import decode_batch
 from pipeline.grounding import (
-    PHRASES,
     GroundingActor,
     check_caption_layout,
+    check_phrases,
     check_propose_prompt,
 )
 from pipeline.lock import OutputLock, check_writable
@@ -83,8 +83,7 @@ class AnnotateConfig:
     fail_first_write: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.phrases not in PHRASES:
-            raise ValueError(f"phrases {self.phrases!r}: one of {PHRASES}")
+        check_phrases(self.phrases)
         check_propose_prompt(self.propose_prompt)
         check_caption_layout(self.caption_layout)
 

@@ -23,7 +23,7 @@ the mean probability over the mask's pixels (0 for an empty mask), a confidence 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -173,12 +173,6 @@ class GroundingActor:
             if inputs:
                 lmm_out = model.lmm([x.lmm for x in inputs])
                 selections = model.select(inputs, lmm_out)
-                for k, b in enumerate(todo):
-                    if self._listed_proposals(rows[b], texts[b]):
-                        spans = texts[b].spans
-                        selections[k] = replace(
-                            selections[k], spans=spans, confidences=[None] * len(spans)
-                        )
                 if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
                     selections = model.listed(inputs, selections)
                 clock.mark("lmm_s")
@@ -193,19 +187,12 @@ class GroundingActor:
         return [{**o, **shares} for o in out]
 
     def _input(self, image: torch.Tensor, row: dict, text: Text):
-        """The model's input for a row: its given phrases; phrases proposed before the prefill,
-        under the listed layout, laid out as given phrases; else its text (in which the proposed
-        spans are grounded in place, or the selector picks)."""
+        """The model's input for a row: its given phrases, or its text (with the spans proposed
+        before the prefill, laid out as given phrases under the listed layout)."""
         if row["source"] == "given":
             return self.model.prepare(image, row["phrases"])
-        if self._listed_proposals(row, text):
-            return self.model.prepare(image, [text.text[a:b] for a, b in text.spans])
-        return self.model.prepare_text(image, text.text, text.spans)
-
-    def _listed_proposals(self, row: dict, text: Text) -> bool:
-        return (
-            row["source"] != "given" and text.spans is not None and self.caption_layout == "listed"
-        )
+        listed = self.caption_layout == "listed"
+        return self.model.prepare_text(image, text.text, text.spans, listed)
 
     def _annotations(self, row: dict, text: str, selection, grounding) -> dict:
         """The phrase lists of one sample: its phrases (selected ones: their text, span and
@@ -230,9 +217,11 @@ class GroundingActor:
         generated = [b for b, r in enumerate(rows) if r["source"] == "generated"]
         if self.proposer == "lmm":
             captions = [b for b, r in enumerate(rows) if r["source"] == "caption"]
-            for b, answer in zip(captions, self._ask(images, captions, self._propose_for(rows))):
+            asks = [self.propose_prompt.replace(CAPTION_SLOT, rows[b]["text"]) for b in captions]
+            for b, answer in zip(captions, self._ask(images, captions, asks)):
                 texts[b] = proposed_text(rows[b]["text"], answer)
-            for b, answer in zip(generated, self._ask(images, generated, self.list_prompt)):
+            asks = [self.list_prompt] * len(generated)
+            for b, answer in zip(generated, self._ask(images, generated, asks)):
                 texts[b] = listed(answer)
         elif generated:
             instruction = self._describe_instruction()
@@ -243,16 +232,12 @@ class GroundingActor:
                 texts[b] = Text(description, warning="" if description else EMPTY_DESCRIPTION)
         return texts
 
-    def _ask(self, images, rows: list[int], prompt) -> list[str]:
-        """The LMM's answers for ``rows`` (indices into the batch) to ``prompt`` (one string, or
-        a function of the row index); one batched generation, none for no rows."""
+    def _ask(self, images, rows: list[int], instructions: list[str]) -> list[str]:
+        """The LMM's answers for ``rows`` (indices into the batch), one instruction each; one
+        batched generation, none for no rows."""
         if not rows:
             return []
-        instructions = [prompt(b) if callable(prompt) else prompt for b in rows]
         return self.model.lmm.answer([images[b] for b in rows], instructions, self.max_new_tokens)
-
-    def _propose_for(self, rows: list[dict]):
-        return lambda b: self.propose_prompt.replace(CAPTION_SLOT, rows[b]["text"])
 
     def _describe_instruction(self) -> str | None:
         """``--describe-prompt``, else the instruction the selector was trained to read, else
@@ -281,12 +266,16 @@ def proposer_for(phrases: str, has_selector: bool) -> str:
     """Who picks the phrases of captions and image-only samples: ``"selector"`` (the heads'
     keyword selector), ``"lmm"`` (the frozen LMM's proposals) or ``"missing"`` (``selector``
     asked for, and the heads have none). ``auto``: the selector when there is one."""
-    if phrases not in PHRASES:
-        raise ValueError(f"--phrases {phrases!r}: one of {PHRASES}")
-    if phrases == "auto":
+    if check_phrases(phrases) == "auto":
         return "selector" if has_selector else "lmm"
     if phrases == "selector" and not has_selector:
         return "missing"
+    return phrases
+
+
+def check_phrases(phrases: str) -> str:
+    if phrases not in PHRASES:
+        raise ValueError(f"--phrases {phrases!r}: one of {PHRASES}")
     return phrases
 
 
