@@ -946,6 +946,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--proposal-tower-lr-scale", type=float, default=Recipe.proposal_tower_lr_scale
     )
+    for name in ("fraction", "caption_fraction", "list_fraction", "reason_fraction"):
+        default = getattr(Recipe, f"proposal_{name}")
+        parser.add_argument(f"--proposal-{name.replace('_', '-')}", type=float, default=default)
     parser.add_argument(
         "--resume-from",
         help="a model saved after stage 2, 3 or 4 (same recipe): run the stages it has not had",
@@ -967,6 +970,10 @@ def main(argv: list[str] | None = None) -> None:
         proposal_steps=args.proposal_steps,
         proposal_lr=args.proposal_lr,
         proposal_tower_lr_scale=args.proposal_tower_lr_scale,
+        proposal_fraction=args.proposal_fraction,
+        proposal_caption_fraction=args.proposal_caption_fraction,
+        proposal_list_fraction=args.proposal_list_fraction,
+        proposal_reason_fraction=args.proposal_reason_fraction,
     )
     start = time.perf_counter()
     record = build_toy_lmm(args.out, recipe, args.eval_questions, resume_from=args.resume_from)
