@@ -4,9 +4,9 @@ heads have no keyword selector (or ``--phrases lmm``).
 Caption: the LMM is asked (``PROPOSE_PROMPT``, the caption in its ``{caption}`` slot) for the
 caption's phrases that name visible things, copied verbatim, one per line; each proposal is then
 found in the caption (``locate``: case-insensitive, on word boundaries, the first occurrence not
-yet claimed) and grounded in place from the caption's own prefill. Bare image: the LMM lists what
-it sees (``LIST_PROMPT``); the list, one item per line, becomes the sample's text and every item is
-grounded in place.
+yet claimed). Bare image: the LMM lists what it sees (``LIST_PROMPT``); the items, laid out as
+given phrases (``listed_text``), become the sample's text. The found spans are then grounded
+(``pipeline.grounding``: laid out as given phrases, or in place in the caption's own prefill).
 
 Spans are ``[start, end)`` Unicode code points (Python ``str`` indices) of the text.
 """
@@ -24,7 +24,8 @@ PROPOSE_PROMPT = (
 LIST_PROMPT = "List the things you see in the image, one per line."
 CAPTION_SLOT = "{caption}"
 
-NONE_ANSWERS = {"none", "nothing", "n/a", "no", "no phrases", "none.", "-"}
+# (compared after edge punctuation is stripped; items without a letter or digit are dropped)
+NONE_ANSWERS = {"none", "nothing", "n/a", "no", "no phrases"}
 _NUMBERING = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*•·–—]|#)\s*")
 _QUOTES = "\"'`“”‘’«»"
 _EDGE_PUNCTUATION = ".,;:!?" + _QUOTES

@@ -35,7 +35,13 @@ import torch
 from flmm.families import ImageInputs
 from flmm.prompt import span_slots
 from flmm.selector import bio_tags
-from pipeline.decode import SampleError, caption_spans, decode_sample, object_targets
+from pipeline.decode import (
+    SampleError,
+    caption_spans,
+    decode_sample,
+    object_targets,
+    pixels_of,
+)
 from pipeline.features import ImageFeatures, TextFeatures
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
@@ -213,9 +219,8 @@ class CaptionActor:
 
 
 def _image(row: dict) -> torch.Tensor:
-    """A ``SAMPLE_SCHEMA`` row's pixels, uint8 ``[H, W, 3]`` RGB."""
-    image = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
-    return torch.from_numpy(image.copy())
+    """A ``SAMPLE_SCHEMA`` row's pixels, uint8 ``[H, W, 3]`` RGB (a writable copy)."""
+    return torch.from_numpy(pixels_of(row).copy())
 
 
 def caption_prefill(
