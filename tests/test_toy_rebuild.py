@@ -16,7 +16,8 @@ TINY = [
     "--sam-args",
     "--steps 2 --eval-objects 4",
     "--lmm-args",
-    "--vision-steps 2 --steps 2 --batch 4 --list-steps 2 --referent-steps 2 --eval-questions 2",
+    "--vision-steps 2 --steps 2 --batch 4 --list-steps 2 --referent-steps 2 --proposal-steps 2 "
+    "--eval-questions 2",
 ]
 
 
@@ -37,8 +38,8 @@ def test_rebuild_writes_both_models_with_their_records_and_tags_their_output(tmp
     assert json.loads((tmp_path / "sam.json").read_text())["recipe"]["steps"] == 2
     record = json.loads((tmp_path / "llava" / "toy_world.json").read_text())
     recipe = record["recipe"]
-    steps = ("vision_steps", "steps", "list_steps", "referent_steps")
-    assert [recipe[name] for name in steps] == [2, 2, 2, 2]
+    steps = ("vision_steps", "steps", "list_steps", "referent_steps", "proposal_steps")
+    assert [recipe[name] for name in steps] == [2, 2, 2, 2, 2]
     assert (tmp_path / "llava" / "model.safetensors").is_file()
     lines = done.stdout.splitlines()
     assert any(line.startswith("[sam] trained 2 steps") for line in lines)

@@ -18,8 +18,7 @@ Recipe (``python -m toyworld.lmm --out models/toy/llava``):
    their details colour first, so that the token ending such an expression has to find its
    object to predict what comes next; plus lists, "Where is …?" and other short-answer
    questions (without them the model forgets those answers); saved in fp16;
-5. a fifth stage (the proposal stage; a candidate, off by default: ``--proposal-steps 600``),
-   from the stage-4 fp16 weights, short, at half the lr, the vision tower frozen:
+5. a fifth stage (the proposal stage), from the stage-4 fp16 weights, the vision tower frozen:
    the instructions a frozen LMM is asked when the heads have no selector
    (``toyworld.instructions``: a toy text's phrases copied one per line, a list one per line) and
    questions answered by one object, mixed with replay of stage 4's questions so that the
@@ -141,13 +140,13 @@ class Recipe:
     referent_position_fraction: float = 0.1  # "Where is …?" questions
     referent_short_fraction: float = 0.1  # short-answer questions of any kind (as stage 2's)
     referent_colourless: float = 0.8  # the rest: detailed descriptions, colourless expressions
-    proposal_steps: int = 0  # stage 5 (0: none; not shipped yet, its candidate: 600); batch 24
-    proposal_lr: float = 5e-4
+    proposal_steps: int = 2400  # stage 5 (0: none); batch as stage 2
+    proposal_lr: float = 1e-3
     proposal_warmup: int = 20
     proposal_tower_lr_scale: float = 0.0  # the vision tower's lr in stage 5, × proposal_lr
-    proposal_fraction: float = 0.3  # of stage 5's questions: phrase proposals of a toy text
-    proposal_caption_fraction: float = 0.0  # of the proposals: on a fresh caption (make_caption)
-    proposal_list_fraction: float = 0.2  # lists one per line (LIST_PROMPT)
+    proposal_fraction: float = 0.5  # of stage 5's questions: phrase proposals of a toy text
+    proposal_caption_fraction: float = 0.67  # of the proposals: on a fresh caption (make_caption)
+    proposal_list_fraction: float = 0.15  # lists one per line (LIST_PROMPT)
     proposal_reason_fraction: float = 0.1  # questions answered by one object (if the scene has)
     seed: int = 0
     threads: int = 1
