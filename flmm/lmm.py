@@ -6,7 +6,8 @@ their tokens lie. For a batch of (image, phrases) it runs one prefill and return
 
 - attention maps ``[V·L·H, h, w]`` (view-major, then layer-major: channel = (v·L + l)·H + head) of
   the phrase tokens over the image's token grids, merged over the phrase's tokens (mean or max),
-  each view's map resized (bilinear) to the image's grid ``(h, w)`` and normalised to sum 1;
+  each view's map resized (bilinear, antialiased: a shrunk view keeps every row) to the image's
+  grid ``(h, w)`` and normalised to sum 1;
 - the phrase tokens' hidden states of every layer ``[n_tok, L, D]`` (the language cue of the
   refiner; entry l is the output of layer l, the last one after the final norm, as transformers'
   ``hidden_states[1:]``).
@@ -269,8 +270,8 @@ class FrozenLMM(nn.Module):
                 m = rows.mean(dim=2) if self.merge == "mean" else rows.amax(dim=2)
                 per_phrase.append(m)
             out = torch.stack(per_phrase).flatten(1, 2)  # [P, L·H, r, c]
-            if tuple(out.shape[-2:]) != image.grid:
-                out = F.interpolate(out, size=image.grid, mode="bilinear")
+            if tuple(out.shape[-2:]) != image.grid:  # antialiased: a shrunk view loses no row
+                out = F.interpolate(out, size=image.grid, mode="bilinear", antialias=True)
             merged.append(out / out.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12))
         return torch.cat(merged, dim=1)
 

@@ -36,11 +36,12 @@ class Llava(Family):
 def llava_pixels(image_processor, image: torch.Tensor) -> tuple[torch.Tensor, ImageGeometry]:
     """LLaVA-1.5 preprocessing of ``[H, W, 3]`` uint8 RGB → pixel_values ``[3, S, S]``, geometry.
 
-    Pads to the centred square with the processor's mean colour, then the processor's own
-    resize / rescale / normalise.
+    Pads to the centred square (padding split floor-first) with the processor's mean colour as
+    transformers' ``LlavaImageProcessor`` (``do_pad``) does, ``int(255 · mean)`` per channel
+    ((122, 116, 104) for CLIP's mean), then the processor's own resize / rescale / normalise.
     """
     geometry = ImageGeometry.square(image.shape[0], image.shape[1])
-    mean = torch.tensor([round(255 * m) for m in image_processor.image_mean], dtype=torch.uint8)
+    mean = torch.tensor([int(255 * m) for m in image_processor.image_mean], dtype=torch.uint8)
     square = mean.view(1, 1, 3).expand(geometry.frame_height, geometry.frame_width, 3).clone()
     top, left = geometry.top, geometry.left
     square[top : top + geometry.height, left : left + geometry.width] = image
