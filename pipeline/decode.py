@@ -35,7 +35,7 @@ ERROR_KINDS = {
     "empty_image": "the image file has zero bytes",
     "corrupt_image": "the image does not decode (or is too large to decode safely)",
     "missing_text": "the .json has neither `phrases` nor `caption`",
-    "bad_text": "the text is not UTF-8 / not a JSON object / phrases not a list of strings",
+    "bad_text": "the .json is not UTF-8 / not a JSON object / phrases not a list of strings",
     "no_phrases": "the phrase list is empty, or a phrase is blank",
     "no_selector": "a caption / image-only sample under --phrases selector, without a selector",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
@@ -59,7 +59,7 @@ DECODED_SCHEMA = pa.schema(
         ("phrases", pa.list_(pa.string())),  # given phrases ("given"), else []
         ("text", pa.string()),  # the caption to select phrases from ("caption"), else ""
         ("source", pa.string()),  # "given" | "caption" | "generated" (to describe); "" unless ok
-        ("warning", pa.string()),  # e.g. a truncated caption; "" if none
+        ("warning", pa.string()),  # e.g. a truncated caption, skipped tar members; "" if none
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
         ("decode_s", pa.float64()),
@@ -130,17 +130,34 @@ def _high_bit_depth_grey(values: np.ndarray) -> np.ndarray:
 
 
 def parse_text(data: bytes, ext: str) -> dict:
-    """``<key>.json`` (a JSON object) or ``<key>.txt`` (a caption) → meta dict."""
+    """``<key>.json`` (a JSON object) or ``<key>.txt`` (a caption) → meta dict. A caption that
+    is not UTF-8 (scraped captions sometimes are) is decoded with U+FFFD replacement characters
+    (``text_warning`` says so); a JSON file must be UTF-8."""
     if not ext:
         raise SampleError("missing_text", "sample has neither .json nor .txt")
+    if ext == "txt":
+        return {"caption": data.decode("utf-8", errors="replace")}
     try:
-        text = data.decode("utf-8")
-        meta = json.loads(text) if ext == "json" else {"caption": text}
+        meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SampleError("bad_text", f"{ext}: {error}") from None
     if not isinstance(meta, dict):
         raise SampleError("bad_text", f"json is a {type(meta).__name__}, not an object")
     return meta
+
+
+def text_warning(data: bytes, ext: str) -> str:
+    """The warning of a ``.txt`` caption that is not UTF-8 ("" for any other text)."""
+    if ext != "txt":
+        return ""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return (
+            f"the .txt caption is not UTF-8 ({error.reason} at byte {error.start}): "
+            "undecodable bytes replaced with U+FFFD"
+        )
+    return ""
 
 
 MAX_TEXT_CHARS = 1000  # longer captions are cut here (with a warning): the LMM's context is finite
@@ -305,7 +322,7 @@ def _decode_row(row: dict, describe: bool = False) -> dict:
     start = time.perf_counter()
     out = {name: row[name] for name in ("shard", "key", "n_samples", "shard_error", "read_s")}
     out.update(status="ok", error_kind="", error="", pixels=b"", height=0, width=0, phrases=[])
-    out.update(text="", source="", warning="")
+    out.update(text="", source="", warning=row["warning"])
     if not row["key"]:
         out["status"] = "shard"
     elif problem := key_problem(row["key"]):
@@ -317,7 +334,8 @@ def _decode_row(row: dict, describe: bool = False) -> dict:
             height, width = pixels.shape[:2]
             out.update(pixels=pixels.tobytes(), height=height, width=width)
             out.update(phrases=list(request.phrases), text=request.text, source=request.source)
-            out["warning"] = request.warning
+            found = (row["warning"], text_warning(row["text"], row["text_ext"]), request.warning)
+            out["warning"] = "; ".join(w for w in found if w)
         except SampleError as error:
             out.update(status="error", error_kind=error.kind, error=str(error))
         except Exception as error:  # noqa: BLE001 - a bug on one sample must not fail a shard

@@ -2,12 +2,15 @@
 
 Inputs (``schemas/INPUT_FORMAT.md``) are WebDataset ``.tar`` shards given as directories (their
 ``*.tar``, sorted), files, or brace patterns (``data/shard-{000000..000099}.tar``), on the local
-disk or any filesystem pyarrow knows (``s3://``, ``gs://``, ``hdfs://``). A shard's name is its
-file name without ``.tar``; outputs are named after it, so names must be unique.
+disk or any filesystem pyarrow knows (``s3://``, ``gs://``, ``hdfs://``; filesystem options as
+the URI's query, ``pipeline.uri``). A shard's name is its file name without ``.tar`` (and without
+the query); outputs are named after it, so names must be unique.
 
 ``read_shard`` is the first pipeline stage: one shard in, one row per sample out, the raw bytes
 untouched (``RAW_SCHEMA``). A shard whose tar is corrupt or truncated becomes a single row with
 ``shard_error`` set: it is reported as failed and, having no done marker, retried by a rerun.
+Members that belong to no sample (a directory entry, a name without extension) are skipped as
+WebDataset skips them, named in every row's ``warning``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
+from pipeline.uri import absolute, basename, filesystem, on_same_filesystem
 from pipeline.formats import IMAGE_EXTENSIONS, TEXT_EXTENSIONS
 
 # One row per sample. ``key == ""`` marks a shard-level row (an empty or unreadable shard), with
@@ -38,14 +42,10 @@ RAW_SCHEMA = pa.schema(
         ("text_ext", pa.string()),  # "json" | "txt" | ""
         ("exts", pa.string()),  # every member's extension, comma-separated, sorted, repeats kept
         ("shard_error", pa.string()),
+        ("warning", pa.string()),  # tar members skipped (skipped_warning), on every row; or ""
         ("read_s", pa.float64()),  # seconds spent reading the whole shard
     ]
 )
-
-
-def _local_or_uri(path: str) -> str:
-    """pyarrow wants absolute local paths; URIs (``s3://...``) pass unchanged."""
-    return path if "://" in path else posixpath.abspath(path)
 
 
 def resolve_shards(inputs: Sequence[str]) -> list[str]:
@@ -56,38 +56,35 @@ def resolve_shards(inputs: Sequence[str]) -> list[str]:
     uris: list[str] = []
     for given in inputs:
         for path in braceexpand(given):
-            uris.extend(_expand_one(_local_or_uri(path), given))
+            uris.extend(_expand_one(absolute(path), given))
     if not uris:
         raise ValueError(f"no .tar shards found in {list(inputs)}")
     names: dict[str, str] = {}
-    for uri in uris:
-        name = shard_name(uri)
+    for found in uris:
+        name = shard_name(found)
         if name in names:
-            raise ValueError(f"two shards named {name!r}: {names[name]} and {uri}")
-        names[name] = uri
+            raise ValueError(f"two shards named {name!r}: {names[name]} and {found}")
+        names[name] = found
     return uris
 
 
-def _expand_one(uri: str, given: str) -> list[str]:
-    """One path or URI → its shard URIs. Listed files get the URI's scheme (and authority)
-    back, e.g. ``s3://`` + ``bucket/dir/x.tar``, ``hdfs://host:8020`` + ``/dir/x.tar``."""
-    uri = uri.rstrip("/") if "://" in uri else uri
-    fs, path = pafs.FileSystem.from_uri(uri)
-    info = fs.get_file_info(path)
+def _expand_one(path: str, given: str) -> list[str]:
+    """One path or URI → its shard URIs. Listed files get the URI's scheme, authority and query
+    back (``pipeline.uri.on_same_filesystem``), e.g. ``s3://`` + ``bucket/dir/x.tar``."""
+    fs, on_fs = filesystem(path)
+    info = fs.get_file_info(on_fs)
     if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"input not found: {uri} (from {given!r})")
-    prefix = uri[: len(uri) - len(path)] if "://" in uri and uri.endswith(path) else ""
+        raise ValueError(f"input not found: {path} (from {given!r})")
     if info.type == pafs.FileType.Directory:
-        listing = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        listing = fs.get_file_info(pafs.FileSelector(on_fs, recursive=False))
         tars = sorted(i.path for i in listing if i.is_file and i.path.endswith(".tar"))
-        return [prefix + p for p in tars]
-    return [uri]
+        return [on_same_filesystem(path, on_fs, tar) for tar in tars]
+    return [path]
 
 
-def shard_name(uri: str) -> str:
-    """``s3://b/data/train-000003.tar`` → ``train-000003``."""
-    base = posixpath.basename(uri.rstrip("/"))
-    return base.removesuffix(".tar")
+def shard_name(path: str) -> str:
+    """``s3://b/data/train-000003.tar?region=r`` → ``train-000003`` (never the query)."""
+    return basename(path).removesuffix(".tar")
 
 
 class ShardError(ValueError):
@@ -105,38 +102,83 @@ _READ_BUFFER = 1 << 20
 _META = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, skipped as it does
 
 
-def iter_tar_members(uri: str) -> Iterator[tuple[str, str, bytes]]:
+def iter_tar_members(uri: str, skipped: list[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
     """Stream ``(key, ext, bytes)`` per regular file of an uncompressed tar shard, in tar order.
     Keys are split at the file name's first dot (WebDataset's rule), extensions lower-cased.
+
+    Members WebDataset skips are skipped: its metadata (``__*__``) silently; a member that is not
+    a regular file (a directory entry, a link) or whose name is not ``<key>.<extension>`` (no
+    extension, or a hidden ``.name``) with a note in ``skipped``, when given.
 
     The shard must be whole: raises ``ShardError`` if a member is cut short, if the archive does
     not end with its end-of-archive marker (a tar cut exactly at a member boundary reads as
     complete otherwise), if anything but zeros follows the marker, or if the bytes read differ
     from the file's size on the filesystem. The error comes after the members already yielded,
     so callers must not commit anything of a shard before the iteration ends."""
-    fs, path = pafs.FileSystem.from_uri(_local_or_uri(uri))
+    fs, path = filesystem(uri)
     size = fs.get_file_info(path).size
     with fs.open_input_stream(path, buffer_size=_READ_BUFFER) as raw:
         stream = _TailKeeper(raw)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for info in tar:
-                    if info.isreg() and not _META.match(info.name):
-                        yield *_split_name(info.name), tar.extractfile(info).read()
+                    data = _member_data(tar, info, uri)
+                    split = _split_name(info.name) if info.isreg() else None
+                    if _META.match(info.name):
+                        continue
+                    if split is None:
+                        if skipped is not None:
+                            skipped.append(_skip_note(info))
+                        continue
+                    yield *split, data
                 end = tar.offset  # where the end-of-archive marker must start
-        except tarfile.ReadError as error:
-            cut = any(
-                words in str(error)
-                for words in ("unexpected end", "empty file", "truncated header")
-            )
-            kind = "truncated" if cut else "corrupt"
-            raise ShardError(kind, f"{uri}: {error}") from None
+        except tarfile.TarError as error:
+            raise ShardError(_error_kind(error, stream), f"{uri}: {error}") from None
         _check_end_of_archive(stream, end, uri)
     if size is not None and stream.position != size:
         raise ShardError(
             "truncated" if stream.position < size else "corrupt",
             f"{uri}: read {stream.position} bytes but the file has {size}",
         )
+
+
+def _member_data(tar: tarfile.TarFile, info: tarfile.TarInfo, uri: str) -> bytes:
+    """A regular member's bytes (every one is read, so that a cut in its data shows here, the
+    one place tarfile meets it); b"" for other members. Raises ShardError("truncated")."""
+    if not info.isreg():
+        return b""
+    try:
+        return tar.extractfile(info).read()
+    except tarfile.ReadError as error:  # tarfile's only error here: the data ran out
+        raise ShardError("truncated", f"{uri}: member {info.name!r}: {error}") from None
+
+
+# Header errors that mean the bytes ran out: none left, or fewer than a header's 512.
+_CUT_HEADERS = (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)
+
+
+def _error_kind(error: tarfile.TarError, stream: _TailKeeper) -> str:
+    """``truncated`` or ``corrupt`` from the exception's type. tarfile raises a header error as
+    a ``ReadError`` whose context is the ``HeaderError`` (a pax or GNU long-name header's cut
+    successor: a ``SubsequentHeaderError`` whose context is the cut one); a bare ``ReadError`` is
+    data that ran out, which the stream confirms by having reached the end of the file."""
+    inner: BaseException = error
+    while isinstance(inner.__context__, tarfile.TarError):
+        inner = inner.__context__
+    if isinstance(inner, tarfile.HeaderError) and not isinstance(inner, tarfile.SubsequentHeaderError):
+        return "truncated" if isinstance(inner, _CUT_HEADERS) else "corrupt"
+    return "truncated" if stream.at_end else "corrupt"
+
+
+_MEMBER_TYPES = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link",
+                 tarfile.LNKTYPE: "a hard link"}
+
+
+def _skip_note(info: tarfile.TarInfo) -> str:
+    if info.isreg():
+        return f"{info.name!r} (not <key>.<extension>)"
+    what = _MEMBER_TYPES.get(info.type, f"not a regular file (type {info.type!r})")
+    return f"{info.name!r} ({what})"
 
 
 class _TailKeeper:
@@ -148,9 +190,11 @@ class _TailKeeper:
         self.chunks: deque[bytes] = deque()
         self.kept = 0
         self.position = 0  # bytes delivered so far
+        self.at_end = False  # a read found the end of the file
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
+        self.at_end = self.at_end or size is None or size < 0 or len(data) < size
         self.position += len(data)
         self.chunks.append(data)
         self.kept += len(data)
@@ -189,14 +233,17 @@ def _check_end_of_archive(stream: _TailKeeper, end: int, uri: str) -> None:
         )
 
 
-def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
+def iter_tar_samples(
+    uri: str, skipped: list[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
     """``(key, {ext: bytes}, exts)`` per sample of a shard, in order of first appearance.
 
     Reads the whole shard first: files of one key are grouped even when not adjacent. ``exts``
     lists every member's extension (a repeated ``key.ext`` shows twice; the first copy is kept).
+    ``skipped``: as ``iter_tar_members`` (complete before the first sample is yielded).
     """
     samples: dict[str, tuple[dict[str, bytes], list[str]]] = {}
-    for key, ext, data in iter_tar_members(uri):
+    for key, ext, data in iter_tar_members(uri, skipped):
         files, exts = samples.setdefault(key, ({}, []))
         files.setdefault(ext, data)
         exts.append(ext)
@@ -204,11 +251,13 @@ def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes], list[str
         yield key, files, sorted(exts)
 
 
-def _split_name(fname: str) -> tuple[str, str]:
+def _split_name(fname: str) -> tuple[str, str] | None:
+    """``dir/key.ext.more`` → (``dir/key``, ``ext.more``); None if the file name has no dot or
+    starts with one (WebDataset's ``base_plus_ext`` rule: such members belong to no sample)."""
     directory, base = posixpath.split(fname)
     stem, dot, ext = base.partition(".")
     if not dot or not stem:
-        raise ValueError(f"tar member {fname!r} is not <key>.<extension>")
+        return None
     return posixpath.join(directory, stem), ext.lower()
 
 
@@ -225,21 +274,37 @@ def read_shard(batch: pa.Table) -> pa.Table:
 
 def _shard_rows(uri: str, name: str) -> list[dict]:
     start = time.perf_counter()
+    skipped: list[str] = []
     try:
-        samples = list(iter_tar_samples(uri))
+        samples = list(iter_tar_samples(uri, skipped))
     except ShardError as error:
         return [_shard_row(name, 0, f"{error.kind}: {error}", time.perf_counter() - start)]
     except Exception as error:  # noqa: BLE001 - any read failure fails this shard only
         message = f"unreadable: {type(error).__name__}: {error}"
         return [_shard_row(name, 0, message, time.perf_counter() - start)]
     seconds = time.perf_counter() - start
+    warning = skipped_warning(skipped)
     if not samples:
-        return [_shard_row(name, 0, "", seconds)]
+        return [_shard_row(name, 0, "", seconds, warning)]
     n = len(samples)
-    return [_sample_row(name, key, files, exts, n, seconds) for key, files, exts in samples]
+    return [
+        _sample_row(name, key, files, exts, n, seconds, warning) for key, files, exts in samples
+    ]
 
 
-def _shard_row(name: str, n_samples: int, error: str, seconds: float) -> dict:
+SKIPPED_SHOWN = 3  # skipped members named in a warning; the rest are counted
+
+
+def skipped_warning(skipped: list[str]) -> str:
+    """The warning every row of a shard carries when members were skipped ("" if none)."""
+    if not skipped:
+        return ""
+    named = ", ".join(skipped[:SKIPPED_SHOWN])
+    more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"shard: skipped {len(skipped)} tar member(s) of no sample: {named}{more}"
+
+
+def _shard_row(name: str, n_samples: int, error: str, seconds: float, warning: str = "") -> dict:
     return {
         "shard": name,
         "key": "",
@@ -250,14 +315,21 @@ def _shard_row(name: str, n_samples: int, error: str, seconds: float) -> dict:
         "text_ext": "",
         "exts": "",
         "shard_error": error,
+        "warning": warning,
         "read_s": seconds,
     }
 
 
 def _sample_row(
-    name: str, key: str, files: dict[str, bytes], exts: list[str], n: int, seconds: float
+    name: str,
+    key: str,
+    files: dict[str, bytes],
+    exts: list[str],
+    n: int,
+    seconds: float,
+    warning: str,
 ) -> dict:
-    return {**_shard_row(name, n, "", seconds), "key": key, **sample_files(files, exts)}
+    return {**_shard_row(name, n, "", seconds, warning), "key": key, **sample_files(files, exts)}
 
 
 def raw_samples(uri: str, keys: set[str]) -> dict[str, dict]:

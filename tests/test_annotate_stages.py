@@ -159,8 +159,9 @@ def test_text_parsing_errors():
         phrases_of(parse_text(b'{"phrases": "a string"}', "json"))
     assert error.value.kind == "bad_text"
     with pytest.raises(SampleError) as error:
-        parse_text(b"\xff\xfe", "txt")
+        parse_text(b'{"phrases": ["\xff\xfe"]}', "json")
     assert error.value.kind == "bad_text"
+    assert parse_text(b"\xff\xfe", "txt") == {"caption": "\ufffd\ufffd"}  # tests/test_sources.py
     assert phrases_of(parse_text(b'{"phrases": ["a", "b"], "x": 1}', "json")) == ["a", "b"]
 
 
