@@ -38,12 +38,15 @@ ANNOTATIONS, SAMPLES, DONE, PARTS = "annotations", "samples", "_done", "_parts"
 
 
 class OutputDir:
-    """The output folder ``uri`` (local path or ``s3://...``-style URI)."""
+    """The output folder ``uri`` (local path or ``s3://...``-style URI), through ``filesystem``
+    if given (else the one the URI names; tests pass one that fails on cue)."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
         self.uri = uri
         local = uri if "://" in uri else posixpath.abspath(uri)
         self.fs, self.root = pafs.FileSystem.from_uri(local)
+        if filesystem is not None:
+            self.fs = filesystem
 
     def path(self, folder: str, name: str) -> str:
         return posixpath.join(self.root, folder, name)
