@@ -49,6 +49,7 @@ from pipeline.decode import decode_sample
 from pipeline.formats import decode_rle
 from pipeline.render import colour, mask_layer
 from pipeline.sources import raw_samples
+from pipeline.uri import filesystem
 from pipeline.writer import ANNOTATIONS, DONE, SAMPLES, OutputDir
 
 CATEGORY_MODES = ("phrase", "object")
@@ -118,8 +119,7 @@ class ShardOutput:
 
 
 def _output(uri: str) -> tuple[pafs.FileSystem, str]:
-    local = uri if "://" in uri else posixpath.abspath(uri)
-    fs, path = pafs.FileSystem.from_uri(local)
+    fs, path = filesystem(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     return fs, path
 

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 
-from pipeline.uri import absolute, basename, filesystem, on_same_filesystem
 from pipeline.formats import IMAGE_EXTENSIONS, TEXT_EXTENSIONS
+from pipeline.uri import absolute, basename, filesystem, on_same_filesystem
 
 # One row per sample. ``key == ""`` marks a shard-level row (an empty or unreadable shard), with
 # ``shard_error`` saying why ("" for an empty shard). No nulls: absent files are b"" / "".
@@ -102,7 +102,9 @@ _READ_BUFFER = 1 << 20
 _META = re.compile(r"__[^/]*__($|/)")  # WebDataset's metadata members, skipped as it does
 
 
-def iter_tar_members(uri: str, skipped: list[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+def iter_tar_members(
+    uri: str, skipped: list[str] | None = None
+) -> Iterator[tuple[str, str, bytes]]:
     """Stream ``(key, ext, bytes)`` per regular file of an uncompressed tar shard, in tar order.
     Keys are split at the file name's first dot (WebDataset's rule), extensions lower-cased.
 
@@ -165,13 +167,16 @@ def _error_kind(error: tarfile.TarError, stream: _TailKeeper) -> str:
     inner: BaseException = error
     while isinstance(inner.__context__, tarfile.TarError):
         inner = inner.__context__
-    if isinstance(inner, tarfile.HeaderError) and not isinstance(inner, tarfile.SubsequentHeaderError):
+    if isinstance(inner, tarfile.HeaderError):
         return "truncated" if isinstance(inner, _CUT_HEADERS) else "corrupt"
     return "truncated" if stream.at_end else "corrupt"
 
 
-_MEMBER_TYPES = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link",
-                 tarfile.LNKTYPE: "a hard link"}
+_MEMBER_TYPES = {
+    tarfile.DIRTYPE: "a directory",
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+}
 
 
 def _skip_note(info: tarfile.TarInfo) -> str:
