@@ -52,7 +52,7 @@ def s3_inputs(s3_server, s3_bucket, tmp_path):
 
 
 def test_shards_listed_through_an_endpoint_override_keep_it(s3_inputs, s3_bucket):
-    s3, query = s3_inputs
+    _, query = s3_inputs
     listed = resolve_shards([f"s3://{s3_bucket}/in/{query}"])
     assert listed == [f"s3://{s3_bucket}/in/q-00000{i}.tar{query}" for i in (0, 1)]
     assert [shard_name(u) for u in listed] == ["q-000000", "q-000001"]
