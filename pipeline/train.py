@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file
 from torch.nn.utils.rnn import pad_sequence
@@ -51,6 +52,7 @@ from flmm.prompt import PROMPT_KEY
 from flmm.selector import PREFIX, KeywordSelector, SelectorConfig, tag_loss
 from pipeline.features import ImageFeatures, TextFeatures
 from pipeline.spec import ModelSpec
+from pipeline.uri import absolute, filesystem, is_uri
 
 HEADS_FILE = "heads.safetensors"
 STATE_FILE = "trainer.pt"
@@ -429,9 +431,14 @@ class TrainJob:
         )
 
 
-def _storage_path(storage: str) -> str:
-    """Ray Train's storage: a URI (``s3://bucket/runs``) as given, a local path made absolute."""
-    return storage if "://" in storage else str(Path(storage).resolve())
+def _storage(storage: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's storage path and filesystem: a local path made absolute (Ray's own local
+    filesystem); a URI's filesystem, its query's options applied (``pipeline.uri``), and the path
+    on it (Ray would keep the query in the path)."""
+    if not is_uri(storage):
+        return absolute(storage), None
+    fs, path = filesystem(storage)
+    return path, fs
 
 
 def heads_width(path: str) -> int:
@@ -527,6 +534,7 @@ def _trainer(job: TrainJob, config: TrainConfig, uris: dict[str, str]):
 
     from pipeline.encode import features_dataset
 
+    storage_path, storage_filesystem = _storage(job.storage)
     resources = {"CPU": job.cpus_per_worker}
     if job.gpus_per_worker:
         resources["GPU"] = job.gpus_per_worker
@@ -540,7 +548,8 @@ def _trainer(job: TrainJob, config: TrainConfig, uris: dict[str, str]):
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
-            storage_path=_storage_path(job.storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -186,16 +186,20 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, shards, 
 
 
 def test_training_streams_shards_from_s3_and_checkpoints_to_it(
-    ray_session, shards, spec, tmp_path, s3_bucket
+    ray_session, shards, spec, tmp_path, s3_server, s3_bucket
 ):
     """Shards read from ``s3://`` and Ray Train's storage on ``s3://`` (the session's moto
-    server): the run trains, its checkpoints land in the bucket, the heads come out."""
+    server), both named with a query of filesystem options (``pipeline.uri``): the run trains,
+    its checkpoints land in the bucket, the heads come out."""
+    from urllib.parse import urlsplit
+
     import pyarrow.fs as pafs
 
     s3 = pafs.FileSystem.from_uri(f"s3://{s3_bucket}")[0]
     pafs.copy_files(str(shards), f"{s3_bucket}/shards", pafs.LocalFileSystem(), s3)
-    train_job = job(f"s3://{s3_bucket}/shards", spec, tmp_path, epochs=1)
-    train_job = dataclasses.replace(train_job, storage=f"s3://{s3_bucket}/runs")
+    query = f"?endpoint_override={urlsplit(s3_server).netloc}&scheme=http"
+    train_job = job(f"s3://{s3_bucket}/shards{query}", spec, tmp_path, epochs=1)
+    train_job = dataclasses.replace(train_job, storage=f"s3://{s3_bucket}/runs{query}")
     summary = fit_heads(train_job)
     assert summary["samples"] == N_SCENES and summary["steps"] == N_SCENES // BATCH
     assert summary["checkpoint"].startswith(f"{s3_bucket}/runs/")
