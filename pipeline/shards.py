@@ -14,6 +14,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from pipeline.uri import is_uri, join
 from pipeline.writer import OutputDir
 
 
@@ -34,7 +35,7 @@ def write_shards(
         raise ValueError(f"shard prefix must be non-empty without '.' or '/': {prefix!r}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, not {samples_per_shard}")
-    if "://" in str(out_dir):
+    if is_uri(str(out_dir)):
         return _write_remote(str(out_dir), prefix, samples, samples_per_shard)
     out_dir = Path(out_dir)
     tmp_dir = out_dir / f".{prefix}.partial"
@@ -71,4 +72,4 @@ def _write_remote(uri: str, prefix: str, samples, samples_per_shard: int) -> lis
     names = [path.name for path in local]
     for stale in out.names("", f"{prefix}-", ".tar") - set(names):
         out.delete("", stale)
-    return [f"{uri.rstrip('/')}/{name}" for name in names]
+    return [join(uri, name) for name in names]

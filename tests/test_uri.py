@@ -10,6 +10,7 @@ from annotate_inputs import write_good_shards
 
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.export import export_html
+from pipeline.shards import write_shards
 from pipeline.sources import resolve_shards, shard_name
 from pipeline.spec import ModelSpec
 from pipeline.uri import basename, join, on_same_filesystem, split_query
@@ -81,3 +82,13 @@ def test_annotate_and_export_through_endpoint_override_uris(
     gallery = export_html(output, f"s3://{s3_bucket}/gallery/index.html{query}")
     assert gallery.images == 6
     assert s3.get_file_info(f"{s3_bucket}/gallery/index.html").is_file
+
+
+def test_shards_written_through_an_endpoint_override_are_named_before_the_query(
+    s3_inputs, s3_bucket
+):
+    _, query = s3_inputs
+    samples = [{"__key__": f"k{i}", "txt": b"a caption"} for i in range(3)]
+    uris = write_shards(f"s3://{s3_bucket}/made{query}", "w", samples, 2)
+    assert uris == [f"s3://{s3_bucket}/made/w-00000{i}.tar{query}" for i in (0, 1)]
+    assert resolve_shards(uris) == uris  # each one readable where it says it is
