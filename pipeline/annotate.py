@@ -13,8 +13,12 @@
 The driver never receives a result row (``Summary.driver_bytes`` against ``result_bytes``).
 Shards with a done marker are skipped unless ``overwrite``; an unreadable shard, or one left
 incomplete, is reported as failed and gets no done marker, so a rerun retries it (its part files
-are cleared first). A bad sample is an error row. Ray must be initialised by the caller
-(``jobs/annotate.py`` does).
+are cleared first). A shard's parts are removed only after its done marker is written, so a
+commit retried after any failure finds them. A bad sample is an error row. The run holds the
+output's lock (``pipeline.lock``) throughout and checks it is still its own before it plans,
+before each commit task (and the task again, on its worker) and before each done marker: a run
+whose lock was taken over stops (``LockLost``) before it commits anything more. Ray must be
+initialised by the caller (``jobs/annotate.py`` does).
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from pipeline.grounding import (
     check_phrases,
     check_propose_prompt,
 )
-from pipeline.lock import OutputLock, check_writable
+from pipeline.lock import LockLost, OutputLock, check_token, check_writable
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import DONE, OutputDir, timed_commit, write_parts
+from pipeline.writer import DONE, WRITE_ATTEMPTS, OutputDir, timed_commit, write_parts
 from schemas.annotations import SCHEMA_VERSION
 from schemas.results import STAGES
 
@@ -162,18 +166,18 @@ def run_annotation(
     out = OutputDir(config.output)
     uris = {shard_name(u): u for u in resolve_shards(config.inputs)}
     check_writable(out)
-    with OutputLock(out, force=config.force):
+    with OutputLock(out, force=config.force) as lock:
         if start_ray is not None:
             start_ray()
-        return _run_locked(config, out, uris, on_shard, start)
+        return _run_locked(config, out, uris, on_shard, start, lock)
 
 
-def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on_shard, start):
+def _run_locked(config: AnnotateConfig, out, uris: dict[str, str], on_shard, start, lock):
     summary = Summary(config.output)
-    todo = _plan(uris, out, config.overwrite, summary)
+    todo = _plan(uris, out, config.overwrite, summary, lock)
     summary.planned = len(todo)
     if todo:
-        collector = _Collector(out, config.model.model_id(), summary, on_shard, start)
+        collector = _Collector(out, config.model.model_id(), summary, on_shard, start, lock)
         collector.expect({name: uris[name] for name in todo})
         dataset = _dataset(todo, uris, config)
         try:
@@ -190,9 +194,12 @@ def _run_locked(config: AnnotateConfig, out: OutputDir, uris: dict[str, str], on
     return summary
 
 
-def _plan(uris: dict[str, str], out: OutputDir, overwrite: bool, summary: Summary) -> list[str]:
+def _plan(uris, out: OutputDir, overwrite: bool, summary: Summary, lock: OutputLock) -> list[str]:
     """Names of the shards to run; done ones are skipped, or their markers removed first when
-    overwriting (so an interrupted overwrite leaves no stale marker)."""
+    overwriting (so an interrupted overwrite leaves no stale marker). Parts found under
+    ``_parts/`` are an earlier run's: that run is gone or has lost the lock (checked first, so a
+    live run's parts are never removed), and this run writes its own."""
+    lock.check()
     done = {name.removesuffix(".json") for name in out.names(DONE, suffix=".json")}
     stale = out.part_shards()  # one listing each, not a request per shard (object stores)
     todo = []
@@ -200,11 +207,11 @@ def _plan(uris: dict[str, str], out: OutputDir, overwrite: bool, summary: Summar
         if overwrite and name in done:
             out.clear_done(name)
             done.discard(name)
+        if name in stale:  # of a shard to run, or of a done one whose parts' removal failed
+            out.clear_parts(name)
         if name in done:
             summary.skipped.append(name)
         else:
-            if name in stale:  # an interrupted run's parts: this run writes its own
-                out.clear_parts(name)
             todo.append(name)
     return todo
 
@@ -260,19 +267,31 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
     )
 
 
+def commit_task(out: OutputDir, shard: str, parts: list[str], n_input: int, token: str | None):
+    """A shard's commit on a worker: ``LockLost`` if the output's lock no longer holds ``token``
+    (None: not checked), else its parts merged into its tables (``writer.timed_commit``; the
+    parts stay, so a retry of this task after any failure writes the same tables)."""
+    if token is not None:
+        check_token(out, token)
+    return timed_commit(out, shard, parts, n_input)
+
+
 class _Collector:
     """The driver's side: accounts for each shard's keys from the writers' manifests and, once
-    all are in, commits the shard: a commit task merges its parts, then the driver writes the
-    done marker. A key accounted for twice (a retried batch) is counted; the commit keeps its
-    first part's rows."""
+    all are in, commits the shard: a commit task merges its parts (retried on OSError), then the
+    driver writes the done marker, then removes the parts. A key accounted for twice (a retried
+    batch) is counted; the commit keeps its first part's rows. With a ``lock``, it is checked
+    before each commit task and each done marker (``LockLost`` stops the run); None: not checked
+    (tests of the collector alone)."""
 
-    def __init__(self, out: OutputDir, model_id: str, summary: Summary, on_shard, start: float):
+    def __init__(self, out: OutputDir, model_id: str, summary: Summary, on_shard, start: float,
+                 lock: OutputLock | None = None):  # fmt: skip
         self.out, self.model_id, self.summary = out, model_id, summary
-        self.on_shard, self.start = on_shard, start
+        self.on_shard, self.start, self.lock = on_shard, start, lock
         self.buffers: dict[str, _ShardBuffer] = {}
         self.pending: dict[ray.ObjectRef, tuple[str, _ShardBuffer]] = {}
         self.commit = ray.remote(num_cpus=COMMIT_CPUS, max_retries=2, retry_exceptions=[OSError])(
-            timed_commit
+            commit_task
         )
 
     def expect(self, uris: dict[str, str]) -> None:
@@ -309,7 +328,9 @@ class _Collector:
             buffer.parts.append(row["part"])
         if not buffer.error and len(buffer.keys) == buffer.n_samples:
             self.buffers.pop(name)
-            ref = self.commit.remote(self.out.uri, name, buffer.parts, buffer.n_samples)
+            self._check_lock()
+            token = self.lock.token if self.lock is not None else None
+            ref = self.commit.remote(self.out, name, buffer.parts, buffer.n_samples, token)
             self.pending[ref] = (name, buffer)
         self._poll()
 
@@ -339,31 +360,62 @@ class _Collector:
             for ref in ready:
                 self._finish(*self.pending.pop(ref), ref)
 
+    def _check_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.check()
+
     def _finish(self, name: str, buffer: _ShardBuffer, ref: ray.ObjectRef) -> None:
+        """The commit task's outcome; if it succeeded (and the lock is still this run's), the
+        done marker, which commits the shard, then the removal of its parts."""
         try:
             counts, seconds = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - this shard fails; others go on
             cause = getattr(error, "cause", None) or error
+            if isinstance(cause, LockLost):
+                raise LockLost(str(cause)) from None
             self.summary.failed[name] = f"commit failed: {type(cause).__name__}: {cause}"
             return
         self.summary.commit_s += seconds
         buffer.timings["commit_s"] = seconds
+        self._check_lock()
         started = time.perf_counter()
         elapsed = started - self.start
         done = _done_marker(name, buffer, counts, self.model_id, elapsed)
         try:
-            self.out.write_done(name, done)
+            _retried(lambda: self.out.write_done(name, done))
         except Exception as error:  # noqa: BLE001 - this shard fails; others go on
             self.summary.failed[name] = f"write failed: {type(error).__name__}: {error}"
             return
         finally:
             self.summary.write_s += time.perf_counter() - started
+        self._clear_parts(name)
         self.summary.done.append(name)
         self.summary.samples += done["samples"]
         self.summary.errors += done["errors"]
         self.summary.annotations += done["annotations"]
         if self.on_shard is not None:
             self.on_shard(name, done, self.summary)
+
+    def _clear_parts(self, name: str) -> None:
+        """Remove a committed shard's parts; if that fails, the shard stays done and the next
+        run's planning removes them."""
+        try:
+            _retried(lambda: self.out.clear_parts(name))
+        except OSError as error:
+            print(f"warning: the parts of {name} were left ({error}); the next run removes them",
+                  file=sys.stderr)  # fmt: skip
+
+
+def _retried(action: Callable[[], None]) -> None:
+    """``action()``, tried ``WRITE_ATTEMPTS`` times on OSError, with a short back-off (the
+    driver's writes; the workers' are retried by ``write_parts`` and Ray)."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            return action()
+        except OSError:
+            if attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            time.sleep(0.2 * 2**attempt)
 
 
 def _done_marker(name, buffer: _ShardBuffer, counts: dict, model_id: str, elapsed: float):

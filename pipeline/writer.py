@@ -6,7 +6,8 @@
     DIR/_parts/<shard>/<part>.{annotations,samples}.parquet
                                       a shard's results as the workers wrote them, batch by
                                       batch; merged into the two files above by the shard's
-                                      commit (``commit_shard``), then deleted
+                                      commit (``commit_shard``), then deleted once the
+                                      done marker is written
     DIR/preview.png
 
 Every file is written under a hidden temp name in its folder and then moved into place, so a
@@ -231,15 +232,17 @@ def _annotation(shard: str, row: dict, i: int, model: str) -> dict:
     }
 
 
-def commit_shard(output: str, shard: str, parts: list[str], n_input: int) -> dict:
+def commit_shard(output: str | OutputDir, shard: str, parts: list[str], n_input: int) -> dict:
     """Merge a shard's parts into its final tables (on a worker: the rows never reach the
-    driver) and delete the parts; returns the counts of the done marker.
+    driver); returns the counts of the done marker. The parts stay (the driver removes them
+    once the done marker is written), so this can be run again after a failure at any step and
+    writes the same tables.
 
     A key in more than one part (a retried batch written twice) keeps its first part's rows, in
     ``parts`` order (the order the driver accounted for them); rows are sorted by key, as one
     shard's rows always were. ValueError unless every one of the ``n_input`` keys is there.
     """
-    out = OutputDir(output)
+    out = output if isinstance(output, OutputDir) else OutputDir(output)
     chosen: dict[str, int] = {}  # key → index of the part its rows come from
     annotations, samples = [], []
     for index, part in enumerate(parts):
@@ -256,7 +259,6 @@ def commit_shard(output: str, shard: str, parts: list[str], n_input: int) -> dic
     samples_table = _sorted(samples, SAMPLES_SCHEMA)
     annotations_table = _sorted(annotations, ANNOTATIONS_SCHEMA)
     out.write_tables(shard, annotations_table, samples_table, n_input)
-    out.clear_parts(shard)
     errors = samples_table.column("error").to_pylist()
     kinds = Counter(error.split(":", 1)[0] for error in errors if error is not None)
     return {
@@ -337,7 +339,7 @@ def _write_part(out: OutputDir, shard, part, annotations, samples, fail_first: b
     return {"write_retries": WRITE_ATTEMPTS - 1, "write_error": last}
 
 
-def timed_commit(output: str, shard: str, parts: list[str], n_input: int):
+def timed_commit(output: str | OutputDir, shard: str, parts: list[str], n_input: int):
     """``commit_shard`` and its seconds (a Ray task)."""
     started = time.perf_counter()
     counts = commit_shard(output, shard, parts, n_input)

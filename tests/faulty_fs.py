@@ -8,20 +8,27 @@ file next to the plan, so it runs on across processes (a Ray task and its retry,
 
 from __future__ import annotations
 
+import fcntl
 import os
-import threading
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray.cloudpickle
 
 from pipeline.writer import OutputDir
 
-# every call the pipeline makes; the writing ones are those whose effect an "after" fault leaves
+# Ray's workers cannot import this test module: its handler travels by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# every call the pipeline makes; WRITES: those that change something (an "after" fault leaves
+# their effect)
 CALLS = ("get_file_info", "get_file_info_selector", "create_dir", "delete_dir",
          "delete_dir_contents", "delete_file", "move", "copy_file", "open_input_stream",
          "open_input_file", "open_output_stream", "open_append_stream")  # fmt: skip
-WRITES = ("create_dir", "delete_dir", "delete_dir_contents", "delete_file", "move", "copy_file")
+WRITES = ("create_dir", "delete_dir", "delete_dir_contents", "delete_file", "move", "copy_file",
+          "open_output_stream", "open_append_stream")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,6 @@ class FaultPlan:
 
 
 class FaultyHandler(pafs.FileSystemHandler):
-    _lock = threading.Lock()  # the heartbeat thread and the main thread share one count
-
     def __init__(self, plan: FaultPlan):
         self.plan, self.fs = plan, pafs.LocalFileSystem()
 
@@ -52,12 +57,7 @@ class FaultyHandler(pafs.FileSystemHandler):
         plan = self.plan
         if name not in plan.calls or plan.path_contains not in path:
             return do()
-        with self._lock:
-            counter = Path(plan.counter)
-            n = int(counter.read_text()) if counter.exists() else 0
-            tmp = counter.with_name(f"{counter.name}.{os.getpid()}")
-            tmp.write_text(str(n + 1))
-            os.replace(tmp, counter)  # a reader never sees it half written
+        n = _count(Path(plan.counter), name)
         if not plan.first <= n < plan.first + plan.times:
             return do()
         if plan.after:
@@ -115,6 +115,20 @@ class FaultyHandler(pafs.FileSystemHandler):
                           lambda: self.fs.open_append_stream(path, metadata=metadata))  # fmt: skip
 
 
+def _count(counter: Path, name: str) -> int:
+    """The counter's value, incremented, and ``name`` logged (under a flock: threads and
+    processes share them)."""
+    with open(counter.with_name(counter.name + ".lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        with open(counter.with_name(counter.name + ".log"), "a") as log:
+            log.write(name + "\n")
+        n = int(counter.read_text()) if counter.exists() else 0
+        tmp = counter.with_name(f"{counter.name}.tmp")
+        tmp.write_text(str(n + 1))
+        os.replace(tmp, counter)  # a reader never sees it half written
+    return n
+
+
 def faulty_output(root: Path, plan: FaultPlan) -> OutputDir:
     """An ``OutputDir`` on the local folder ``root`` whose calls fail as ``plan`` says."""
     return OutputDir(str(root), filesystem=pafs.PyFileSystem(FaultyHandler(plan)))
@@ -123,3 +137,9 @@ def faulty_output(root: Path, plan: FaultPlan) -> OutputDir:
 def calls_counted(plan: FaultPlan) -> int:
     path = Path(plan.counter)
     return int(path.read_text()) if path.exists() else 0
+
+
+def calls_made(plan: FaultPlan) -> list[str]:
+    """The names of the watched calls, in order."""
+    log = Path(plan.counter + ".log")
+    return log.read_text().split() if log.exists() else []
