@@ -1,7 +1,7 @@
 """Benchmark: our attention capture vs eager ``output_attentions`` (the F-LMM way), same inputs.
 
     python bench/capture.py [--family llava] [--variant bench-576] [--batch 4] [--repeats 3]
-                            [--json PATH]
+                            [--caption-words W] [--dtype bfloat16] [--json PATH]
 
 Builds a checkpoint of the given family (random weights): for ``llava`` the tiny variant
 (576 image tokens for ``bench-576``); for the other families (``flmm.tiny_lmms``) the same text
@@ -9,7 +9,9 @@ decoder as ``bench-576`` behind the family's own vision tower and processor at 3
 576 tokens; Qwen-VL and LLaVA-NeXT: as many as the 300×400 images give). Then it measures each
 side in its own process: median forward time, peak resident memory above the loaded model (VmHWM
 reset through /proc/self/clear_refs), and the attention bytes each side holds per sample (eager:
-every layer's [H, S, S]; capture: [L, H, Q, N]).
+every layer's [H, S, S]; capture: [L, H, Q, N]). ``--caption-words W``: each sample is a caption
+of W words prefilled as caption mode prefills it (every text token captured, ``prepare_text``)
+instead of three phrases; ``--dtype``: the LMM's dtype (captured rows are kept in it).
 """
 
 from __future__ import annotations
@@ -57,14 +59,25 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_side(side: str, path: str, batch: int, repeats: int) -> dict:
+def caption(words: int) -> str:
+    """A caption of ``words`` words made of the phrases' words."""
+    vocab = " ".join(PHRASES).split()
+    return " ".join(vocab[i % len(vocab)] for i in range(words))
+
+
+def run_side(
+    side: str, path: str, batch: int, repeats: int, caption_words: int = 0, dtype: str = "float32"
+) -> dict:
     """Time one side's forward over a batch of ``batch`` samples; returns measurements."""
     torch.set_num_threads(os.cpu_count() or 1)
-    lmm = FrozenLMM.from_pretrained(path)
+    lmm = FrozenLMM.from_pretrained(path, dtype=getattr(torch, dtype))
     if side == "eager":
         lmm.model.set_attn_implementation("eager")
     images = [torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8) for _ in range(batch)]
-    samples = [lmm.prepare(img, PHRASES) for img in images]
+    if caption_words:
+        samples = [lmm.prepare_text(img, caption(caption_words))[0] for img in images]
+    else:
+        samples = [lmm.prepare(img, PHRASES) for img in images]
     batch_index, inputs = lmm.model_inputs(samples)
 
     def forward() -> int:
@@ -98,12 +111,17 @@ def main() -> None:
     p.add_argument("--variant", default="bench-576", choices=sorted(TINY_LLAVA_VARIANTS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--caption-words", type=int, default=0, help="caption mode (0: phrases)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", help="write the results here")
     p.add_argument("--side", choices=["capture", "eager"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:  # worker process
-        print(json.dumps(run_side(args.side, args.model, args.batch, args.repeats)))
+        run = run_side(
+            args.side, args.model, args.batch, args.repeats, args.caption_words, args.dtype
+        )
+        print(json.dumps(run))
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.family == "llava":
@@ -121,13 +139,17 @@ def main() -> None:
         "image_tokens": cap["image_tokens"],
         "batch": args.batch,
         "family": args.family,
+        "caption_words": args.caption_words,
+        "dtype": args.dtype,
         "variant": args.variant if args.family == "llava" else "bench decoder, 336 px",
         "capture": cap,
         "eager": eager,
     }
     print(
-        f"{args.family} ({summary['variant']}), batch {args.batch}, seq {cap['seq_len']}, "
-        f"{cap['image_tokens']} image tokens, median of {args.repeats}"
+        f"{args.family} ({summary['variant']}, {args.dtype}), batch {args.batch}, seq "
+        f"{cap['seq_len']}, {cap['image_tokens']} image tokens, "
+        f"{f'captions of {args.caption_words} words' if args.caption_words else 'phrases'}, "
+        f"median of {args.repeats}"
     )
     print("| side | time s | peak above model MiB | attention kept per sample MB |")
     print("|---|---|---|---|")
@@ -158,6 +180,10 @@ def _worker(side: str, model: Path, args) -> dict:
         str(args.batch),
         "--repeats",
         str(args.repeats),
+        "--caption-words",
+        str(args.caption_words),
+        "--dtype",
+        args.dtype,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout

@@ -35,8 +35,10 @@ class AttentionCapture:
             layers compute nothing beyond their stock attention, the kept layers only the
             kept heads' rows (training-free grounding reads a few heads, ``flmm.localization``).
 
-    After the forward, ``maps[layer]`` is ``[B, H, Q, N]`` float32 softmax probabilities (with
-    ``heads``: ``[B, H_l, Q, N]``, that layer's kept heads in the order given).
+    After the forward, ``maps[layer]`` is ``[B, H, Q, N]`` softmax probabilities (with
+    ``heads``: ``[B, H_l, Q, N]``, that layer's kept heads in the order given), computed in
+    float32 and kept in the layer's dtype (bfloat16 for a bf16 LMM: half of float32's memory;
+    with every text token of a caption captured these rows are most of a prefill's memory).
     """
 
     def __init__(
@@ -57,14 +59,22 @@ class AttentionCapture:
 
     def stacked(self) -> torch.Tensor:
         """``[B, L, H, Q, N]``: the captured maps of all layers, in layer order; with ``heads``,
-        ``[B, 1, K, Q, N]``: the K kept heads as one pseudo-layer, in the order given."""
+        ``[B, 1, K, Q, N]``: the K kept heads as one pseudo-layer, in the order given. Moves the
+        maps out of ``maps`` (left empty) one layer at a time, so the peak is one layer above
+        the maps themselves, not twice them."""
         if self.heads is None:
-            return torch.stack([self.maps[i] for i in sorted(self.maps)], dim=1)
+            layers = sorted(self.maps)
+            first = self.maps[layers[0]]
+            out = first.new_empty((first.shape[0], len(layers), *first.shape[1:]))
+            for i, layer in enumerate(layers):
+                out[:, i] = self.maps.pop(layer)
+            return out
         taken = {layer: 0 for layer in self.maps}
         rows = []
         for layer, _ in self.heads:
             rows.append(self.maps[layer][:, taken[layer]])
             taken[layer] += 1
+        self.maps.clear()
         return torch.stack(rows, dim=1)[:, None]
 
     def record(self, layer_idx, query, key, attention_mask, scaling) -> None:
@@ -90,7 +100,8 @@ class AttentionCapture:
         scores = scores.view(bsz, n_heads, n_q, -1) + self._mask_rows(attention_mask, qi, scores)
         probs = scores.softmax(dim=-1)
         ki = self.key_index.to(query.device)
-        self.maps[layer_idx] = probs.gather(3, ki[:, None, None, :].expand(-1, n_heads, n_q, -1))
+        kept = probs.gather(3, ki[:, None, None, :].expand(-1, n_heads, n_q, -1))
+        self.maps[layer_idx] = kept.to(query.dtype)
 
     @staticmethod
     def _mask_rows(attention_mask, qi, scores) -> torch.Tensor:

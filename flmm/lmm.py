@@ -57,7 +57,7 @@ class LMMSample:
 class LMMOutput:
     """Per-sample results of one batched prefill.
 
-    token_maps ``[B, L, H, Q, N]`` float32: raw softmax rows of every captured query slot (Q = the
+    token_maps ``[B, L, H, Q, N]`` in the LMM's dtype: raw softmax rows of every captured query slot (Q = the
     longest sample's phrase-token count) over the image tokens (N = the most of any sample; a
     sample's own are its first ``image.n_tokens``), before merging (``[B, 1, K, Q, N]`` when
     the LMM captures K chosen heads only, ``FrozenLMM.capture_heads``).
@@ -260,13 +260,13 @@ class FrozenLMM(nn.Module):
         """maps ``[L, H, Q, N]`` → ``[P, V·L·H, h, w]`` on ``image``'s grids, merged per phrase
         (see the module; P may be 0)."""
         if not slots:
-            return maps.new_zeros((0, self.in_channels, *image.grid))
+            return maps.new_zeros((0, self.in_channels, *image.grid), dtype=torch.float32)
         merged = []
         for view in image.views:
             grid = view.grid(maps)  # [L, H, Q, r, c]
             per_phrase = []
             for s in slots:
-                rows = grid[:, :, s]
+                rows = grid[:, :, s].float()  # one phrase's rows: merged in float32
                 m = rows.mean(dim=2) if self.merge == "mean" else rows.amax(dim=2)
                 per_phrase.append(m)
             out = torch.stack(per_phrase).flatten(1, 2)  # [P, L·H, r, c]

@@ -77,7 +77,7 @@ def image_attention(maps: torch.Tensor, slots: list[slice], image: ImageInputs) 
     tokens."""
     out = []
     for s in slots:
-        rows = maps[:, :, s]  # [L, H, q, N]
+        rows = maps[:, :, s].float()  # [L, H, q, N]
         mass = sum(view.grid(rows).sum(dim=(-2, -1)) for view in image.views)  # [L, H, q]
         out.append(mass.mean(dim=-1))
     return torch.stack(out) if out else maps.new_zeros((0, *maps.shape[:2]))

@@ -149,3 +149,34 @@ def test_unpadded_single_sample_uses_the_causal_path(tiny_llava_dir):
         torch.testing.assert_close(
             out.token_maps[0, layer], attn[0][:, q_pos][:, :, k_pos], atol=1e-5, rtol=0
         )
+
+
+def test_a_bf16_lmm_keeps_its_captured_rows_in_bf16_and_merges_them_in_float32(tiny_llava_dir):
+    """Caption mode captures every text token's rows (at 7B shapes ~0.6 GB a caption in
+    float32): a bf16 LMM keeps them in bf16, half of that, computed in float32 and rounded once
+    (within bf16's resolution of eager bf16 attention, which rounds its own way); the merged
+    per-phrase maps the heads read are float32. ``stacked()`` moves the layers out of ``maps``."""
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir), dtype=torch.bfloat16)
+    samples = _samples(lmm)
+    batch, inputs = lmm.model_inputs(samples)
+    with torch.inference_mode():
+        out = lmm(samples)
+        eager = AutoModelForImageTextToText.from_pretrained(
+            tiny_llava_dir, attn_implementation="eager", dtype=torch.bfloat16
+        ).eval()(**inputs, output_attentions=True)
+    assert out.token_maps.dtype == torch.bfloat16
+    assert all(a.dtype == torch.float32 for a in out.attention)
+    n_q, n_img = sum(len(t) for t in samples[0].phrase_tokens), samples[0].image.n_tokens
+    q_pos, k_pos = batch["query_index"][0, :n_q], batch["image_index"][0, :n_img]
+    for layer, attn in enumerate(eager.attentions):
+        expected = attn[0][:, q_pos][:, :, k_pos].float()
+        got = out.token_maps[0, layer, :, :n_q, :n_img].float()
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-2)
+    cap = AttentionCapture(batch["query_index"], batch["image_index"])
+    with torch.inference_mode():
+        lmm.model(**inputs, flmm_capture=cap)
+    kept = {layer: maps.clone() for layer, maps in cap.maps.items()}
+    stacked = cap.stacked()
+    assert not cap.maps and stacked.shape[1] == lmm.num_layers
+    for layer, maps in kept.items():  # padded slots' rows may be NaN (fully masked)
+        torch.testing.assert_close(stacked[:, layer], maps, atol=0, rtol=0, equal_nan=True)
