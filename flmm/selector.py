@@ -16,12 +16,19 @@ The context on the right matters: a causal LMM's state at "on" cannot know wheth
 
 Spans are read greedily: a span starts at a token whose most likely tag is B (or I right after
 an O: a missed B does not drop the span) and runs over the following I tokens. Its confidence is
-the mean probability of the tags it was read with.
+the mean probability of the tags it was read with. A span of punctuation or spaces only becomes
+no phrase (``char_span`` is empty; ``flmm.model.FLMM.select`` drops it).
+
+Character positions here (tokens' ``offsets``, gold and output character spans) are Unicode code
+points of the text: Python ``str`` indices, as a fast tokenizer's offset mapping gives them, not
+bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from typing import get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +122,7 @@ def read_spans(probs: torch.Tensor, min_confidence: float = 0.0) -> list[Span]:
 
 def bio_tags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> torch.Tensor:
     """Gold tags ``[T]`` (long) of tokens with character ``offsets`` (in the text) for gold
-    character ``spans`` ``[start, end)``: a token overlapping a span is B if it is the span's
+    character ``spans`` ``[start, end)`` (both in code points): a token overlapping a span is B if it is the span's
     first such token, else I; every other token is O."""
     tags = torch.full((len(offsets),), OUTSIDE, dtype=torch.long)
     for start, end in spans:
@@ -127,9 +134,10 @@ def bio_tags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> to
 
 
 def char_span(offsets: list[tuple[int, int]], span: Span, text: str) -> tuple[int, int]:
-    """The ``[start, end)`` characters of ``text`` that a token span covers, as whole words
-    starting and ending on a letter or digit (``flmm.proposals.whole_words``: a token that ends
-    inside a word takes the word; empty when the tokens cover punctuation or spaces only)."""
+    """The ``[start, end)`` characters (code points) of ``text`` that a token span covers, as
+    whole words starting and ending on a letter or digit (``flmm.proposals.whole_words``: a
+    token that ends inside a word takes the word; empty when the tokens cover punctuation or
+    spaces only)."""
     return whole_words(text, offsets[span.start][0], offsets[span.end - 1][1])
 
 
@@ -153,30 +161,58 @@ def selector_state(selector: KeywordSelector) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in selector.state_dict().items()}
 
 
+def _is_text(name: str) -> bool:
+    """Whether config field ``name`` holds a string (saved as it is, not as JSON)."""
+    hint = get_type_hints(SelectorConfig)[name]
+    return hint is str or str in get_args(hint)
+
+
 def selector_metadata(selector: KeywordSelector) -> dict[str, str]:
-    """The selector's config that its tensors' shapes do not give, as heads-file metadata."""
-    instruction = selector.config.describe_instruction
-    return {} if instruction is None else {DESCRIBE_KEY: instruction}
+    """Every field of the selector's config as heads-file metadata ``selector.<field>``: a
+    string as it is, any other value as JSON; a field that is None is left out."""
+    out = {}
+    for f in fields(SelectorConfig):
+        value = getattr(selector.config, f.name)
+        if value is not None:
+            out[PREFIX + f.name] = value if _is_text(f.name) else json.dumps(value)
+    return out
+
+
+def _read_config(own: dict[str, torch.Tensor], metadata: dict[str, str]) -> SelectorConfig:
+    """The config of a selector with tensors ``own`` (``PREFIX`` removed) and heads-file
+    ``metadata``. Layers, width and context are read from the tensors' shapes (``layer_logits``,
+    ``norm``, the convolution's width) and must agree with the metadata; a field missing from
+    the metadata (a file written before it was saved) takes its default; a ``selector.*`` key
+    that names no field is refused."""
+    shapes = {
+        "num_layers": own["layer_logits"].shape[0],
+        "hidden_size": own["norm.weight"].shape[0],
+        "context": (own["classify.weight"].shape[-1] - 1) // 2,
+    }
+    names = {f.name for f in fields(SelectorConfig)}
+    unknown = sorted(k for k in metadata if k.startswith(PREFIX) and k[len(PREFIX) :] not in names)
+    if unknown:
+        raise ValueError(f"keyword selector settings this code does not know: {unknown}")
+    saved = {
+        name: text if _is_text(name) else json.loads(text)
+        for name in names
+        if (text := metadata.get(PREFIX + name)) is not None
+    }
+    wrong = {k: (saved[k], v) for k, v in shapes.items() if k in saved and saved[k] != v}
+    if wrong:
+        raise ValueError(f"keyword selector settings (saved, from its tensors) disagree: {wrong}")
+    return SelectorConfig(**{**saved, **shapes})
 
 
 def split_selector(
     state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], KeywordSelector | None]:
     """A heads file's tensors (and string metadata) → (the heads' own, the keyword selector or
-    None). The selector's config is read from its tensors' shapes: layers from
-    ``layer_logits``, width from ``norm``, context from the convolution's width; its describe
-    instruction from the metadata."""
+    None); the selector's config as ``_read_config`` reads it."""
     own = {k[len(PREFIX) :]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
     heads = {k: v for k, v in state_dict.items() if not k.startswith(PREFIX)}
     if not own:
         return heads, None
-    width = own["classify.weight"].shape[-1]
-    config = SelectorConfig(
-        num_layers=own["layer_logits"].shape[0],
-        hidden_size=own["norm.weight"].shape[0],
-        context=(width - 1) // 2,
-        describe_instruction=(metadata or {}).get(DESCRIBE_KEY),
-    )
-    selector = KeywordSelector(config)
+    selector = KeywordSelector(_read_config(own, metadata or {}))
     selector.load_state_dict(own, strict=True)
     return heads, selector.eval()

@@ -3,6 +3,8 @@ its loss, and the selector saved in a heads file (with its describe instruction)
 the model. Its training beside the heads: tests/test_train_steps.py; the shipped toy selector:
 tests/test_toy_heads.py."""
 
+from dataclasses import MISSING, fields
+
 import pytest
 import torch
 
@@ -17,7 +19,10 @@ from flmm.selector import (
     bio_tags,
     char_span,
     read_spans,
+    selector_metadata,
+    selector_state,
     span_f1,
+    split_selector,
     tag_loss,
 )
 
@@ -96,4 +101,63 @@ def test_a_selector_saved_in_the_heads_file_comes_back_with_the_model(tiny_llava
     fresh = build_flmm(lmm, sam).heads
     load_heads(fresh, path)  # the heads load strictly, and the file's selector comes with them
     assert fresh.selector.config == config
-    assert read_metadata(path) == {"note": "kept", "selector.describe_instruction": "List."}
+    assert read_metadata(path) == {"note": "kept", **selector_metadata(model.heads.selector)}
+    assert read_metadata(path)["selector.describe_instruction"] == "List."
+
+
+# A value other than the default for every SelectorConfig field (a new field must be added here).
+NON_DEFAULT = {
+    "num_layers": 3,
+    "hidden_size": 8,
+    "context": 1,
+    "min_confidence": 0.3,
+    "describe_instruction": "List the objects.",
+}
+
+
+def test_every_selector_setting_survives_the_heads_file(tmp_path):
+    from flmm.checkpoint import read_metadata, read_state_dict, save_tensors
+
+    assert sorted(NON_DEFAULT) == sorted(f.name for f in fields(SelectorConfig))
+    config = SelectorConfig(**NON_DEFAULT)
+    for f in fields(SelectorConfig):
+        assert f.default is MISSING or getattr(config, f.name) != f.default, f.name
+    selector = KeywordSelector(config)
+    path = tmp_path / "heads.safetensors"
+    save_tensors(selector_state(selector), path, selector_metadata(selector))
+    _, loaded = split_selector(read_state_dict(path), read_metadata(path))
+    for f in fields(SelectorConfig):
+        assert getattr(loaded.config, f.name) == getattr(config, f.name), f.name
+    assert loaded.config == config
+
+
+def test_a_selector_file_whose_settings_disagree_with_its_tensors_is_refused():
+    selector = KeywordSelector(SelectorConfig(num_layers=2, hidden_size=8, context=1))
+    state, metadata = selector_state(selector), selector_metadata(selector)
+    with pytest.raises(ValueError, match="context"):
+        split_selector(state, {**metadata, "selector.context": "2"})
+    with pytest.raises(ValueError, match="selector.temperature"):
+        split_selector(state, {**metadata, "selector.temperature": "2.0"})
+    # a file written before every setting was saved (the shipped toy's): the shapes and defaults
+    _, old = split_selector(state, {"selector.describe_instruction": "List."})
+    assert old.config == SelectorConfig(2, 8, 1, describe_instruction="List.")
+
+
+def test_spans_of_punctuation_only_never_become_phrases(tiny_llava_dir):
+    """A selector that tags every token B (every token its own span): the tokens of punctuation
+    (and spaces) only are selected too, and no phrase comes of them."""
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
+    model = build_flmm(lmm, build_sam(sam_config("tiny")))
+    model.heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
+    with torch.no_grad():
+        model.heads.selector.classify.weight.zero_()
+        model.heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    text = 'the red circle , "a star" ... and (the square) !'
+    x = model.prepare_text(torch.zeros(32, 32, 3, dtype=torch.uint8), text)
+    pieces = [text[s:e] for s, e in x.text_offsets]
+    assert sum(not any(c.isalnum() for c in p) for p in pieces) >= 4, pieces
+    with torch.inference_mode():
+        (selection,) = model.select([x], lmm([x.lmm]))
+    phrases = [text[a:b] for a, b in selection.spans]
+    assert phrases == ["the", "red", "circle", "a", "star", "and", "square"], phrases
+    assert len(selection.hidden) == len(phrases)
