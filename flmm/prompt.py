@@ -67,7 +67,7 @@ class Prompt:
 
 
 def answer_text(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
-    """``" p1. p2."`` and each phrase's [start, end) character span in it."""
+    """``" p1. p2."`` and each phrase's [start, end) character span (code points) in it."""
     if not phrases:
         raise ValueError("no phrases to ground")
     text, spans = "", []
@@ -82,7 +82,10 @@ def answer_text(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
 
 
 def tokens_in_span(offsets: list[tuple[int, int]], start: int, end: int) -> torch.Tensor:
-    """Positions of the tokens whose character range overlaps [start, end)."""
+    """Positions (long ``[n]``) of the tokens whose character range overlaps [start, end):
+    ``s < end and e > start`` for a token's ``(s, e)``; a token with no characters (``s == e``,
+    a special token) overlaps nothing. Offsets and span in the same frame, in Unicode code points
+    (Python ``str`` indices, as a fast tokenizer's offset mapping gives them)."""
     hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
     return torch.tensor(hits, dtype=torch.long)
 

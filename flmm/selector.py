@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmm.prompt import tokens_in_span
 from flmm.proposals import whole_words
 
 TAGS = ("O", "B", "I")
@@ -122,12 +123,13 @@ def read_spans(probs: torch.Tensor, min_confidence: float = 0.0) -> list[Span]:
 
 def bio_tags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> torch.Tensor:
     """Gold tags ``[T]`` (long) of tokens with character ``offsets`` (in the text) for gold
-    character ``spans`` ``[start, end)`` (both in code points): a token overlapping a span is B if it is the span's
-    first such token, else I; every other token is O."""
+    character ``spans`` ``[start, end)`` (both in code points): a token overlapping a span
+    (``flmm.prompt.tokens_in_span``) is B if it is the span's first such token, else I; every
+    other token is O."""
     tags = torch.full((len(offsets),), OUTSIDE, dtype=torch.long)
     for start, end in spans:
-        inside = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
-        if inside:
+        inside = tokens_in_span(offsets, start, end)
+        if len(inside):
             tags[inside[0]] = BEGIN
             tags[inside[1:]] = INSIDE
     return tags
