@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.uri import filesystem as filesystem_of
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
 from schemas.results import MANIFEST_SCHEMA, STAGES
 
@@ -39,13 +40,12 @@ ANNOTATIONS, SAMPLES, DONE, PARTS = "annotations", "samples", "_done", "_parts"
 
 
 class OutputDir:
-    """The output folder ``uri`` (local path or ``s3://...``-style URI), through ``filesystem``
-    if given (else the one the URI names; tests pass one that fails on cue)."""
+    """The output folder ``uri`` (local path or ``s3://...``-style URI; a URI's query holds
+    filesystem options, ``pipeline.uri``), through ``filesystem`` if given (else the one the URI names; tests pass one that fails on cue)."""
 
     def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
         self.uri = uri
-        local = uri if "://" in uri else posixpath.abspath(uri)
-        self.fs, self.root = pafs.FileSystem.from_uri(local)
+        self.fs, self.root = filesystem_of(uri)
         if filesystem is not None:
             self.fs = filesystem
 
