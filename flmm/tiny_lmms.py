@@ -3,7 +3,9 @@
 ``write_tiny_lmm(model_type, corpus, out_dir)`` saves a directory that loads like a hub checkpoint
 of that family (``AutoModelForImageTextToText`` + ``AutoProcessor``): the family's own vision tower
 and projector, a small decoder, a real BPE tokenizer trained in process on ``corpus`` and a chat
-template in the family's layout. Weights are random (seeded). LLaVA-1.5 comes from
+template in the family's layout. Weights are random (seeded) and every branch is live: DeepSeek-VL
+hybrid's high-resolution (SAM) tower gets a normal init and a non-zero mixing weight
+(transformers' defaults, 1e-10 and 0, would make its features constant). LLaVA-1.5 comes from
 ``flmm.tiny_llava``; the sizes of the others are one ``TinyLMMConfig``.
 """
 
@@ -36,6 +38,7 @@ class TinyLMMConfig:
     patch_size: int = 14
     vocab_size: int = 320
     high_res_size: int | None = None  # DeepSeek-VL hybrid's SAM tower input (None: 4 × image)
+    high_res_alpha: float = 1.0  # the hybrid's weight of the SAM tower's global features
     padding_side: str = "left"
     seed: int = 0
 
@@ -155,6 +158,7 @@ def _deepseek(config: TinyLMMConfig, corpus: list[str], hybrid: bool):
         "mlp_dim": 2 * config.vision_hidden,
         "global_attn_indexes": [config.vision_layers - 1],
         "window_size": 2,
+        "initializer_range": 0.02,  # SAM's default, 1e-10, leaves the tower's output constant
     }
     model_config = hf.DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
     return model_config, processor, hf.DeepseekVLHybridForConditionalGeneration
@@ -281,6 +285,8 @@ def write_tiny_lmm(
     model_config, processor, model_class = build_tiny_lmm(model_type, corpus, config)
     torch.manual_seed(config.seed)
     model = model_class(model_config)
+    if model_type == "deepseek_vl_hybrid":  # transformers initialises it to 0 (the 7B's is learned)
+        model.model.high_res_vision_alpha.data.fill_(config.high_res_alpha)
     out_dir = Path(out_dir)
     model.eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
