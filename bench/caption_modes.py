@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from flmm.metrics import mask_iou
 from pipeline.formats import decode_rle
 from pipeline.grounding import STAGES
 from toyworld.captions import make_caption
@@ -64,11 +65,6 @@ def write_mode(out: Path, mode: str, n: int) -> None:
     write_shards(out, mode, samples(), 1000)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 0.0
-
-
 def score(out: Path, mode: str, n: int) -> dict:
     rows = pq.read_table(out / "annotations").to_pylist()
     by_key: dict[str, list[dict]] = {}
@@ -80,10 +76,10 @@ def score(out: Path, mode: str, n: int) -> dict:
         masks = [decode_rle(r["mask"]) for r in found]
         if mode == "image":
             for obj in scene.objects:
-                best = max((iou(m, obj.mask) for m in masks), default=0.0)
+                best = max((mask_iou(m, obj.mask) for m in masks), default=0.0)
                 objects_found += best >= 0.5
                 n_objects += 1
-            good_masks += sum(max(iou(m, o.mask) for o in scene.objects) >= 0.5 for m in masks)
+            good_masks += sum(max(mask_iou(m, o.mask) for o in scene.objects) >= 0.5 for m in masks)
             n_pred += len(masks)
             continue
         for (a, b), obj_index in zip(caption.spans, caption.objects):
@@ -92,7 +88,7 @@ def score(out: Path, mode: str, n: int) -> dict:
                 match = [m for r, m in zip(found, masks) if r["phrase"] == caption.text[a:b]]
             else:
                 match = [m for r, m in zip(found, masks) if r["span"] == [a, b]]
-            gold_ious.append(iou(match[0], target) if match else 0.0)
+            gold_ious.append(mask_iou(match[0], target) if match else 0.0)
             hits += bool(match)
         n_gold += len(caption.spans)
         n_pred += len(found)

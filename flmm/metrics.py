@@ -1,8 +1,12 @@
 """Grounding metrics over predicted and ground-truth masks.
 
+- IoU of one object (``mask_iou``): intersection / union of its predicted and ground-truth masks;
+  **0 when both are empty** (union 0). The one empty-mask rule of this project, F-LMM's: its
+  RefCOCO evaluation (mmdet's ``RefSegMetric``: I / U, NaN → 0) and its PNG evaluation
+  (``compute_mask_IoU``: I / (U + 1e-12)) both score an empty pair 0. (gRefCOCO's gIoU, which
+  scores an empty prediction of a no-target expression 1, is another protocol, not done here.)
 - cIoU (cumulative IoU): Σ intersection / Σ union over all objects (0 when Σ union is 0);
-- gIoU (generalised / mean IoU): the mean of per-object IoU, where an object whose prediction and
-  ground truth are both empty (union 0) counts as IoU 0;
+- gIoU (generalised / mean IoU): the mean of per-object IoU (``mask_iou``'s rule);
 - AR (average recall, Panoptic Narrative Grounding's "average accuracy"): the area under the
   curve of recall (the fraction of phrases with IoU ≥ t) over IoU thresholds t, overall and over
   the things / stuff and singular / plural phrases (``AverageRecall``).
@@ -36,6 +40,20 @@ def _intersection_union(pred, gt) -> tuple[list[int], list[int]]:
     return [int(v) for v in intersection.tolist()], [int(v) for v in union.tolist()]
 
 
+def _iou(intersection: int, union: int) -> float:
+    """The IoU of pixel counts; 0 for an empty union (the module's rule)."""
+    return intersection / union if union > 0 else 0.0
+
+
+def mask_iou(pred, gt) -> float:
+    """IoU of one object's bool ``[H, W]`` masks (torch tensors or numpy arrays, same shape and
+    frame); 0 when both are empty."""
+    if pred.ndim != 2:
+        raise ValueError(f"mask_iou takes one object's [H, W] masks, got {tuple(pred.shape)}")
+    (intersection,), (union,) = _intersection_union(pred, gt)
+    return _iou(intersection, union)
+
+
 class MaskIoU:
     """Accumulates per-object intersection and union pixel counts; ``result()`` gives cIoU/gIoU.
 
@@ -60,8 +78,8 @@ class MaskIoU:
         return self
 
     def ious(self) -> list[float]:
-        """Per-object IoU, 0 where the union is empty."""
-        return [i / u if u > 0 else 0.0 for i, u in zip(self.intersections, self.unions)]
+        """Per-object IoU (``mask_iou``'s: 0 where the union is empty)."""
+        return [_iou(i, u) for i, u in zip(self.intersections, self.unions)]
 
     def result(self) -> dict:
         """``{"ciou": ΣI/ΣU (0 if ΣU == 0), "giou": mean per-object IoU (0 if no object),

@@ -37,12 +37,12 @@ from flmm.localization import (
     HeadSearchConfig,
     HeadVotes,
     LocalizationConfig,
-    combine,
-    grid_logits,
+    coarse_logits,
     image_attention,
     rank_heads,
     save_localization,
 )
+from flmm.metrics import mask_iou
 from pipeline.evaluate import Skipped, batched, iter_samples
 from pipeline.spec import ModelSpec
 
@@ -139,11 +139,12 @@ def calibrate(
                 maps = out.attention[b].unflatten(1, (lmm.num_views, n_k))  # [1, V, K, h, w]
                 gt = torch.from_numpy(phrase.mask)
                 for k in range(1, n_k + 1):
-                    # as LocalizationHeads grounds (coarse_logits), the k heads combined once
-                    combined = combine(maps[:, :, :k].flatten(1, 2), lmm.num_views, config.sigma)
+                    heads = maps[:, :, :k].flatten(1, 2)  # [1, V·k, h, w]
                     for t, bar in enumerate(config.thresholds):
-                        coarse = sample.geometry.to_original(grid_logits(combined, bar))
-                        total[k - 1, t] += _iou(coarse[0, 0] > 0, gt)
+                        # the coarse mask as LocalizationHeads grounds with these settings
+                        settings = _settings(lmm, candidates[:k], config, bar)
+                        _, coarse = coarse_logits(heads, sample.geometry, settings)
+                        total[k - 1, t] += mask_iou(coarse[0, 0] > 0, gt)
                 n += 1
             if time.perf_counter() - last >= 10:
                 last = time.perf_counter()
@@ -153,10 +154,19 @@ def calibrate(
     return total / max(1, n)
 
 
-def _iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """IoU of two boolean masks; 1 when both are empty (as ``flmm.metrics``' gIoU)."""
-    union = (pred | gt).sum()
-    return 1.0 if union == 0 else float((pred & gt).sum() / union)
+def _settings(
+    lmm: FrozenLMM, heads: list[tuple[int, int]], config: FindHeadsConfig, threshold: float
+) -> LocalizationConfig:
+    """The localization-heads settings of ``heads`` at bar ``threshold`` on ``lmm``."""
+    return LocalizationConfig(
+        tuple(heads),
+        lmm.num_layers,
+        lmm.num_heads,
+        lmm.num_views,
+        config.sigma,
+        threshold,
+        config.dense_prompt,
+    )
 
 
 def best_settings(giou: np.ndarray) -> tuple[int, int]:
@@ -192,15 +202,7 @@ def find_heads(config: FindHeadsConfig, log: Callable[[str], None] = print) -> d
     giou = calibrate(lmm, candidates, config, log)
     k, t = best_settings(giou)
     chosen = candidates[: k + 1]
-    settings = LocalizationConfig(
-        tuple(chosen),
-        lmm.num_layers,
-        lmm.num_heads,
-        lmm.num_views,
-        config.sigma,
-        config.thresholds[t],
-        config.dense_prompt,
-    )
+    settings = _settings(lmm, chosen, config, config.thresholds[t])
     half_heads = [h.chosen(len(chosen)) for h in halves]
     agree = len(set(half_heads[0]) & set(half_heads[1]))
     seconds = time.perf_counter() - start

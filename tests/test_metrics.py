@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flmm.metrics import AR_THRESHOLDS, AverageRecall, MaskIoU, average_recall
+from flmm.metrics import AR_THRESHOLDS, AverageRecall, MaskIoU, average_recall, mask_iou
 
 
 def _masks(shape, pred_pixels, gt_pixels):
@@ -42,6 +42,18 @@ def test_an_empty_union_counts_zero_for_giou_and_nothing_for_ciou():
     assert result["ciou"] == pytest.approx(5 / 7)
     assert result["giou"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert result["n"] == 3
+
+
+def test_one_objects_iou_follows_the_accumulators_rule_for_numpy_and_torch():
+    for pair, expected in ((HALF, 0.5), (EXACT, 1.0), (EMPTY, 0.0), ((HALF[1], EXACT[0]), 0.0)):
+        assert mask_iou(*pair) == expected
+        assert mask_iou(*(torch.from_numpy(m) for m in pair)) == expected
+    metric = MaskIoU()
+    for pair in (HALF, EXACT, EMPTY):
+        metric.update(*pair)
+    assert metric.ious() == [mask_iou(*pair) for pair in (HALF, EXACT, EMPTY)]
+    with pytest.raises(ValueError, match=r"\[H, W\]"):
+        mask_iou(np.stack(HALF), np.stack(EXACT))
 
 
 def test_no_union_at_all_gives_zeros_not_nan():
