@@ -29,6 +29,7 @@ from flmm.localization import (
     smooth,
     spatial_entropy,
 )
+from flmm.metrics import mask_iou
 from flmm.tiny_lmms import MODEL_TYPES
 from pipeline.find_heads import FindHeadsConfig, find_heads
 from pipeline.spec import ModelSpec
@@ -279,9 +280,7 @@ def toy_localization_giou(lmm_dir: str, n_scenes: int) -> tuple[float, float]:
             (out,) = model([model.prepare(torch.from_numpy(scene.image), phrases)])
         for kind, values in ious.items():
             for obj, logits in zip(owners, getattr(out, kind)[:, 0]):
-                pred, gt = logits > 0, torch.from_numpy(obj.mask)
-                union = (pred | gt).sum()
-                values.append(float((pred & gt).sum() / union) if union else 1.0)
+                values.append(mask_iou(logits > 0, torch.from_numpy(obj.mask)))
     return tuple(sum(v) / len(v) for v in ious.values())
 
 

@@ -12,6 +12,7 @@ import torch
 
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.lmm import FrozenLMM
+from flmm.metrics import mask_iou
 from toyworld.scenes import EVAL_START, make_scene, scene_seed
 from toyworld.vqa import TOY_PROMPT
 
@@ -26,9 +27,7 @@ def mean_iou(model, scenes) -> float:
         with torch.inference_mode():
             (out,) = model([model.prepare(torch.from_numpy(scene.image), phrases)])
         for obj, logits in zip(scene.objects, out.refined[:, 0]):
-            pred, gt = (logits > 0).numpy(), obj.mask
-            union = (pred | gt).sum()
-            ious.append((pred & gt).sum() / union if union else 0.0)
+            ious.append(mask_iou((logits > 0).numpy(), obj.mask))
     return float(np.mean(ious))
 
 
