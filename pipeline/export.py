@@ -26,6 +26,8 @@ thumbnails with each mask drawn in its own colour of ``pipeline.render.PALETTE``
 outline, one layer per mask), a legend of phrase, score and source per mask, paging, a minimum
 score and a phrase filter, and the samples that failed with their errors. Texts reach the page
 only as JSON data inserted with ``textContent``: a phrase cannot inject markup or script.
+The page's HTML, CSS and script are a file of this package, ``pipeline/gallery.html``, whose
+``__TITLE__``, ``__SIDE__`` and ``__DATA__`` are filled in.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -302,6 +305,7 @@ def _objects(meta: dict | None, uri: str, key: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 THUMB_SIDE = 320  # the longer side of a thumbnail, pixels
+PAGE = "gallery.html"  # the page's template, a file of this package
 
 
 def export_html(
@@ -387,101 +391,17 @@ def _script_json(data: dict) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body{font-family:sans-serif;margin:16px;background:#fafafa;color:#222}
-header{display:flex;gap:16px;align-items:center;flex-wrap:wrap;margin-bottom:12px}
-.grid{display:flex;flex-wrap:wrap;gap:12px}
-.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;width:__SIDE__px}
-.stack{position:relative}
-.stack img{position:absolute;left:0;top:0}
-.stack img.base{position:relative}
-.key{font-size:12px;color:#666;word-break:break-all}
-ul.legend{list-style:none;padding:0;margin:6px 0 0 0;font-size:13px}
-ul.legend li{display:flex;gap:6px;align-items:baseline}
-.swatch{display:inline-block;width:12px;height:12px;border-radius:2px;flex:none}
-.muted{color:#888}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 6px}
-</style></head><body>
-<header>
-<strong>__TITLE__</strong>
-<label>min score <input id="score" type="range" min="0" max="1" step="0.05" value="0">
-<span id="score-value">0.00</span></label>
-<label>phrase contains <input id="phrase" type="search"></label>
-<button id="prev">&larr; prev</button><span id="page"></span><button id="next">next &rarr;</button>
-</header>
-<div id="grid" class="grid"></div>
-<h3>Samples with errors (<span id="n-failed"></span>)</h3>
-<table id="failed"><tr><th>shard</th><th>key</th><th>error</th></tr></table>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-const data = JSON.parse(document.getElementById("data").textContent);
-let page = 0;
-const el = (tag, props, ...children) => {
-  const node = document.createElement(tag);
-  Object.assign(node, props || {});
-  for (const child of children) node.append(child);
-  return node;
-};
-function shown() {
-  const min = parseFloat(document.getElementById("score").value);
-  const text = document.getElementById("phrase").value.toLowerCase();
-  const out = [];
-  for (const item of data.items) {
-    const anns = item.annotations.filter(a => a.score >= min &&
-      (!text || a.phrase.toLowerCase().includes(text)));
-    if (text && anns.length === 0) continue;
-    out.push([item, anns]);
-  }
-  return out;
-}
-function render() {
-  const items = shown();
-  const pages = Math.max(1, Math.ceil(items.length / data.per_page));
-  page = Math.min(page, pages - 1);
-  document.getElementById("page").textContent =
-    ` page ${page + 1} of ${pages} (${items.length} images) `;
-  const grid = document.getElementById("grid");
-  grid.replaceChildren();
-  for (const [item, anns] of items.slice(page * data.per_page, (page + 1) * data.per_page)) {
-    const stack = el("div", {className: "stack"},
-      el("img", {className: "base", src: item.image, width: item.width, height: item.height}));
-    const legend = el("ul", {className: "legend"});
-    for (const a of anns) {
-      stack.append(el("img", {src: a.layer, width: item.width, height: item.height}));
-      const swatch = el("span", {className: "swatch"});
-      swatch.style.background = a.colour;
-      legend.append(el("li", {}, swatch, el("span", {textContent: a.phrase}),
-        el("span", {className: "muted", textContent: `${a.score.toFixed(2)} ${a.source}`})));
-    }
-    if (anns.length === 0) legend.append(el("li", {className: "muted", textContent: "no masks"}));
-    grid.append(el("div", {className: "card"}, stack,
-      el("div", {className: "key", textContent: `${item.shard} / ${item.key}`}), legend));
-  }
-}
-for (const f of data.failed) {
-  document.getElementById("failed").append(el("tr", {},
-    el("td", {textContent: f.shard}), el("td", {textContent: f.key}),
-    el("td", {textContent: f.error || ""})));
-}
-document.getElementById("n-failed").textContent = data.failed.length;
-document.getElementById("score").oninput = e => {
-  document.getElementById("score-value").textContent = parseFloat(e.target.value).toFixed(2);
-  page = 0; render();
-};
-document.getElementById("phrase").oninput = () => { page = 0; render(); };
-document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); render(); };
-document.getElementById("next").onclick = () => { page += 1; render(); };
-render();
-</script></body></html>
-"""
+def page_template() -> str:
+    """The gallery page (``pipeline/gallery.html``, package data): HTML, CSS and script, with
+    ``__TITLE__``, ``__SIDE__`` and ``__DATA__`` to fill."""
+    return resources.files("pipeline").joinpath(PAGE).read_text(encoding="utf-8")
 
 
 def _page(data: dict, source: str) -> str:
     title = html.escape(f"flmm-pipeline annotations: {source}")
     return (
-        PAGE.replace("__TITLE__", title)
+        page_template()
+        .replace("__TITLE__", title)
         .replace("__SIDE__", str(THUMB_SIDE))
         .replace("__DATA__", _script_json(data))
     )

@@ -9,6 +9,7 @@ scenes whose masks are known: "annotations" that are the objects' true masks."""
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import re
@@ -25,7 +26,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.export import export_coco, export_html
+from pipeline.export import export_coco, export_html, page_template
 from pipeline.formats import decode_rle, encode_rle
 from pipeline.writer import OutputDir, shard_tables
 from toyworld.scenes import make_scene, scene_seed
@@ -176,6 +177,20 @@ def test_the_gallery_holds_every_sample_every_mask_and_no_injected_markup(tmp_pa
         {"shard": "ex-000000", "key": "ex_00000004", "error": "corrupt_image: broken"}
     ]
     assert data["per_page"] == 2 and "textContent" in page and "innerHTML" not in page
+
+
+def test_the_gallery_is_the_package_template_filled_in(tmp_path):
+    """The page's HTML, CSS and script come from the package file ``pipeline/gallery.html``
+    (importlib.resources), unchanged but for its three slots."""
+    out = write_output(tmp_path)
+    export_html(str(out), str(tmp_path / "gallery.html"))
+    page = (tmp_path / "gallery.html").read_text()
+    template = (ROOT / "pipeline" / "gallery.html").read_text()
+    assert page_template() == template and template.count("__DATA__") == 1
+    title = html.escape(f"flmm-pipeline annotations: {out}")
+    head, tail = template.replace("__TITLE__", title).replace("__SIDE__", "320").split("__DATA__")
+    assert page.startswith(head) and page.endswith(tail) and len(page) > len(head) + len(tail)
+    assert "__" not in page[len(head) : -len(tail)] and "__TITLE__" not in page
 
 
 def test_export_reads_and_writes_s3_through_the_jobs_filesystem_layer(tmp_path, s3_bucket):
