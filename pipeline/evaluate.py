@@ -37,12 +37,11 @@ by average recall overall and over things / stuff / singular / plural phrases
 
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
+What it writes (``metrics.json``, ``*.stats.json``, the markdown table): ``pipeline/eval_report.py``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +55,13 @@ from flmm.metrics import AverageRecall, MaskIoU
 from flmm.model import FLMM, GroundingInput
 from flmm.prompt import span_slots
 from pipeline.decode import SampleError, decode_sample, object_targets
+from pipeline.eval_report import (  # markdown_table: for jobs/evaluate.py, with the rest
+    OUTPUTS,
+    markdown_table,  # noqa: F401
+    metrics_json,
+    stats_json,
+    write_json,
+)
 from pipeline.png import PNG_NAME, narrative_queries, phrase_kinds
 from pipeline.progress import track
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
@@ -64,7 +70,6 @@ from pipeline.spec import ModelSpec
 PROTOCOLS = ("standard", "flmm", "flmm-separate")  # referring sets (RefCOCO/+/g, toy)
 PNG_PROTOCOLS = ("png", "png-separate")  # Panoptic Narrative Grounding sets
 ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS
-OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding.refined
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,72 +426,6 @@ def progress(result: SetResult, seconds: float) -> str:
         f"{result.samples} samples, {result.queries} queries, "
         f"{result.skipped.total()} skipped, {seconds:.0f}s"
     )
-
-
-def metrics_json(results: dict[str, SetResult]) -> dict:
-    """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``; PNG protocols
-    add ``ar``, ``ar_things``, ``ar_stuff``, ``ar_singular``, ``ar_plural``, ``n_things`` …
-    ``n_plural`` and ``acc_50`` (``flmm.metrics.AverageRecall``)."""
-    return {
-        f"{name}/{protocol}": {output: acc.result() for output, acc in outputs.items()}
-        for name, result in results.items()
-        for protocol, outputs in result.metrics.items()
-    }
-
-
-def stats_json(results: dict[str, SetResult]) -> dict:
-    """Per set: samples evaluated, queries, seconds, and skipped samples per reason."""
-    return {
-        name: {
-            "samples": r.samples,
-            "queries": r.queries,
-            "seconds": round(r.seconds, 3),
-            "skipped": dict(r.skipped.counts),
-            "skipped_examples": r.skipped.examples,
-        }
-        for name, r in results.items()
-    }
-
-
-def write_json(data: dict, path: Path) -> Path:
-    """Write ``data`` as indented JSON via a temp name and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-AR_COLUMNS = ("ar", "ar_things", "ar_stuff", "ar_singular", "ar_plural")
-
-
-def markdown_table(metrics: dict) -> str:
-    """The metrics as markdown tables, values ×100 with one decimal as papers print them: cIoU /
-    gIoU of the referring protocols, average recall (all, things, stuff, singular, plural) of
-    the PNG ones."""
-    referring, png = [], []
-    for key, outputs in metrics.items():
-        name, _, protocol = key.rpartition("/")
-        ar = "ar" in outputs["unet"]
-        columns = AR_COLUMNS if ar else ("ciou", "giou")
-        values = [outputs[o][m] for o in OUTPUTS for m in columns]
-        cells = " | ".join(f"{100 * v:.1f}" if math.isfinite(v) else "-" for v in values)
-        (png if ar else referring).append(
-            f"| {name} | {protocol} | {outputs['unet']['n']} | {cells} |"
-        )
-    tables = []
-    if referring:
-        tables.append(
-            "| eval set | protocol | n | U-Net cIoU | U-Net gIoU | refined cIoU | refined gIoU |\n"
-            "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(referring)
-        )
-    if png:
-        splits = "AR | things | stuff | singular | plural"
-        tables.append(
-            f"| eval set | protocol | n | U-Net {splits} | refined {splits} |\n"
-            "|---|---|---:" + "|---:" * 10 + "|\n" + "\n".join(png)
-        )
-    return "\n\n".join(tables)
 
 
 # --------------------------------------------------------------------------------------------
