@@ -2,7 +2,9 @@
 
 Both read only committed shards (those with a done marker, ``pipeline/writer.py``), one shard at
 a time, from any filesystem pyarrow knows (local, ``s3://``, ...), and write through the same
-layer. Images come from the input shard each done marker names.
+layer. Images, when needed (the gallery's thumbnails, COCO's copied images and ground truth), come
+from the input shard each done marker names; COCO's image sizes and error kinds come from the
+samples table (schema version 4 on: older outputs are refused with a clear error).
 
 COCO (``export_coco``): one ``images`` entry per sample that was annotated without error (with 0
 annotations too: a negative), one ``annotations`` entry per grounded phrase::
@@ -56,6 +58,7 @@ from pipeline.uri import filesystem
 from pipeline.writer import ANNOTATIONS, DONE, SAMPLES, OutputDir
 
 CATEGORY_MODES = ("phrase", "object")
+SIZED_SAMPLES = 4  # the first schema version whose samples carry error_kind, height and width
 
 
 @dataclass
@@ -99,14 +102,16 @@ class ShardOutput:
     done: dict
     samples: list[dict]
     annotations: dict[str, list[dict]]
+    version: int  # the samples table's schema version (``schemas.annotations``), 0 if unknown
 
     @classmethod
     def read(cls, out: OutputDir, name: str) -> ShardOutput:
         by_key: dict[str, list[dict]] = {}
         for row in out.read_table(ANNOTATIONS, name).to_pylist():
             by_key.setdefault(row["key"], []).append(row)
-        samples = out.read_table(SAMPLES, name).to_pylist()
-        return cls(name, out.read_done(name), samples, by_key)
+        samples = out.read_table(SAMPLES, name)
+        version = int((samples.schema.metadata or {}).get(b"flmm.schema_version", b"0"))
+        return cls(name, out.read_done(name), samples.to_pylist(), by_key, version)
 
     def inputs(self, keys: set[str]) -> dict[str, dict]:
         """``key → raw fields`` (``pipeline.sources.sample_files``: image, image_ext, text,
@@ -236,26 +241,26 @@ def _rle_entry(rle: dict, bbox: list[float] | None = None) -> dict:
 
 
 def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Parts):
-    """Append one shard's image, annotation (and ground-truth) entries to the parts."""
+    """Append one shard's image, annotation (and ground-truth) entries to the parts. The input
+    shard is read only for images copied out or the ground truth."""
+    if shard.version < SIZED_SAMPLES:
+        raise ValueError(
+            f"{shard.name}: written with output schema version {shard.version or 'unknown'}; "
+            f"COCO export reads the samples' error_kind, height and width (schema version "
+            f"{SIZED_SAMPLES} on): annotate the shard again (--overwrite)"
+        )
     ok = [s for s in shard.samples if s["status"] == "ok"]
     for sample in shard.samples:
         if sample["status"] != "ok":
             summary.error_samples += 1
-            kind = (sample["error"] or "").split(":")[0]
+            kind = sample["error_kind"]
             summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
-    unsized = {s["key"] for s in ok if s["key"] not in shard.annotations}
-    wanted = {s["key"] for s in ok} if image_dir or parts.truth else unsized
+    wanted = {s["key"] for s in ok} if image_dir or parts.truth else set()
     inputs = shard.inputs(wanted) if wanted else {}
     for sample in ok:
         key = sample["key"]
         rows = shard.annotations.get(key, [])
-        pixels, meta = None, None  # the input decoded once, when a size or the truth needs it
-        if not rows or parts.truth:
-            pixels, meta = decode_sample(inputs[key], text_required=False)
-        if rows:
-            width, height = rows[0]["width"], rows[0]["height"]
-        else:
-            height, width = pixels.shape[:2]
+        width, height = sample["width"], sample["height"]
         file_name = f"{shard.name}/{key}"
         if image_dir:
             file_name = f"{file_name}.{inputs[key]['image_ext']}"
@@ -282,6 +287,7 @@ def _coco_shard(shard, summary, category_ids, categories, image_dir, parts: _Par
             )
             parts.add("annotations", annotation)
         if parts.truth:
+            meta = decode_sample(inputs[key], text_required=False)[1]
             for obj in _objects(meta, shard.done["input"], key):
                 truth = {"image_id": image_id, "category_id": 1, "iscrowd": 0}
                 parts.add("truth", {**truth, **_rle_entry(obj["mask"])})

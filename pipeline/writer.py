@@ -198,9 +198,12 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
         ok = row["status"] == "ok"
         error = None if ok else f"{row['error_kind']}: {row['error']}"
         n = len(row["counts"]) if ok else 0
+        sized = bool(row["height"])  # 0: an error of the decoding stage, before any size
         samples.append(
-            {"key": row["key"], "shard": shard, "status": row["status"], "error": error,
-             "n_annotations": n, "source": row["source"] if ok else None,
+            {"key": row["key"], "shard": shard, "status": row["status"],
+             "error_kind": None if ok else row["error_kind"], "error": error, "n_annotations": n,
+             "height": row["height"] if sized else None, "width": row["width"] if sized else None,
+             "source": row["source"] if ok else None,
              "proposer": row["proposer"] if ok and row["proposer"] else None,
              "text": row["text"] if ok and row["source"] != "given" else None,
              "warning": row["warning"] or None}
@@ -259,8 +262,7 @@ def commit_shard(output: str | OutputDir, shard: str, parts: list[str], n_input:
     samples_table = _sorted(samples, SAMPLES_SCHEMA)
     annotations_table = _sorted(annotations, ANNOTATIONS_SCHEMA)
     out.write_tables(shard, annotations_table, samples_table, n_input)
-    errors = samples_table.column("error").to_pylist()
-    kinds = Counter(error.split(":", 1)[0] for error in errors if error is not None)
+    kinds = Counter(kind for kind in samples_table.column("error_kind").to_pylist() if kind)
     return {
         "samples": samples_table.num_rows,
         "errors_by_kind": dict(sorted(kinds.items())),

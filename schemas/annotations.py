@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# 2: where phrases come from (source, span, selector_score; text); 3: who picked them (proposer)
-SCHEMA_VERSION = 3
+# 2: where phrases come from (source, span, selector_score; text); 3: who picked them (proposer);
+# 4: the samples' error_kind, height and width
+SCHEMA_VERSION = 4
 
 
 def _list(item: pa.DataType) -> pa.ListType:
@@ -61,8 +62,12 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error_kind", pa.string(), nullable=True),  # pipeline.decode.ERROR_KINDS
         pa.field("error", pa.string(), nullable=True),  # "<kind>: <message>", null when ok
         pa.field("n_annotations", pa.int32(), nullable=False),
+        # the image's size; null on error rows of the decoding stage (it is not kept there)
+        pa.field("height", pa.int32(), nullable=True),
+        pa.field("width", pa.int32(), nullable=True),
         pa.field("source", pa.string(), nullable=True),  # null for error rows
         pa.field("proposer", pa.string(), nullable=True),  # null when given or error
         # the caption or generated description phrases were selected from; null otherwise

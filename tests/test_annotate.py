@@ -68,7 +68,19 @@ def samples_keys(out) -> Counter:
     return Counter(k for t in tables for k in t.column("key").to_pylist())
 
 
+def decoded_size(key: str) -> tuple[int, int] | tuple[None, None]:
+    """``(height, width)`` the samples table must hold for a MIXED key: the image's own for ok
+    rows and the model stage's errors, nulls for the decoding stage's."""
+    files, status, kind = MIXED[key]
+    if status != "ok" and kind != "no_selector":
+        return None, None
+    image = next(files[e] for e in IMAGE_EXTENSIONS if e in files)
+    return decode_image(image).shape[:2]
+
+
 def test_every_key_exactly_once_with_the_right_status_and_error_kind(first_run, inputs):
+    """... and the image's size (schema 4): ``error_kind`` its own column, ``error`` still
+    starting with it."""
     config, summary = first_run
     out = OutputDir(config.output)
     assert sorted(summary.done) == ["empty-000000", "good-000000", "good-000001", "mixed-000000"]
@@ -78,8 +90,9 @@ def test_every_key_exactly_once_with_the_right_status_and_error_kind(first_run, 
     assert sorted(r["key"] for r in samples) == sorted(MIXED)
     for row in samples:
         status, kind = MIXED_EXPECTED[row["key"]]
-        assert row["status"] == status
-        assert (row["error"] or "").split(":")[0] == (kind or ""), row
+        assert (row["status"], row["error_kind"]) == (status, kind), row
+        assert (row["error"] or "").startswith(f"{kind}: " if kind else ""), row
+        assert (row["height"], row["width"]) == decoded_size(row["key"]), row
     for shard in summary.done:
         keys = pq.read_table(out.path("samples", f"{shard}.parquet")).column("key").to_pylist()
         assert sorted(keys) == sorted(input_keys(inputs / f"{shard}.tar"))
@@ -133,7 +146,7 @@ def test_schemas_done_markers_and_preview(first_run):
         schema = pq.read_schema(out.path("samples", f"{shard}.parquet"))
         assert schema.equals(SAMPLES_SCHEMA, check_metadata=True)
         done = out.read_done(shard)
-        assert done["schema_version"] == SCHEMA_VERSION == 3 and done["duplicate_rows_dropped"] == 0
+        assert done["schema_version"] == SCHEMA_VERSION == 4 and done["duplicate_rows_dropped"] == 0
         assert done["ok"] + done["errors"] == done["samples"]
         assert set(done["versions"]) >= {"torch", "ray", "pyarrow", "flmm-pipeline"}
     kinds = out.read_done("mixed-000000")["errors_by_kind"]

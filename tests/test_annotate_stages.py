@@ -224,15 +224,18 @@ def _result_row(key, status="ok", n=2):
 
 
 def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_path):
-    rows = [_result_row("k2"), _result_row("k1", "error")]
+    # k1 failed while decoding: its size is unknown (0), a null in the samples table
+    rows = [_result_row("k2"), {**_result_row("k1", "error"), "height": 0, "width": 0}]
     annotations, samples = shard_tables("s", rows, "model-x")
     assert annotations.schema.equals(ANNOTATIONS_SCHEMA, check_metadata=True)
     assert samples.schema.equals(SAMPLES_SCHEMA, check_metadata=True)
     assert samples.to_pylist() == [
-        {"key": "k1", "shard": "s", "status": "error", "error": "corrupt_image: broken",
-         "n_annotations": 0, "source": None, "proposer": None, "text": None, "warning": None},
-        {"key": "k2", "shard": "s", "status": "ok", "error": None, "n_annotations": 2,
-         "source": "given", "proposer": None, "text": None, "warning": None},
+        {"key": "k1", "shard": "s", "status": "error", "error_kind": "corrupt_image",
+         "error": "corrupt_image: broken", "n_annotations": 0, "height": None, "width": None,
+         "source": None, "proposer": None, "text": None, "warning": None},
+        {"key": "k2", "shard": "s", "status": "ok", "error_kind": None, "error": None,
+         "n_annotations": 2, "height": 4, "width": 5, "source": "given", "proposer": None,
+         "text": None, "warning": None},
     ]  # fmt: skip
     assert annotations.column("phrase").to_pylist() == ["a", "b"]
     out = OutputDir(str(tmp_path / "out"))
@@ -251,8 +254,8 @@ def test_schemas_have_exactly_the_issue_columns():
         "score", "width", "height", "model",
     ]  # fmt: skip
     assert SAMPLES_SCHEMA.names == [
-        "key", "shard", "status", "error", "n_annotations", "source", "proposer", "text",
-        "warning",
+        "key", "shard", "status", "error_kind", "error", "n_annotations", "height", "width",
+        "source", "proposer", "text", "warning",
     ]  # fmt: skip
     assert ANNOTATIONS_SCHEMA.field("mask").type == pa.struct(
         [
@@ -260,7 +263,7 @@ def test_schemas_have_exactly_the_issue_columns():
             pa.field("counts", pa.string(), False),
         ]
     )
-    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"3"
+    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"4"
 
 
 def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sample(

@@ -113,6 +113,36 @@ def test_coco_export_loads_in_pycocotools_and_its_masks_equal_the_parquet(tmp_pa
     ] == ["object"]
 
 
+def test_coco_export_reads_sizes_and_error_kinds_from_the_output_not_the_input_shard(tmp_path):
+    """Schema 4's samples carry height, width and error_kind: a COCO export without copied
+    images or ground truth never opens the input shards (gone here), and writes what it wrote
+    with them."""
+    out = write_output(tmp_path)
+    export_coco(str(out), str(tmp_path / "with.json"))
+    (tmp_path / "in" / "ex-000000.tar").rename(tmp_path / "moved.tar")
+    summary = export_coco(str(out), str(tmp_path / "without.json"))
+    assert (tmp_path / "without.json").read_text() == (tmp_path / "with.json").read_text()
+    assert summary.images == 4 and summary.errors_by_kind == {"corrupt_image": 1}
+    images = json.loads((tmp_path / "without.json").read_text())["images"]
+    sizes = [s.image.shape[:2] for s in scenes()[:4]]
+    assert [(i["height"], i["width"]) for i in images] == sizes  # ex_00000003: no annotation
+    with pytest.raises(FileNotFoundError):  # the images themselves do need the input
+        export_coco(str(out), str(tmp_path / "x.json"), image_dir=str(tmp_path / "images"))
+
+
+def test_outputs_of_an_older_schema_are_refused_by_coco_and_shown_by_the_gallery(tmp_path):
+    """A schema-3 samples table (no error_kind, height, width): COCO names the shard and the
+    fix; the gallery, which reads the images anyway, still works."""
+    out = write_output(tmp_path)
+    path = out / "samples" / "ex-000000.parquet"
+    table = pq.read_table(path).drop_columns(["error_kind", "height", "width"])
+    metadata = {**table.schema.metadata, b"flmm.schema_version": b"3"}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    with pytest.raises(ValueError, match=r"ex-000000: .*schema version 3.*--overwrite"):
+        export_coco(str(out), str(tmp_path / "labels.json"))
+    assert export_html(str(out), str(tmp_path / "gallery.html")).images == 4
+
+
 def segm_ap(out: Path, tmp_path: Path) -> float:
     export_coco(str(out), str(tmp_path / "p.json"), "object", ground_truth=str(tmp_path / "g.json"))
     truth = COCO(str(tmp_path / "g.json"))
