@@ -11,6 +11,10 @@ phrase its category, ``object`` one category for all. Images are referenced as `
 unless ``--images DIR`` copies them out (``file_name`` relative to DIR). HTML: a self-contained
 page (open it from disk) of the first ``--max-images`` images with their masks, filters and
 paging, and every sample that failed. Input and outputs may be local paths or ``s3://`` URIs.
+COCO export reads outputs of schema version 4 on (the samples' ``height``, ``width``,
+``error_kind``) and opens the input shards only for ``--images`` or ground truth; older shards:
+annotate them again with ``--overwrite``. The HTML gallery reads any version, and the input
+images for its thumbnails.
 Details: ``pipeline/export.py``. (For Hugging Face ``datasets``, no export is needed: the output's
 Parquet loads as it is, ``load_dataset("parquet", data_files="out/annotate/annotations/*.parquet")``.)
 """
