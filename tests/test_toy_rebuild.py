@@ -16,8 +16,10 @@ TINY = [
     "--sam-args",
     "--steps 2 --eval-objects 4",
     "--lmm-args",
-    "--vision-steps 2 --steps 2 --batch 4 --list-steps 2 --referent-steps 2 --proposal-steps 2 "
-    "--eval-questions 2",
+    (
+        "--vision-steps 2 --steps 2 --batch 4 --list-steps 2 --referent-steps 2 "
+        "--proposal-steps 2 --eval-questions 2"
+    ),
 ]
 
 
