@@ -89,9 +89,7 @@ def wide_llava_next(tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", [(20, 160), (24, 200), (160, 20)])
-def test_llava_next_base_view_keeps_every_row_when_shrunk_to_the_tiles_grid(
-    wide_llava_next, size
-):
+def test_llava_next_base_view_keeps_every_row_when_shrunk_to_the_tiles_grid(wide_llava_next, size):
     """One-hot attention on any base-view token keeps its mass on the U-Net input: a thin line
     of a very wide image (a single base row) must not vanish. Bilinear without antialias samples
     only 2 of every 4 base rows at 4:1 shrink (the lost ones give an all-zero map)."""
