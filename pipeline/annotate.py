@@ -40,11 +40,11 @@ from pipeline.grounding import (
     check_phrases,
     check_propose_prompt,
 )
-from pipeline.lock import LockLost, OutputLock, check_token, check_writable
+from pipeline.lock import LockLost, OutputLock, check_writable, guarded_commit
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import DONE, WRITE_ATTEMPTS, OutputDir, timed_commit, write_parts
+from pipeline.writer import DONE, WRITE_ATTEMPTS, OutputDir, write_parts
 from schemas.annotations import SCHEMA_VERSION
 from schemas.results import STAGES
 
@@ -267,15 +267,6 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
     )
 
 
-def commit_task(out: OutputDir, shard: str, parts: list[str], n_input: int, token: str | None):
-    """A shard's commit on a worker: ``LockLost`` if the output's lock no longer holds ``token``
-    (None: not checked), else its parts merged into its tables (``writer.timed_commit``; the
-    parts stay, so a retry of this task after any failure writes the same tables)."""
-    if token is not None:
-        check_token(out, token)
-    return timed_commit(out, shard, parts, n_input)
-
-
 class _Collector:
     """The driver's side: accounts for each shard's keys from the writers' manifests and, once
     all are in, commits the shard: a commit task merges its parts (retried on OSError), then the
@@ -291,8 +282,8 @@ class _Collector:
         self.buffers: dict[str, _ShardBuffer] = {}
         self.pending: dict[ray.ObjectRef, tuple[str, _ShardBuffer]] = {}
         self.commit = ray.remote(num_cpus=COMMIT_CPUS, max_retries=2, retry_exceptions=[OSError])(
-            commit_task
-        )
+            guarded_commit
+        )  # a function of a light module: a commit worker imports pyarrow, not the model
 
     def expect(self, uris: dict[str, str]) -> None:
         self.buffers.update({name: _ShardBuffer(uri) for name, uri in uris.items()})

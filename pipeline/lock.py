@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from pipeline.writer import OutputDir
+from pipeline.writer import OutputDir, timed_commit
 
 LOCK = "_lock.json"
 GUARD = "_lock.guard"  # local disks: flock'ed around each read-decide-write of LOCK
@@ -230,6 +230,19 @@ def check_token(out: OutputDir, token: str) -> None:
     held = read_holder(out)
     if (held or {}).get("token") != token:
         raise LockLost(_lost(out.uri, held))
+
+
+def guarded_commit(
+    out: OutputDir, shard: str, parts: list[str], n_input: int, token: str | None
+) -> tuple[dict, float]:
+    """A shard's commit task, on a worker: ``LockLost`` if the output's lock no longer holds
+    ``token`` (None: not checked), else its parts merged into its tables
+    (``writer.timed_commit``; the parts stay, so a retry after any failure writes the same
+    tables). It lives here, not in ``pipeline.annotate``, so that a commit worker imports
+    pyarrow and not the model stack (~4 s a worker, more on a loaded machine)."""
+    if token is not None:
+        check_token(out, token)
+    return timed_commit(out, shard, parts, n_input)
 
 
 def check_writable(out: OutputDir) -> None:
