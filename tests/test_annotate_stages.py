@@ -263,7 +263,7 @@ def test_schemas_have_exactly_the_issue_columns():
             pa.field("counts", pa.string(), False),
         ]
     )
-    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"4"
+    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"5"
 
 
 def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sample(
