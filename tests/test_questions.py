@@ -11,9 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from annotate_inputs import image_bytes, meta, write_tar
+from safetensors.torch import save_file
 
+from flmm.build import build_flmm, build_sam, sam_config
+from flmm.heads import save_heads
+from flmm.lmm import FrozenLMM
 from flmm.prompt import PromptConfig, PromptLayout
 from flmm.proposals import PROPOSE_PROMPT, has_word, locate, parse_proposals, whole_words
+from flmm.selector import KeywordSelector, SelectorConfig, Span, char_span
 from flmm.tiny_lmms import MODEL_TYPES
 from jobs import annotate as job
 from pipeline.annotate import AnnotateConfig, run_annotation
@@ -163,28 +168,31 @@ def test_in_place_the_answer_is_grounded_in_its_own_conversation(actor, decoded,
     (image + question) followed by the answer, and its spans are grounded from it."""
     rows = [decoded[k] for k in ASKED]
     listed_rows, _ = counted_run(actor, rows)
-    actor.caption_layout = "in-place"
+    lmm = actor.model.lmm
+    prefilled = []  # the token ids of every sequence the LMM prefills
+
+    def forward(samples):
+        prefilled.extend(s.input_ids for s in samples)
+        return type(lmm).forward(lmm, samples)
+
+    actor.caption_layout, lmm.forward = "in-place", forward
     try:
         results, calls = counted_run(actor, rows)
     finally:
         actor.caption_layout = "listed"
-    grounded = sum(bool(r["spans"]) for r in results.values())
-    assert calls == {"generate": [3], "prefill": [grounded] if grounded else []}
-    lmm = actor.model.lmm
+        del lmm.forward
+    grounded = [key for key in ASKED if results[key]["spans"]]
+    assert calls == {"generate": [3], "prefill": [len(grounded)] if grounded else []}
     for key in ASKED:
-        row, result = decoded[key], results[key]
-        assert result["spans"] == listed_rows[key]["spans"]
-        assert len(result["counts"]) == len(result["spans"])
-        if not result["spans"]:
-            continue
-        image = image_of(row)
-        prefill = actor.model.prepare_text(
-            image, result["answer"], [tuple(s) for s in result["spans"]], False, row["question"]
-        ).lmm.input_ids
+        assert results[key]["spans"] == listed_rows[key]["spans"]
+        assert len(results[key]["counts"]) == len(results[key]["spans"])
+    for key, ids in zip(grounded, prefilled, strict=True):
+        row, image = decoded[key], image_of(decoded[key])
         layout = PromptLayout(lmm.processor, PromptConfig(row["question"], lmm.merge))
         asked = lmm.processor.tokenizer(layout.expanded_prefix(lmm.image_inputs(image).n_tokens))
-        assert prefill[: len(asked["input_ids"])].tolist() == asked["input_ids"]
-        assert len(prefill) > len(asked["input_ids"])  # ... and the answer after it
+        assert ids[: len(asked["input_ids"])].tolist() == asked["input_ids"]
+        answer = results[key]["answer"]  # ... and the answer after it
+        assert torch.equal(ids, lmm.prepare_text(image, answer, None, row["question"])[0].input_ids)
 
 
 def test_an_answers_phrases_are_the_lmms_proposals_found_in_it(actor, decoded, one_thread):
@@ -210,6 +218,46 @@ def test_an_answers_phrases_are_the_lmms_proposals_found_in_it(actor, decoded, o
         assert len(result["counts"]) == len(located.spans)
         if located.missing:
             assert "proposed phrase(s) not in the answer" in result["warning"]
+
+
+@pytest.fixture(scope="module")
+def selector_spec(tiny_llava_dir, tmp_path_factory):
+    """Tiny LLaVA + tiny SAM + random heads with a keyword selector set by hand to tag every
+    token B (as tests/test_caption_modes.py: every token of a text is its own span)."""
+    out = tmp_path_factory.mktemp("question_models")
+    torch.manual_seed(0)
+    sam = build_sam(sam_config("tiny"))
+    save_file(sam.state_dict(), str(out / "sam.safetensors"))
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
+    heads = build_flmm(lmm, sam).heads
+    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
+    with torch.no_grad():
+        heads.selector.classify.weight.zero_()
+        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    heads = save_heads(heads, out / "heads.safetensors")
+    return ModelSpec(str(tiny_llava_dir), "tiny", str(out / "sam.safetensors"), str(heads))
+
+
+def test_the_selector_picks_an_answers_spans_from_its_conversation_prefill(
+    selector_spec, decoded, one_thread
+):
+    actor = GroundingActor(selector_spec, max_new_tokens=NEW_TOKENS, caption_layout="in-place")
+    rows = [decoded[k] for k in ("given", *ASKED)]
+    results, calls = counted_run(actor, rows)
+    worded = [key for key in ASKED if has_word(results[key]["answer"])]
+    assert worded and calls == {"generate": [3], "prefill": [1 + len(worded)]}
+    for key in worded:
+        row, result = decoded[key], results[key]
+        answer = alone(actor, row, row["question"])
+        assert (result["answer"], result["proposer"]) == (answer, "selector")
+        _, offsets = actor.model.lmm.prepare_text(image_of(row), answer, None, row["question"])
+        first = {}  # every token tagged B: one span per token, a repeated one grounded once
+        for t in range(len(offsets)):
+            a, b = char_span(offsets, Span(t, t + 1, 1.0), answer)
+            if b > a:
+                first.setdefault(answer[a:b], [a, b])
+        assert result["spans"] == list(first.values())
+        assert len(result["counts"]) == len(result["spans"])
 
 
 def read(out, table: str) -> dict[str, list[dict]]:
