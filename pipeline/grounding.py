@@ -13,9 +13,9 @@ found in the caption and grounded in place); or, for an image-only sample, the s
 picks in a description the LMM writes first, or every item of a list of what the LMM sees; or,
 for a question sample, the LMM's answer to the question (one batched greedy ``generate`` of the
 batch's questions) taken as the text whose phrases are picked, by the selector or the LMM's
-proposals as a caption's, or grounded whole (``ground_answer="whole"``); in place, the answer
-is prefilled in its conversation (image + question → answer, ``FLMM.prepare_text``'s
-``instruction``). ``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
+proposals as a caption's, or grounded whole (``ground_answer="whole"``); ``in-place``, the
+answer is prefilled in its conversation (image + question → answer, ``FLMM.prepare_text``'s
+``instruction``) and grounded there; ``listed``, as a caption is. ``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
 LMM otherwise; ``selector`` without one makes caption and image-only samples ``no_selector``
 error rows.
 
@@ -204,7 +204,11 @@ class GroundingActor:
         if row["source"] == "given":
             return self.model.prepare(image, row["phrases"])
         listed = self.caption_layout == "listed"
-        question = row["question"] if row["source"] == "answer" else None
+        # in place, an answer is prefilled in its conversation (image + question → answer);
+        # listed, its phrases are picked as a caption's, under the grounding prompt (the toy
+        # selector picks an answer's phrases there, and mostly "the" in the conversation)
+        in_conversation = row["source"] == "answer" and not listed
+        question = row["question"] if in_conversation else None
         return self.model.prepare_text(image, text.text, text.spans, listed, question)
 
     def _annotations(self, row: dict, text: str, selection, grounding) -> dict:

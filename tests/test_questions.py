@@ -238,14 +238,34 @@ def selector_spec(tiny_llava_dir, tmp_path_factory):
     return ModelSpec(str(tiny_llava_dir), "tiny", str(out / "sam.safetensors"), str(heads))
 
 
-def test_the_selector_picks_an_answers_spans_from_its_conversation_prefill(
+def test_the_selector_picks_an_answers_spans_in_its_conversation_or_as_a_caption(
     selector_spec, decoded, one_thread
 ):
+    """In place, from image + question → answer; listed, from the answer under the grounding
+    prompt, as a caption's (then the picked spans are prefilled again, listed)."""
     actor = GroundingActor(selector_spec, max_new_tokens=NEW_TOKENS, caption_layout="in-place")
     rows = [decoded[k] for k in ("given", *ASKED)]
-    results, calls = counted_run(actor, rows)
+    lmm = actor.model.lmm
+    prefilled = {"in-place": [], "listed": []}
+    for layout, ids in prefilled.items():
+
+        def forward(samples, ids=ids):
+            ids.append([s.input_ids for s in samples])
+            return type(lmm).forward(lmm, samples)
+
+        actor.caption_layout, lmm.forward = layout, forward
+        try:
+            results, calls = counted_run(actor, rows)
+        finally:
+            del lmm.forward
     worded = [key for key in ASKED if has_word(results[key]["answer"])]
-    assert worded and calls == {"generate": [3], "prefill": [1 + len(worded)]}
+    # (listed: one more prefill of the answers' picked spans)
+    assert worded and calls == {"generate": [3], "prefill": [1 + len(worded), len(worded)]}
+    for k, key in enumerate(worded, start=1):  # (the given row's sequence comes first)
+        row, answer, image = decoded[key], results[key]["answer"], image_of(decoded[key])
+        in_conversation = lmm.prepare_text(image, answer, None, row["question"])[0].input_ids
+        assert torch.equal(prefilled["in-place"][0][k], in_conversation)
+        assert torch.equal(prefilled["listed"][0][k], lmm.prepare_text(image, answer)[0].input_ids)
     for key in worded:
         row, result = decoded[key], results[key]
         answer = alone(actor, row, row["question"])
