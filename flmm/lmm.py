@@ -146,14 +146,23 @@ class FrozenLMM(nn.Module):
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens)
 
     def prepare_text(
-        self, image: torch.Tensor, text: str, inputs: ImageInputs | None = None
+        self,
+        image: torch.Tensor,
+        text: str,
+        inputs: ImageInputs | None = None,
+        instruction: str | None = None,
     ) -> tuple[LMMSample, list[tuple[int, int]]]:
-        """image ``[H, W, 3]`` uint8 RGB; a free text (caption, description) whose every token
-        is captured as one query group (``build_text_prompt``) → the sample, and each text
+        """image ``[H, W, 3]`` uint8 RGB; a free text (caption, description, answer) whose every
+        token is captured as one query group (``build_text_prompt``) → the sample, and each text
         token's ``[start, end)`` characters in ``text``. ``inputs``: the image's own inputs when
-        already prepared (another sequence of the same image), else made here."""
+        already prepared (another sequence of the same image), else made here. ``instruction``:
+        the user's turn the text answers (a question: the conversation image + question →
+        answer, as ``answer`` generated it); None: the grounding prompt's."""
         inputs = inputs or self.image_inputs(image)
-        prompt, offsets = build_text_prompt(self.layout, text, inputs.n_tokens)
+        layout = self.layout
+        if instruction is not None:
+            layout = PromptLayout(self.processor, PromptConfig(instruction, self.merge))
+        prompt, offsets = build_text_prompt(layout, text, inputs.n_tokens)
         return LMMSample(inputs, prompt.input_ids, prompt.phrase_tokens), offsets
 
     def describe(

@@ -108,11 +108,14 @@ class FLMM(nn.Module):
         text: str,
         spans: list[tuple[int, int]] | None = None,
         listed: bool = False,
+        instruction: str | None = None,
     ) -> GroundingInput:
         """image ``[H, W, 3]`` uint8 RGB; a free text whose ``spans`` (``[start, end)``
         characters) are grounded in place, or, with ``listed``, laid out as given phrases
         (``prepare``; the text then only names them); with ``spans`` None, the spans the keyword
-        selector picks (a heads file without a selector cannot: ValueError)."""
+        selector picks (a heads file without a selector cannot: ValueError). ``instruction``:
+        the user's turn the text answers (a question), prefilled with it as one conversation
+        (``FrozenLMM.prepare_text``); None: the grounding prompt's."""
         if spans is None and self.selector is None:
             raise ValueError(
                 "these heads have no keyword selector: give the spans to ground (phrase "
@@ -122,7 +125,7 @@ class FLMM(nn.Module):
         if listed and spans is not None:
             lmm = self.lmm.prepare(image, [text[a:b] for a, b in spans])
             return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, None, spans)
-        lmm, offsets = self.lmm.prepare_text(image, text)
+        lmm, offsets = self.lmm.prepare_text(image, text, instruction=instruction)
         return GroundingInput(lmm, sam_pixels.cpu(), input_size, text, offsets, spans)
 
     def select(self, inputs: list[GroundingInput], lmm_out) -> list[Selection]:

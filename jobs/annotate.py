@@ -22,7 +22,7 @@ import sys
 
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
-from pipeline.grounding import CAPTION_LAYOUTS, PHRASES
+from pipeline.grounding import CAPTION_LAYOUTS, GROUND_ANSWERS, PHRASES
 from pipeline.lock import OutputLocked
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
@@ -82,6 +82,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "in a second prefill (default; bench/NOTES.md: on the toy 0.10 gIoU better), or in "
         "place, from the text's own prefill (keeps the text's context, e.g. for pronouns)",
     )
+    p.add_argument(
+        "--question",
+        help="ask every image this question and ground its answer (default: only samples whose "
+        "JSON has a `question`); replaces the samples' phrases and captions",
+    )
+    p.add_argument(
+        "--ground-answer",
+        choices=GROUND_ANSWERS,
+        default="phrases",
+        help="ground an answer's phrases, picked as a caption's (--phrases), or the whole answer "
+        "as one phrase",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of generated text")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
@@ -116,6 +128,8 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         propose_prompt=args.propose_prompt,
         list_prompt=args.list_prompt,
         caption_layout=args.caption_layout,
+        question=args.question,
+        ground_answer=args.ground_answer,
     )
 
 

@@ -37,6 +37,7 @@ from pipeline.decode import decode_batch
 from pipeline.grounding import (
     GroundingActor,
     check_caption_layout,
+    check_ground_answer,
     check_phrases,
     check_propose_prompt,
 )
@@ -62,7 +63,9 @@ class AnnotateConfig:
     samples (``auto`` | ``selector`` | ``lmm``, ``pipeline.grounding.proposer_for``), the LMM
     with ``propose_prompt`` (a caption's, its ``{caption}`` slot filled) and ``list_prompt``
     (an image's); caption_layout: where those phrases are grounded, ``in-place`` in the text's
-    prefill or ``listed`` in a second prefill as given phrases."""
+    prefill or ``listed`` in a second prefill as given phrases; question: ask every sample this
+    question (None: only samples whose JSON has a ``question``), whose answer is grounded by
+    ``ground_answer``: ``phrases`` picked in it as in a caption, or ``whole``."""
 
     inputs: tuple[str, ...]
     output: str
@@ -82,6 +85,8 @@ class AnnotateConfig:
     propose_prompt: str = PROPOSE_PROMPT
     list_prompt: str = LIST_PROMPT
     caption_layout: str = "listed"
+    question: str | None = None
+    ground_answer: str = "phrases"
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
@@ -90,6 +95,11 @@ class AnnotateConfig:
         check_phrases(self.phrases)
         check_propose_prompt(self.propose_prompt)
         check_caption_layout(self.caption_layout)
+        check_ground_answer(self.ground_answer)
+        if self.question is not None and not self.question.strip():
+            raise ValueError("--question is empty")
+        if self.question is not None and self.describe:
+            raise ValueError("--question and --describe: give one (each replaces every text)")
 
 
 @dataclass
@@ -233,7 +243,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
         decode_batch,
         batch_size=None,
         batch_format="pyarrow",
-        fn_kwargs={"describe": config.describe},
+        fn_kwargs={"describe": config.describe, "question": config.question},
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
@@ -247,6 +257,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
             "propose_prompt": config.propose_prompt,
             "list_prompt": config.list_prompt,
             "caption_layout": config.caption_layout,
+            "ground_answer": config.ground_answer,
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",

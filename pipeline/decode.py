@@ -3,7 +3,8 @@
 The parsing functions are shared by every job that reads the input format
 (``schemas/INPUT_FORMAT.md``): ``decode_image`` (any PIL mode → uint8 ``[H, W, 3]`` RGB),
 ``parse_text`` (``<key>.json`` / ``<key>.txt`` → meta dict), ``grounding_request`` / ``phrases_of``
-(what to ground: given phrases, a caption, or nothing: a description to generate) and
+(what to ground: given phrases, a caption, a question's answer, or nothing: a description to
+generate) and
 ``object_targets`` / ``objects_of`` (training targets: per object / one mask per phrase). Each raises ``SampleError`` whose
 ``kind`` is one of ``ERROR_KINDS``.
 
@@ -35,9 +36,12 @@ ERROR_KINDS = {
     "empty_image": "the image file has zero bytes",
     "corrupt_image": "the image does not decode (or is too large to decode safely)",
     "missing_text": "the .json has neither `phrases` nor `caption`",
-    "bad_text": "the .json is not UTF-8 / not a JSON object / phrases not a list of strings",
+    "bad_text": "the .json is not UTF-8 / not a JSON object / phrases not a list of strings / "
+    "caption or question not a string",
     "no_phrases": "the phrase list is empty, or a phrase is blank",
-    "no_selector": "a caption / image-only sample under --phrases selector, without a selector",
+    "no_question": "the sample's `question` (or --question) is empty or blank",
+    "no_selector": "a caption / image-only / question sample under --phrases selector, without "
+    "a selector",
     "bad_objects": "objects / masks do not match the image (training and evaluation only)",
     "bad_spans": "objects' caption spans are not [start, end) inside the caption (training only)",
     "bad_key": "the key holds '/', '\\', '..' or a control character (stored percent-escaped)",
@@ -58,7 +62,9 @@ DECODED_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("phrases", pa.list_(pa.string())),  # given phrases ("given"), else []
         ("text", pa.string()),  # the caption to select phrases from ("caption"), else ""
-        ("source", pa.string()),  # "given" | "caption" | "generated" (to describe); "" unless ok
+        ("question", pa.string()),  # the question the LMM answers ("answer"), else ""
+        # "given" | "caption" | "generated" (to describe) | "answer" (to answer); "" unless ok
+        ("source", pa.string()),
         ("warning", pa.string()),  # e.g. a truncated caption, skipped tar members; "" if none
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
@@ -161,25 +167,37 @@ def text_warning(data: bytes, ext: str) -> str:
 
 
 MAX_TEXT_CHARS = 1000  # longer captions are cut here (with a warning): the LMM's context is finite
+MAX_QUESTION_CHARS = 1000  # likewise for questions
 
 
 @dataclass(frozen=True)
 class Request:
     """What to ground in a sample: ``phrases`` as given (source ``"given"``), or phrases the
     keyword selector picks in ``text`` (``"caption"``), or in a description the LMM writes
-    (``"generated"``, text ""). ``warning``: something the user should know ("" if nothing)."""
+    (``"generated"``, text ""), or in the LMM's answer to ``question`` (``"answer"``, text "").
+    ``warning``: something the user should know ("" if nothing)."""
 
     source: str
     phrases: tuple[str, ...] = ()
     text: str = ""
     warning: str = ""
+    question: str = ""
 
 
-def grounding_request(meta: dict | None, describe: bool = False) -> Request:
+def grounding_request(
+    meta: dict | None, describe: bool = False, question: str | None = None
+) -> Request:
     """The request of a sample whose text parsed to ``meta`` (None: the sample has no text file).
-    ``describe``: generate a description for every sample, whatever its text."""
+    ``describe``: generate a description for every sample, whatever its text; ``question``: ask
+    every sample this question (``--question``), whatever its text. Otherwise a JSON
+    ``question`` comes first (the sample asks it; its ``phrases`` / ``caption``, if any, are
+    left alone), then ``phrases``, then ``caption``."""
+    if question is not None:
+        return question_request(question, "--question")
     if describe or meta is None:
         return Request("generated")
+    if "question" in meta:
+        return question_request(meta["question"], "`question`")
     if "phrases" in meta:
         return Request("given", tuple(phrases_of(meta)))
     caption = meta.get("caption")
@@ -190,11 +208,27 @@ def grounding_request(meta: dict | None, describe: bool = False) -> Request:
     caption = caption.strip()
     if not caption:
         raise SampleError("no_phrases", "the caption is empty")
-    if len(caption) <= MAX_TEXT_CHARS:
-        return Request("caption", text=caption)
-    cut = caption[:MAX_TEXT_CHARS]
-    warning = f"caption truncated from {len(caption)} to {MAX_TEXT_CHARS} characters"
-    return Request("caption", text=cut, warning=warning)
+    text, warning = truncated(caption, MAX_TEXT_CHARS, "caption")
+    return Request("caption", text=text, warning=warning)
+
+
+def question_request(question, where: str) -> Request:
+    """A question sample: the question stripped, cut to ``MAX_QUESTION_CHARS`` (with a
+    warning), or SampleError (``bad_text``: not a string; ``no_question``: blank)."""
+    if not isinstance(question, str):
+        raise SampleError("bad_text", f"{where} must be a string")
+    question = question.strip()
+    if not question:
+        raise SampleError("no_question", f"{where} is empty")
+    question, warning = truncated(question, MAX_QUESTION_CHARS, "question")
+    return Request("answer", question=question, warning=warning)
+
+
+def truncated(text: str, limit: int, what: str) -> tuple[str, str]:
+    """``text`` cut to ``limit`` characters, and the warning that says so ("" if not cut)."""
+    if len(text) <= limit:
+        return text, ""
+    return text[:limit], f"{what} truncated from {len(text)} to {limit} characters"
 
 
 def phrases_of(meta: dict) -> list[str]:
@@ -309,20 +343,24 @@ def read_samples(uris: Iterable[str | Path]) -> Iterator[dict]:
             yield {"key": key, "image": image, "meta": meta}
 
 
-def decode_batch(batch: pa.Table, chunk: int = 16, describe: bool = False) -> Iterator[pa.Table]:
+def decode_batch(
+    batch: pa.Table, chunk: int = 16, describe: bool = False, question: str | None = None
+) -> Iterator[pa.Table]:
     """Pipeline stage: ``RAW_SCHEMA`` → ``DECODED_SCHEMA``, one row per row, never raising;
     yields ``chunk`` rows at a time so that a whole shard is never held decoded. ``describe``:
-    every sample's phrases come from a generated description (``grounding_request``)."""
+    every sample's phrases come from a generated description; ``question``: from the LMM's
+    answer to this question (``grounding_request``)."""
     for start in range(0, batch.num_rows, chunk):
         rows = batch.slice(start, chunk).to_pylist()
-        yield pa.Table.from_pylist([_decode_row(row, describe) for row in rows], DECODED_SCHEMA)
+        decoded = [_decode_row(row, describe, question) for row in rows]
+        yield pa.Table.from_pylist(decoded, DECODED_SCHEMA)
 
 
-def _decode_row(row: dict, describe: bool = False) -> dict:
+def _decode_row(row: dict, describe: bool = False, question: str | None = None) -> dict:
     start = time.perf_counter()
     out = {name: row[name] for name in ("shard", "key", "n_samples", "shard_error", "read_s")}
     out.update(status="ok", error_kind="", error="", pixels=b"", height=0, width=0, phrases=[])
-    out.update(text="", source="", warning=row["warning"])
+    out.update(text="", question="", source="", warning=row["warning"])
     if not row["key"]:
         out["status"] = "shard"
     elif problem := key_problem(row["key"]):
@@ -330,10 +368,11 @@ def _decode_row(row: dict, describe: bool = False) -> dict:
     else:
         try:
             pixels, meta = decode_sample(row, text_required=False)
-            request = grounding_request(meta, describe)
+            request = grounding_request(meta, describe, question)
             height, width = pixels.shape[:2]
             out.update(pixels=pixels.tobytes(), height=height, width=width)
             out.update(phrases=list(request.phrases), text=request.text, source=request.source)
+            out["question"] = request.question
             found = (row["warning"], text_warning(row["text"], row["text_ext"]), request.warning)
             out["warning"] = "; ".join(w for w in found if w)
         except SampleError as error:

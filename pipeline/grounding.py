@@ -10,8 +10,12 @@ What a sample grounds (``DECODED_SCHEMA.source``): its given phrases; or, in a c
 spans picked by the keyword selector (from the caption's own prefill) or proposed by the frozen
 LMM (``flmm.proposals``: one batched greedy ``generate`` of the batch's captions, the proposals
 found in the caption and grounded in place); or, for an image-only sample, the spans the selector
-picks in a description the LMM writes first, or every item of a list of what the LMM sees.
-``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
+picks in a description the LMM writes first, or every item of a list of what the LMM sees; or,
+for a question sample, the LMM's answer to the question (one batched greedy ``generate`` of the
+batch's questions) taken as the text whose phrases are picked, by the selector or the LMM's
+proposals as a caption's, or grounded whole (``ground_answer="whole"``); ``in-place``, the
+answer is prefilled in its conversation (image + question → answer, ``FLMM.prepare_text``'s
+``instruction``) and grounded there; ``listed``, as a caption is. ``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
 LMM otherwise; ``selector`` without one makes caption and image-only samples ``no_selector``
 error rows.
 
@@ -36,16 +40,19 @@ from flmm.proposals import (
     CAPTION_SLOT,
     LIST_PROMPT,
     PROPOSE_PROMPT,
+    has_word,
     listed_text,
     locate,
     parse_proposals,
+    whole_words,
 )
 from pipeline.decode import pixels_of
 from pipeline.spec import ModelSpec
 from schemas.results import RESULT_SCHEMA, STAGES
 
 PASSED_THROUGH = ("shard", "key", "n_samples", "status", "error_kind", "error", "height", "width")
-PASSED_THROUGH += ("phrases", "text", "source", "warning", "shard_error", "read_s", "decode_s")
+PASSED_THROUGH += ("phrases", "text", "question", "source", "warning", "shard_error")
+PASSED_THROUGH += ("read_s", "decode_s")
 
 
 def annotate_logits(logits: torch.Tensor, threshold: float = 0.5):
@@ -80,6 +87,7 @@ class GroundingActor:
         propose_prompt: str = PROPOSE_PROMPT,
         list_prompt: str = LIST_PROMPT,
         caption_layout: str = "listed",
+        ground_answer: str = "phrases",
     ):
         if spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
@@ -99,6 +107,7 @@ class GroundingActor:
         self.propose_prompt = check_propose_prompt(propose_prompt)
         self.list_prompt = list_prompt
         self.caption_layout = check_caption_layout(caption_layout)
+        self.ground_answer = check_ground_answer(ground_answer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._check_selector(row) for row in batch.to_pylist()]
@@ -111,7 +120,7 @@ class GroundingActor:
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
             result.update(counts=[], bboxes=[], scores=[], mask_size=[], model_s=0.0)
-            result.update(spans=[], selector_scores=[], proposer="")
+            result.update(spans=[], selector_scores=[], proposer="", answer="")
             result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
@@ -125,9 +134,12 @@ class GroundingActor:
         return pa.Table.from_pylist(out, RESULT_SCHEMA)
 
     def _check_selector(self, row: dict) -> dict:
-        """With ``--phrases selector``, a caption / image-only row becomes a ``no_selector``
-        error row when the heads have no keyword selector."""
+        """With ``--phrases selector``, a caption / image-only / question row becomes a
+        ``no_selector`` error row when the heads have no keyword selector (a question whose
+        answer is grounded whole needs none)."""
         if row["status"] != "ok" or row["source"] == "given" or self.proposer != "missing":
+            return row
+        if row["source"] == "answer" and self.ground_answer == "whole":
             return row
         error = (
             f"a {row['source']} sample needs a keyword selector with --phrases selector, and the "
@@ -192,7 +204,12 @@ class GroundingActor:
         if row["source"] == "given":
             return self.model.prepare(image, row["phrases"])
         listed = self.caption_layout == "listed"
-        return self.model.prepare_text(image, text.text, text.spans, listed)
+        # in place, an answer is prefilled in its conversation (image + question → answer);
+        # listed, its phrases are picked as a caption's, under the grounding prompt (the toy
+        # selector picks an answer's phrases there, and mostly "the" in the conversation)
+        in_conversation = row["source"] == "answer" and not listed
+        question = row["question"] if in_conversation else None
+        return self.model.prepare_text(image, text.text, text.spans, listed, question)
 
     def _annotations(self, row: dict, text: str, selection, grounding) -> dict:
         """The phrase lists of one sample: its phrases (selected ones: their text, span and
@@ -210,16 +227,21 @@ class GroundingActor:
 
     def _texts(self, rows: list[dict], images: list[torch.Tensor]) -> list[Text]:
         """Per row, the text to ground phrases in and how they are picked: given phrases; a
-        caption or a generated description whose spans the keyword selector picks; or, with
-        LMM proposals, the caption's spans the LMM proposed (one batched generation for all
-        caption rows) or the list of what the LMM sees (one for all image-only rows)."""
+        caption, a generated description or a question's answer (one batched generation for
+        all question rows) whose spans the keyword selector picks; or, with LMM proposals, the
+        caption's or answer's spans the LMM proposed (one batched generation for all of them)
+        or the list of what the LMM sees (one for all image-only rows); or the whole answer."""
         texts = [Text(r["text"]) if r["source"] == "caption" else Text("") for r in rows]
+        asked = [b for b, r in enumerate(rows) if r["source"] == "answer"]
+        questions = [rows[b]["question"] for b in asked]
+        for b, answer in zip(asked, self._ask(images, asked, questions)):
+            texts[b] = self._answer_text(answer)
         generated = [b for b, r in enumerate(rows) if r["source"] == "generated"]
         if self.proposer == "lmm":
-            captions = [b for b, r in enumerate(rows) if r["source"] == "caption"]
-            asks = [self.propose_prompt.replace(CAPTION_SLOT, rows[b]["text"]) for b in captions]
-            for b, answer in zip(captions, self._ask(images, captions, asks)):
-                texts[b] = proposed_text(rows[b]["text"], answer)
+            picks = [b for b, t in enumerate(texts) if t.text and t.spans is None]
+            asks = [self.propose_prompt.replace(CAPTION_SLOT, texts[b].text) for b in picks]
+            for b, answer in zip(picks, self._ask(images, picks, asks)):
+                texts[b] = proposed_text(texts[b].text, answer, rows[b]["source"])
             asks = [self.list_prompt] * len(generated)
             for b, answer in zip(generated, self._ask(images, generated, asks)):
                 texts[b] = listed(answer)
@@ -231,6 +253,16 @@ class GroundingActor:
             for b, description in zip(generated, descriptions):
                 texts[b] = Text(description, warning="" if description else EMPTY_DESCRIPTION)
         return texts
+
+    def _answer_text(self, answer: str) -> Text:
+        """A question's answer → the text to pick its phrases in (spans None: picked later), or
+        with ``ground_answer="whole"`` the answer as one span (its words, edge punctuation
+        trimmed: ``whole_words``); an answer with no word grounds nothing (a warning)."""
+        if not has_word(answer):
+            return Text(answer, [], "the LMM's answer is empty" if not answer else NO_WORD)
+        if self.ground_answer == "phrases":
+            return Text(answer)
+        return Text(answer, [whole_words(answer, 0, len(answer))])
 
     def _ask(self, images, rows: list[int], instructions: list[str]) -> list[str]:
         """The LMM's answers for ``rows`` (indices into the batch), one instruction each; one
@@ -250,15 +282,19 @@ class GroundingActor:
         """An ok sample's result before grounding: no phrase grounded yet, masks of its own
         size, the text its phrases are picked from, and who picks them."""
         empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
-        given = row["source"] == "given"
+        given, answer = row["source"] == "given", row["source"] == "answer"
         phrases = row["phrases"] if given else []
         warning = "; ".join(w for w in (row["warning"], text.warning) if w)
+        proposer = "" if given else self.proposer
+        if answer and self.ground_answer == "whole":
+            proposer = "whole"
         return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
-                "text": text.text, "warning": warning,
-                "proposer": "" if given else self.proposer}  # fmt: skip
+                "text": text.text, "answer": text.text if answer else "", "warning": warning,
+                "proposer": proposer}  # fmt: skip
 
 
 EMPTY_DESCRIPTION = "the generated description is empty"
+NO_WORD = "the LMM's answer holds no word to ground"
 PHRASES = ("auto", "selector", "lmm")
 
 
@@ -277,6 +313,17 @@ def check_phrases(phrases: str) -> str:
     if phrases not in PHRASES:
         raise ValueError(f"--phrases {phrases!r}: one of {PHRASES}")
     return phrases
+
+
+GROUND_ANSWERS = ("phrases", "whole")
+
+
+def check_ground_answer(ground_answer: str) -> str:
+    """How a question's answer is grounded: ``phrases`` picked in it (as a caption's, by
+    ``--phrases``), or ``whole``, the whole answer as one phrase."""
+    if ground_answer not in GROUND_ANSWERS:
+        raise ValueError(f"--ground-answer {ground_answer!r}: one of {GROUND_ANSWERS}")
+    return ground_answer
 
 
 CAPTION_LAYOUTS = ("in-place", "listed")
@@ -312,15 +359,17 @@ class Text:
         return bool(self.text.strip()) if self.spans is None else bool(self.spans)
 
 
-def proposed_text(caption: str, answer: str) -> Text:
-    """A caption and the LMM's answer to the proposal instruction → the caption with the spans
-    of the proposals found in it; the ones not found are named in the warning."""
+def proposed_text(caption: str, answer: str, source: str = "caption") -> Text:
+    """A caption (or a question's answer: ``source`` "answer") and the LMM's answer to the
+    proposal instruction → the text with the spans of the proposals found in it; the ones not
+    found are named in the warning."""
     proposals = parse_proposals(answer)
     located = locate(caption, proposals)
     warning = ""
     if located.missing:
         names = ", ".join(repr(p[:40]) for p in located.missing[:5])
-        warning = f"{len(located.missing)} proposed phrase(s) not in the caption: {names}"
+        where = "answer" if source == "answer" else "caption"
+        warning = f"{len(located.missing)} proposed phrase(s) not in the {where}: {names}"
     elif not proposals:
         warning = "the LMM proposed no phrase"
     return Text(caption, located.spans, warning)

@@ -206,6 +206,8 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
              "source": row["source"] if ok else None,
              "proposer": row["proposer"] if ok and row["proposer"] else None,
              "text": row["text"] if ok and row["source"] != "given" else None,
+             "question": row["question"] if ok and row["source"] == "answer" else None,
+             "answer": row["answer"] if ok and row["source"] == "answer" else None,
              "warning": row["warning"] or None}
         )  # fmt: skip
         for i in range(n):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 # 2: where phrases come from (source, span, selector_score; text); 3: who picked them (proposer);
-# 4: the samples' error_kind, height and width
-SCHEMA_VERSION = 4
+# 4: the samples' error_kind, height and width; 5: question samples (source "answer", proposer
+# "whole", the samples' question and answer)
+SCHEMA_VERSION = 5
 
 
 def _list(item: pa.DataType) -> pa.ListType:
@@ -39,10 +40,12 @@ ANNOTATIONS_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # "given" | "caption" | "generated"
+        # "given" | "caption" | "generated" | "answer"
+        pa.field("source", pa.string(), nullable=False),
         # [start, end) characters of the phrase in the sample's text; null when given
         pa.field("span", _list(pa.int32()), nullable=True),
-        # who picked the phrase in the text: "selector" | "lmm"; null when given
+        # who picked the phrase in the text: "selector" | "lmm" | "whole" (the whole answer);
+        # null when given
         pa.field("proposer", pa.string(), nullable=True),
         # the keyword selector's confidence; null when given or proposed by the LMM
         pa.field("selector_score", pa.float32(), nullable=True),
@@ -70,8 +73,11 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=True),
         pa.field("source", pa.string(), nullable=True),  # null for error rows
         pa.field("proposer", pa.string(), nullable=True),  # null when given or error
-        # the caption or generated description phrases were selected from; null otherwise
+        # the caption, generated description or answer phrases were selected from; else null
         pa.field("text", pa.string(), nullable=True),
+        # a question sample's question and the LMM's answer to it; null otherwise
+        pa.field("question", pa.string(), nullable=True),
+        pa.field("answer", pa.string(), nullable=True),
         pa.field("warning", pa.string(), nullable=True),  # e.g. a truncated caption
     ],
     metadata=_metadata("samples"),

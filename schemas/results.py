@@ -31,9 +31,13 @@ RESULT_SCHEMA = pa.schema(
         ("bboxes", pa.list_(pa.list_(pa.float32()))),  # XYWH, original pixels
         ("scores", pa.list_(pa.float32())),
         ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
-        ("text", pa.string()),  # the caption or generated description grounded ("" when given)
-        ("source", pa.string()),  # "given" | "caption" | "generated"
-        ("proposer", pa.string()),  # who picked the phrases: "selector" | "lmm"; "" when given
+        # the caption, generated description or answer phrases were picked in ("" when given)
+        ("text", pa.string()),
+        ("question", pa.string()),  # the question asked ("answer"), else ""
+        ("answer", pa.string()),  # the LMM's answer to it ("answer"), else ""
+        ("source", pa.string()),  # "given" | "caption" | "generated" | "answer"
+        # who picked the phrases: "selector" | "lmm" | "whole" (the whole answer); "" when given
+        ("proposer", pa.string()),
         ("warning", pa.string()),
         ("shard_error", pa.string()),
         ("read_s", pa.float64()),
@@ -42,7 +46,7 @@ RESULT_SCHEMA = pa.schema(
         # model_s split by stage (shares of the batch's successful forward; 0 on error rows):
         # prepare (LMM + SAM preprocessing), LMM prefill, SAM image encoder, heads (U-Net +
         # refiner), postprocess (threshold, RLE, box, score); describe: generating the
-        # descriptions of image-only samples
+        # descriptions of image-only samples and the answers of question samples
         *((name, pa.float64()) for name in STAGES),
     ]
 )
