@@ -6,36 +6,20 @@ import pyarrow as pa
 import pytest
 import torch
 from annotate_inputs import write_mixed_shard
-from safetensors.torch import save_file
+from grounding_helpers import every_token_selector_spec
 
-from flmm.build import build_flmm, build_sam, sam_config
-from flmm.heads import save_heads
-from flmm.lmm import FrozenLMM
-from flmm.selector import KeywordSelector, SelectorConfig, Span, char_span
+from flmm.selector import Span, char_span
 from pipeline.decode import DECODED_SCHEMA, decode_batch
 from pipeline.grounding import RESULT_SCHEMA, GroundingActor
 from pipeline.sources import read_shard
-from pipeline.spec import ModelSpec
 from pipeline.writer import shard_tables
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
 
 
 @pytest.fixture(scope="module")
 def spec(tiny_llava_dir, tmp_path_factory):
-    """Tiny LLaVA + tiny SAM + random heads, and a selector set by hand to tag every token B:
-    every token of a text is its own span (a real selector, with a known answer)."""
-    out = tmp_path_factory.mktemp("caption_models")
-    torch.manual_seed(0)
-    sam = build_sam(sam_config("tiny"))
-    save_file(sam.state_dict(), str(out / "sam.safetensors"))
-    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
-    heads = build_flmm(lmm, sam).heads
-    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
-    with torch.no_grad():
-        heads.selector.classify.weight.zero_()
-        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    heads = save_heads(heads, out / "heads.safetensors")
-    return ModelSpec(str(tiny_llava_dir), "tiny", str(out / "sam.safetensors"), str(heads))
+    """Tiny LLaVA + tiny SAM + random heads, and a selector that tags every token B."""
+    return every_token_selector_spec(tiny_llava_dir, tmp_path_factory.mktemp("caption_models"))
 
 
 @pytest.fixture(scope="module")

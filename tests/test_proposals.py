@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 from annotate_inputs import image_bytes, meta, write_tar
+from grounding_helpers import lm_calls
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -225,23 +226,10 @@ def run(actor, rows: list[dict]) -> dict[str, dict]:
 
 
 def counted_run(actor, rows):
-    """``run``, counting the language model's calls: prefills (those capturing attention) and
-    generations (a first step over the whole prompt without capture; later steps take one token)."""
-    calls = {"prefill": [], "generate": []}
-
-    def hook(_module, _args, kwargs):
-        length = kwargs["inputs_embeds"].shape[:2]
-        if "flmm_capture" in kwargs:
-            calls["prefill"].append(length[0])
-        elif length[1] > 1:
-            calls["generate"].append(length[0])
-
-    language_model = actor.model.lmm.model.model.language_model
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        return run(actor, rows), calls
-    finally:
-        handle.remove()
+    """``run``, counting the language model's calls (``lm_calls``)."""
+    with lm_calls(actor) as calls:
+        results = run(actor, rows)
+    return results, calls
 
 
 def test_every_family_grounds_the_lmms_proposals(actor, decoded, grown, one_thread):

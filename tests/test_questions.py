@@ -11,14 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from annotate_inputs import image_bytes, meta, write_tar
-from safetensors.torch import save_file
+from grounding_helpers import every_token_selector_spec, lm_calls
 
-from flmm.build import build_flmm, build_sam, sam_config
-from flmm.heads import save_heads
-from flmm.lmm import FrozenLMM
 from flmm.prompt import PromptConfig, PromptLayout
 from flmm.proposals import PROPOSE_PROMPT, has_word, locate, parse_proposals, whole_words
-from flmm.selector import KeywordSelector, SelectorConfig, Span, char_span
+from flmm.selector import Span, char_span
 from flmm.tiny_lmms import MODEL_TYPES
 from jobs import annotate as job
 from pipeline.annotate import AnnotateConfig, run_annotation
@@ -114,23 +111,9 @@ def alone(actor, row: dict, instruction: str) -> str:
 
 
 def counted_run(actor, rows):
-    """The actor's results by key, and the language model's calls: prefills (capturing
-    attention) and generations (a first step over the whole prompt; later steps take one)."""
-    calls = {"prefill": [], "generate": []}
-
-    def hook(_module, _args, kwargs):
-        length = kwargs["inputs_embeds"].shape[:2]
-        if "flmm_capture" in kwargs:
-            calls["prefill"].append(length[0])
-        elif length[1] > 1:
-            calls["generate"].append(length[0])
-
-    language_model = actor.model.lmm.model.model.language_model
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    """The actor's results by key, and the language model's calls (``lm_calls``)."""
+    with lm_calls(actor) as calls:
         table = actor(pa.Table.from_pylist(rows, DECODED_SCHEMA))
-    finally:
-        handle.remove()
     return {r["key"]: r for r in table.to_pylist()}, calls
 
 
@@ -222,20 +205,9 @@ def test_an_answers_phrases_are_the_lmms_proposals_found_in_it(actor, decoded, o
 
 @pytest.fixture(scope="module")
 def selector_spec(tiny_llava_dir, tmp_path_factory):
-    """Tiny LLaVA + tiny SAM + random heads with a keyword selector set by hand to tag every
-    token B (as tests/test_caption_modes.py: every token of a text is its own span)."""
-    out = tmp_path_factory.mktemp("question_models")
-    torch.manual_seed(0)
-    sam = build_sam(sam_config("tiny"))
-    save_file(sam.state_dict(), str(out / "sam.safetensors"))
-    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
-    heads = build_flmm(lmm, sam).heads
-    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
-    with torch.no_grad():
-        heads.selector.classify.weight.zero_()
-        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    heads = save_heads(heads, out / "heads.safetensors")
-    return ModelSpec(str(tiny_llava_dir), "tiny", str(out / "sam.safetensors"), str(heads))
+    """Tiny LLaVA + tiny SAM + random heads with a selector that tags every token B (as
+    tests/test_caption_modes.py: every token of a text is its own span)."""
+    return every_token_selector_spec(tiny_llava_dir, tmp_path_factory.mktemp("question_models"))
 
 
 def test_the_selector_picks_an_answers_spans_in_its_conversation_or_as_a_caption(
