@@ -45,7 +45,7 @@ from pipeline.lock import LockLost, OutputLock, check_writable, guarded_commit
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.writer import DONE, WRITE_ATTEMPTS, OutputDir, write_parts
+from pipeline.writer import DONE, OutputDir, retried, write_parts
 from schemas.annotations import SCHEMA_VERSION
 from schemas.results import STAGES
 
@@ -384,7 +384,7 @@ class _Collector:
         elapsed = started - self.start
         done = _done_marker(name, buffer, counts, self.model_id, elapsed)
         try:
-            _retried(lambda: self.out.write_done(name, done))
+            retried(lambda: self.out.write_done(name, done))
         except Exception as error:  # noqa: BLE001 - this shard fails; others go on
             self.summary.failed[name] = f"write failed: {type(error).__name__}: {error}"
             return
@@ -402,22 +402,10 @@ class _Collector:
         """Remove a committed shard's parts; if that fails, the shard stays done and the next
         run's planning removes them."""
         try:
-            _retried(lambda: self.out.clear_parts(name))
+            retried(lambda: self.out.clear_parts(name))
         except OSError as error:
             print(f"warning: the parts of {name} were left ({error}); the next run removes them",
                   file=sys.stderr)  # fmt: skip
-
-
-def _retried(action: Callable[[], None]) -> None:
-    """``action()``, tried ``WRITE_ATTEMPTS`` times on OSError, with a short back-off (the
-    driver's writes; the workers' are retried by ``write_parts`` and Ray)."""
-    for attempt in range(WRITE_ATTEMPTS):
-        try:
-            return action()
-        except OSError:
-            if attempt + 1 == WRITE_ATTEMPTS:
-                raise
-            time.sleep(0.2 * 2**attempt)
 
 
 def _done_marker(name, buffer: _ShardBuffer, counts: dict, model_id: str, elapsed: float):

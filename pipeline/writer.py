@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -323,19 +324,35 @@ def write_parts(
     return pa.Table.from_pylist(manifests, MANIFEST_SCHEMA)
 
 
+def retried(action: Callable[[], None]) -> int:
+    """``action()``, tried ``WRITE_ATTEMPTS`` times on OSError with a short back-off (the last
+    error is raised); → how many retries it took. Every write of the annotation job's own."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            action()
+            return attempt
+        except OSError:
+            if attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def _write_part(out: OutputDir, shard, part, annotations, samples, fail_first: bool) -> dict:
     """Write one part, retrying; → ``write_retries`` and, if every try failed, ``write_error``
     (the part's files removed)."""
-    for attempt in range(WRITE_ATTEMPTS):
-        try:
-            if fail_first and attempt == 0:
-                raise OSError(f"injected write failure of {shard}/{part}")
-            out.write_part(shard, part, annotations, samples)
-            return {"write_retries": attempt}
-        except OSError as error:
-            last = f"{type(error).__name__}: {error}"
-            if attempt + 1 < WRITE_ATTEMPTS:
-                time.sleep(0.2 * 2**attempt)
+    tries = []
+
+    def write() -> None:
+        tries.append(None)
+        if fail_first and len(tries) == 1:
+            raise OSError(f"injected write failure of {shard}/{part}")
+        out.write_part(shard, part, annotations, samples)
+
+    try:
+        return {"write_retries": retried(write)}
+    except OSError as error:
+        last = f"{type(error).__name__}: {error}"
     try:
         out.delete_part(shard, part)
     except OSError:
