@@ -4,7 +4,8 @@
   **0 when both are empty** (union 0). The one empty-mask rule of this project, F-LMM's: its
   RefCOCO evaluation (mmdet's ``RefSegMetric``: I / U, NaN → 0) and its PNG evaluation
   (``compute_mask_IoU``: I / (U + 1e-12)) both score an empty pair 0. (gRefCOCO's gIoU, which
-  scores an empty prediction of a no-target expression 1, is another protocol, not done here.)
+  scores an empty prediction of a no-target expression 1, is another protocol, not done here;
+  LISA's ReasonSeg scores, which also score an empty pair 1, are ``pipeline.reason.ReasonIoU``.)
 - cIoU (cumulative IoU): Σ intersection / Σ union over all objects (0 when Σ union is 0);
 - gIoU (generalised / mean IoU): the mean of per-object IoU (``mask_iou``'s rule);
 - AR (average recall, Panoptic Narrative Grounding's "average accuracy"): the area under the

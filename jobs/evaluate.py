@@ -4,7 +4,7 @@ U-Net and refined masks → metrics.json.
     python jobs/evaluate.py --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
         --sam-checkpoint sam_vit_l.pth --heads heads.safetensors \
         --shards shards/refcoco [--shards testA=other/dir] [--shards shards/png] \
-        [--protocol standard|flmm|flmm-separate|png|png-separate|all]
+        [--protocol standard|flmm|flmm-separate|png|png-separate|reason|all]
 
 --shards takes `[name=]path` (a directory of .tar shards or one .tar) and may repeat; unnamed shards
 are grouped by split name (`refcoco_unc-val-000000.tar` → `refcoco_unc-val`). Writes
@@ -13,9 +13,14 @@ per-set counts and skipped samples (with reasons) beside it as `*.stats.json`, a
 (×100). Protocols: standard = each expression its own query; flmm = first expression per object,
 all objects of an image in one sequence; flmm-separate = each first expression alone; png = each
 PNG narrative prefilled whole, its grounded phrases grounded in place (average recall overall,
-things / stuff, singular / plural, as F-LMM's PNG script); png-separate = each PNG phrase alone.
+things / stuff, singular / plural, as F-LMM's PNG script); png-separate = each PNG phrase alone;
+reason = the LMM answers each sample's `question`, the answer is grounded (--ground-answer whole,
+the default: one mask; phrases: its phrases' masks united) and scored with LISA's cIoU / gIoU
+(ignore regions left out), overall and over short queries / long sentences
+(`<set>/reason`, `<set>/reason-short`, `<set>/reason-long`).
 `all` (default) runs, per set, the PNG protocols on PNG shards (`png_coco-*.tar`, written by
-`jobs/prepare_refcoco.py --dataset png`) and the three referring ones on any other.
+`jobs/prepare_refcoco.py --dataset png`), reason on ReasonSeg shards (`reason_seg-*.tar`, written
+by `jobs/prepare_refcoco.py --dataset reasonseg`) and the three referring ones on any other.
 See pipeline/evaluate.py.
 
 With no arguments it evaluates the shipped toy heads (models/toy/heads.safetensors, with the toy
@@ -38,6 +43,7 @@ from pipeline.evaluate import (
     markdown_table,
     metrics_json,
 )
+from pipeline.grounding import GROUND_ANSWERS
 from pipeline.spec import ModelSpec, add_model_args, model_spec
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards
@@ -53,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
     p.add_argument("--protocol", default="all", choices=[*ALL_PROTOCOLS, "all"])
     p.add_argument("--output", type=Path, default=Path("out/evaluate/metrics.json"))
+    p.add_argument(
+        "--ground-answer",
+        default="whole",
+        choices=GROUND_ANSWERS,
+        help="reason: ground the answer whole, or its phrases (masks united)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reason: answer length")
     return p.parse_args(argv)
 
 
@@ -84,6 +97,8 @@ def main(argv=None) -> None:
             batch_size=args.batch_size,
             limit=args.limit,
             output=args.output,
+            ground_answer=args.ground_answer,
+            max_new_tokens=args.max_new_tokens,
         )
         start = time.perf_counter()
         results = evaluate(config)

@@ -20,7 +20,17 @@ one object per grounded phrase (a narrative piece with segment ids, as F-LMM rea
 union of its panoptic segments), every narrative's text with its phrases' spans for the `png`
 evaluation protocol. --split defaults
 to the {split} of a narratives file named png_coco_{split}.json. Phrases whose image, label PNG or
-segments are missing are skipped and counted. See pipeline/refcoco.py and pipeline/png.py.
+segments are missing are skipped and counted.
+
+    python jobs/prepare_refcoco.py --dataset reasonseg --images data/reason_seg/ReasonSeg \
+        --out shards/reasonseg [--splits val,test]
+
+Writes `reason_seg-{split}-{000000..}.tar` and `reason_seg-{split}.stats.json` per split folder
+of --images (LISA's ReasonSeg release: <name>.jpg beside <name>.json): one sample per image, its
+first query as the `question` (as LISA's evaluation asks it), the target polygons as the mask and
+the `ignore` ones beside it, `is_sentence`; for `jobs/evaluate.py --protocol reason`. Images whose
+file or JSON is missing or does not fit are skipped and counted.
+See pipeline/refcoco.py, pipeline/png.py and pipeline/reasonseg.py.
 """
 
 from __future__ import annotations
@@ -31,23 +41,32 @@ import sys
 from pathlib import Path
 
 from pipeline.png import PNG_NAME, PngConfig, convert_png
+from pipeline.reasonseg import REASON_NAME, ReasonSegConfig, convert_reasonseg
 from pipeline.refcoco import RefcocoConfig, convert_refcoco
 
 REFCOCO_ONLY = ("refs", "instances", "split_by", "splits")
 PNG_ONLY = ("narratives", "panoptic", "panoptic_masks", "split")
 
 
-def parse_args(argv=None) -> RefcocoConfig | PngConfig:
+def parse_args(argv=None) -> RefcocoConfig | PngConfig | ReasonSegConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, or png")
-    p.add_argument("--images", type=Path, required=True, help="COCO images directory")
+    p.add_argument("--dataset", required=True, help="refcoco, refcoco+, refcocog, png or reasonseg")
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="COCO images directory (reasonseg: the folder of the split folders)",
+    )
     p.add_argument("--out", required=True, help="output directory or URI (s3://bucket/prefix)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     refcoco = p.add_argument_group("RefCOCO (required unless --dataset png)")
     refcoco.add_argument("--refs", type=Path, help="refs(unc).p / refs(umd).p / ...")
     refcoco.add_argument("--instances", type=Path, help="COCO instances.json")
     refcoco.add_argument("--split-by", help="unc, umd or google")
-    refcoco.add_argument("--splits", help="comma-separated splits (default: all in the refs file)")
+    refcoco.add_argument(
+        "--splits",
+        help="comma-separated splits (default: all in the refs file; reasonseg: all folders)",
+    )
     png = p.add_argument_group("PNG (--dataset png)")
     png.add_argument("--narratives", type=Path, help="png_coco_{split}.json")
     png.add_argument("--panoptic", type=Path, help="COCO panoptic_{split}.json")
@@ -60,11 +79,15 @@ def parse_args(argv=None) -> RefcocoConfig | PngConfig:
     args = p.parse_args(argv)
     if args.dataset == "png":
         return _png_config(p, args)
+    if args.dataset == "reasonseg":
+        if given := _flags(args, REFCOCO_ONLY[:3] + PNG_ONLY, given=True):
+            p.error(f"{', '.join(given)}: not for --dataset reasonseg")
+        return ReasonSegConfig(args.images, args.out, _splits(args), args.samples_per_shard)
     if given := _flags(args, PNG_ONLY, given=True):
         p.error(f"{', '.join(given)}: only for --dataset png")
     if missing := _flags(args, REFCOCO_ONLY[:3], given=False):
         p.error(f"the following arguments are required: {', '.join(missing)}")
-    splits = tuple(s for s in args.splits.split(",") if s) if args.splits else None
+    splits = _splits(args)
     return RefcocoConfig(
         refs=args.refs,
         instances=args.instances,
@@ -75,6 +98,10 @@ def parse_args(argv=None) -> RefcocoConfig | PngConfig:
         splits=splits,
         samples_per_shard=args.samples_per_shard,
     )
+
+
+def _splits(args: argparse.Namespace) -> tuple[str, ...] | None:
+    return tuple(s for s in args.splits.split(",") if s) if args.splits else None
 
 
 def _flags(args: argparse.Namespace, names, given: bool) -> list[str]:
@@ -109,6 +136,8 @@ def main(argv=None) -> None:
     try:
         if isinstance(config, PngConfig):
             stats, name, items = convert_png(config), PNG_NAME, "phrases"
+        elif isinstance(config, ReasonSegConfig):
+            stats, name, items = convert_reasonseg(config), REASON_NAME, "images"
         else:
             stats = convert_refcoco(config)
             name, items = f"{config.dataset}_{config.split_by}", "refs"

@@ -18,7 +18,8 @@ OUTPUTS = ("unet", "refined")  # Grounding.coarse (U-Net, resized) and Grounding
 def metrics_json(results: dict[str, SetResult]) -> dict:
     """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``; PNG protocols
     add ``ar``, ``ar_things``, ``ar_stuff``, ``ar_singular``, ``ar_plural``, ``n_things`` …
-    ``n_plural`` and ``acc_50`` (``flmm.metrics.AverageRecall``)."""
+    ``n_plural`` and ``acc_50`` (``flmm.metrics.AverageRecall``); the ``reason`` protocol
+    writes ``reason``, ``reason-short`` and ``reason-long`` (LISA's, ``pipeline.reason``)."""
     return {
         f"{name}/{protocol}": {output: acc.result() for output, acc in outputs.items()}
         for name, result in results.items()

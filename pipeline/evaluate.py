@@ -33,7 +33,13 @@ by average recall overall and over things / stuff / singular / plural phrases
     narrative).
   * ``png-separate``: the same phrases, each alone in its own sequence (``" phrase."``).
 
-``default_protocols``: the referring protocols for referring sets, the PNG ones for PNG sets.
+Reasoning segmentation (shards of ``jobs/prepare_refcoco.py --dataset reasonseg``,
+``pipeline/reasonseg.py``): ``reason``, the LMM answers each sample's question and its answer is
+grounded into one mask, scored with LISA's cIoU / gIoU, overall and over short queries / long
+sentences (``pipeline/reason.py``).
+
+``default_protocols``: the referring protocols for referring sets, the PNG ones for PNG sets,
+``reason`` for ReasonSeg sets.
 
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
@@ -64,12 +70,14 @@ from pipeline.eval_report import (  # markdown_table: for jobs/evaluate.py, with
 )
 from pipeline.png import PNG_NAME, narrative_queries, phrase_kinds
 from pipeline.progress import track
+from pipeline.reason import REASON, ReasonGrounder, reason_fields, reason_metrics, score_batch
+from pipeline.reasonseg import REASON_NAME
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
 
 PROTOCOLS = ("standard", "flmm", "flmm-separate")  # referring sets (RefCOCO/+/g, toy)
 PNG_PROTOCOLS = ("png", "png-separate")  # Panoptic Narrative Grounding sets
-ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS
+ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS + (REASON,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,10 +124,12 @@ def eval_sets(specs: Iterable[str]) -> list[EvalSet]:
 
 
 def default_protocols(eval_set: EvalSet) -> tuple[str, ...]:
-    """``PNG_PROTOCOLS`` for a set of PNG shards (``png_coco-{split}-*.tar``), else
-    ``PROTOCOLS``."""
-    png = all(shard_name(path).startswith(f"{PNG_NAME}-") for path in eval_set.paths)
-    return PNG_PROTOCOLS if png and eval_set.paths else PROTOCOLS
+    """``PNG_PROTOCOLS`` for a set of PNG shards (``png_coco-{split}-*.tar``), ``reason`` for
+    ReasonSeg shards (``reason_seg-{split}-*.tar``), else ``PROTOCOLS``."""
+    for prefix, protocols in ((PNG_NAME, PNG_PROTOCOLS), (REASON_NAME, (REASON,))):
+        if eval_set.paths and all(shard_name(p).startswith(f"{prefix}-") for p in eval_set.paths):
+            return protocols
+    return PROTOCOLS
 
 
 @dataclass
@@ -133,7 +143,8 @@ class EvalSample:
     F-LMM's protocols count (the first of each ``ann_id``; all without ids). PNG samples only
     (None otherwise): narratives, per narrative its text and its objects' ``(index, [start,
     end))`` there (``pipeline.png.narrative_queries``); things, plurals: per object, its kind
-    (``pipeline.png.phrase_kinds``).
+    (``pipeline.png.phrase_kinds``). Question samples (None otherwise): question, is_sentence,
+    ignore (bool ``[H, W]``, pixels left out of the score) (``pipeline.reason.reason_fields``).
     """
 
     key: str
@@ -145,24 +156,31 @@ class EvalSample:
     narratives: list[tuple[str, list[tuple[int, tuple[int, int]]]]] | None = None
     things: list[bool] | None = None
     plurals: list[bool] | None = None
+    question: str | None = None
+    is_sentence: bool | None = None
+    ignore: np.ndarray | None = None
 
 
 class SkipSample(Exception):
     """A sample that cannot be evaluated; the message is the reason (counted per reason)."""
 
 
-def eval_sample(key: str, raw: dict, narratives_required: bool = False) -> EvalSample:
+def eval_sample(
+    key: str, raw: dict, narratives_required: bool = False, question_required: bool = False
+) -> EvalSample:
     """A sample's raw files (``sources.sample_files``) → EvalSample, or SkipSample(reason).
 
     Decoding and validation are the other jobs' (``decode.decode_sample``, ``object_targets``);
     the reason is the ``SampleError`` kind (``decode.ERROR_KINDS``), or ``bad_narratives`` (PNG
-    fields that do not fit), or ``no_narratives`` (none, when ``narratives_required``).
+    fields that do not fit), or ``no_narratives`` (none, when ``narratives_required``); with
+    ``question_required``, ``reason_fields``'s kinds (``no_question`` …).
     """
     try:
         rgb, meta = decode_sample(raw)
         targets = object_targets(meta, *rgb.shape[:2])
         if not all(expressions for expressions, _ in targets):
             raise SampleError("bad_objects", "an object has no expressions")
+        asked = reason_fields(meta, *rgb.shape[:2]) if question_required else (None,) * 3
     except SampleError as error:
         raise SkipSample(error.kind) from error
     try:
@@ -186,7 +204,8 @@ def eval_sample(key: str, raw: dict, narratives_required: bool = False) -> EvalS
             distinct.append(k)
             seen.add(ann_id)
     things, plurals = phrase_kinds(meta) if narratives is not None else (None, None)
-    return EvalSample(key, rgb, expressions, masks, firsts, distinct, narratives, things, plurals)
+    kinds = (narratives, things, plurals)
+    return EvalSample(key, rgb, expressions, masks, firsts, distinct, *kinds, *asked)
 
 
 @dataclass
@@ -217,10 +236,11 @@ def iter_samples(
     skipped: Skipped,
     limit: int | None = None,
     narratives_required: bool = False,
+    question_required: bool = False,
 ):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
     bad samples go to ``skipped`` (so do samples without PNG narratives, when
-    ``narratives_required``). Shards are read by the annotation job's reader, so a cut or
+    ``narratives_required``, or without a question, when ``question_required``). Shards are read by the annotation job's reader, so a cut or
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
     read = 0
     for path in paths:
@@ -229,7 +249,8 @@ def iter_samples(
                 return
             read += 1
             try:
-                yield eval_sample(key, sample_files(files, exts), narratives_required)
+                raw = sample_files(files, exts)
+                yield eval_sample(key, raw, narratives_required, question_required)
             except SkipSample as reason:
                 skipped.add(key, str(reason))
 
@@ -289,6 +310,8 @@ def sequences(
             )
             for text, grounded in narratives or []
         ]
+    if protocol == REASON:  # (asked and grounded by ``pipeline.reason``)
+        return []
     if protocol == "png-separate":
         return [
             Sequence(protocol, image, (phrases[0],), (k,)) for k, phrases in enumerate(expressions)
@@ -376,13 +399,20 @@ def evaluate_set(
     limit: int | None = None,
     log: Callable[[str], None] = print,
     log_every: float = 10.0,
+    grounder: ReasonGrounder | None = None,
 ) -> SetResult:
-    """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images."""
-    result = SetResult({p: {o: accumulator(p) for o in OUTPUTS} for p in protocols})
+    """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images.
+    ``reason`` asks and grounds with ``grounder`` (default: ``ReasonGrounder(model)``)."""
+    metrics = {}
+    for p in protocols:
+        metrics.update(reason_metrics(OUTPUTS) if p == REASON else {p: accumulators(p)})
+    result = SetResult(metrics)
     start = last_log = time.perf_counter()
     paths = track(eval_set.paths, len(eval_set.paths), f"{eval_set.name} shards")
-    png = any(p in PNG_PROTOCOLS for p in protocols)
-    for batch in batched(iter_samples(paths, result.skipped, limit, png), batch_size):
+    png, asked = any(p in PNG_PROTOCOLS for p in protocols), REASON in protocols
+    if asked and grounder is None:
+        grounder = ReasonGrounder(model)
+    for batch in batched(iter_samples(paths, result.skipped, limit, png, asked), batch_size):
         seqs = [
             s
             for b, x in enumerate(batch)
@@ -393,6 +423,8 @@ def evaluate_set(
             groundings = ground(model, [x.image for x in batch], seqs) if seqs else []
         for seq, grounding in zip(seqs, groundings):
             update(result.metrics[seq.protocol], batch[seq.image], seq.objects, grounding)
+        if asked:
+            result.queries += score_batch(grounder, batch, result.metrics)
         result.samples += len(batch)
         result.queries += sum(len(s.phrases) for s in seqs)
         if time.perf_counter() - last_log >= log_every:
@@ -403,9 +435,9 @@ def evaluate_set(
     return result
 
 
-def accumulator(protocol: str) -> MaskIoU:
-    """The metric of a protocol: PNG's average recall, else cIoU / gIoU."""
-    return AverageRecall() if protocol in PNG_PROTOCOLS else MaskIoU()
+def accumulators(protocol: str) -> dict[str, MaskIoU]:
+    """The metric of a protocol per output: PNG's average recall, else cIoU / gIoU."""
+    return {o: AverageRecall() if protocol in PNG_PROTOCOLS else MaskIoU() for o in OUTPUTS}
 
 
 def update(metrics: dict[str, MaskIoU], sample: EvalSample, objects: tuple[int, ...], grounding):
@@ -441,17 +473,20 @@ class EvalConfig:
     batch_size: int = 8
     limit: int | None = None
     output: Path = Path("out/evaluate/metrics.json")
+    ground_answer: str = "whole"  # reason: the answer grounded whole, or its phrases united
+    max_new_tokens: int = 64  # reason: the answer's length
 
 
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, SetResult]:
     """Load the model once, evaluate every set; write ``metrics.json`` and ``*.stats.json``."""
     model = config.model.build()
+    grounder = ReasonGrounder(model, config.ground_answer, config.max_new_tokens)
     results = {}
     for eval_set in config.sets:
         protocols = config.protocols or default_protocols(eval_set)
         log(f"{eval_set.name}: {len(eval_set.paths)} shard(s), protocols {', '.join(protocols)}")
         results[eval_set.name] = evaluate_set(
-            model, eval_set, protocols, config.batch_size, config.limit, log
+            model, eval_set, protocols, config.batch_size, config.limit, log, grounder=grounder
         )
     write_json(metrics_json(results), config.output)
     write_json(stats_json(results), config.output.with_suffix(".stats.json"))

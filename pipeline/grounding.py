@@ -88,18 +88,21 @@ class GroundingActor:
         list_prompt: str = LIST_PROMPT,
         caption_layout: str = "listed",
         ground_answer: str = "phrases",
+        model=None,
     ):
-        if spec.resolved_device().type == "cpu" and _in_ray_actor():
+        if model is None and spec.resolved_device().type == "cpu" and _in_ray_actor():
             # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
             # each op wait on the slowest thread, worst on a loaded machine.
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
             torch.set_num_threads(max(1, round(cpus)))
         self.spec = spec
-        self.model = spec.build()
-        # NHWC convolutions for the U-Net, most of the heads' time at small LMMs: faster on CPU,
-        # the same logits to rounding (measured in bench/NOTES.md)
-        if isinstance(self.model.heads, FLMMHeads):  # (localization heads have no U-Net)
-            self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
+        self.model = model
+        if model is None:  # (a given model, the evaluation's, is used as it is)
+            self.model = spec.build()
+            # NHWC convolutions for the U-Net, most of the heads' time at small LMMs: faster on
+            # CPU, the same logits to rounding (measured in bench/NOTES.md)
+            if isinstance(self.model.heads, FLMMHeads):  # (localization heads have no U-Net)
+                self.model.heads.mask_decoder.to(memory_format=torch.channels_last)
         self.threshold = threshold
         self.max_new_tokens = max_new_tokens
         self.describe_prompt = describe_prompt
@@ -173,30 +176,40 @@ class GroundingActor:
         sample: annotations + stage shares. A generated description that is empty grounds
         nothing (ok, 0 annotations, a warning)."""
         clock = _StageClock(self.model.image_encoder.pixel_mean.device)
-        model = self.model
         with torch.inference_mode():
             images = [torch.from_numpy(pixels_of(r).copy()) for r in rows]
-            texts = self._texts(rows, images)
-            clock.mark("describe_s")
+            texts, todo, selections, groundings = self.run(rows, images, clock)
             out = [self._empty_result(row, text) for row, text in zip(rows, texts)]
-            todo = [b for b, t in enumerate(texts) if rows[b]["source"] == "given" or t.groundable]
-            inputs = [self._input(images[b], rows[b], texts[b]) for b in todo]
-            clock.mark("prepare_s")
-            if inputs:
-                lmm_out = model.lmm([x.lmm for x in inputs])
-                selections = model.select(inputs, lmm_out)
-                if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
-                    selections = model.listed(inputs, selections)
-                clock.mark("lmm_s")
-                embeddings = model.encode_images(inputs)
-                clock.mark("sam_s")
-                groundings = model.decode_selected(inputs, selections, embeddings)
-                clock.mark("heads_s")
-                for b, selection, grounding in zip(todo, selections, groundings):
-                    out[b].update(self._annotations(rows[b], texts[b].text, selection, grounding))
+            for b, selection, grounding in zip(todo, selections, groundings):
+                out[b].update(self._annotations(rows[b], texts[b].text, selection, grounding))
         clock.mark("post_s")
         shares = {stage: seconds / len(rows) for stage, seconds in clock.seconds.items()}
         return [{**o, **shares} for o in out]
+
+    def run(self, rows: list[dict], images: list[torch.Tensor], clock: _StageClock | None = None):
+        """The model over ok rows (``images``: theirs, ``[H, W, 3]`` uint8 tensors): per row its
+        ``Text``; the rows with something to ground (indices), and for each its ``Selection``
+        and ``Grounding`` (logits in the original frame). Call under ``torch.inference_mode``;
+        the ``clock``'s stages are marked as they end."""
+        clock = clock or _StageClock(torch.device("cpu"))
+        model = self.model
+        texts = self._texts(rows, images)
+        clock.mark("describe_s")
+        todo = [b for b, t in enumerate(texts) if rows[b]["source"] == "given" or t.groundable]
+        inputs = [self._input(images[b], rows[b], texts[b]) for b in todo]
+        clock.mark("prepare_s")
+        if not inputs:
+            return texts, [], [], []
+        lmm_out = model.lmm([x.lmm for x in inputs])
+        selections = model.select(inputs, lmm_out)
+        if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
+            selections = model.listed(inputs, selections)
+        clock.mark("lmm_s")
+        embeddings = model.encode_images(inputs)
+        clock.mark("sam_s")
+        groundings = model.decode_selected(inputs, selections, embeddings)
+        clock.mark("heads_s")
+        return texts, todo, selections, groundings
 
     def _input(self, image: torch.Tensor, row: dict, text: Text):
         """The model's input for a row: its given phrases, or its text (with the spans proposed
