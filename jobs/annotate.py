@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+from flmm.cot import VIEWS, CropConfig
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
 from pipeline.grounding import CAPTION_LAYOUTS, GROUND_ANSWERS, PHRASES
@@ -94,6 +95,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ground an answer's phrases, picked as a caption's (--phrases), or the whole answer "
         "as one phrase",
     )
+    p.add_argument(
+        "--cot",
+        action="store_true",
+        help="visual chain-of-thought for questions: ground the objects the question names, "
+        "then answer from their crop; the rows are those evidence masks (source evidence)",
+    )
+    p.add_argument(
+        "--cot-margin",
+        type=float,
+        default=CropConfig.margin,
+        help="--cot: widen the evidence box by this fraction of its size per side "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--cot-view",
+        choices=VIEWS,
+        default=CropConfig.view,
+        help="--cot: answer from the crop of the evidence box (zoomed in), or from the whole "
+        "frame with everything outside the box painted over (focus: sizes and places kept)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of generated text")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help=NUM_CPUS_HELP)
@@ -130,6 +151,9 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         caption_layout=args.caption_layout,
         question=args.question,
         ground_answer=args.ground_answer,
+        cot=args.cot,
+        cot_margin=args.cot_margin,
+        cot_view=args.cot_view,
     )
 
 

@@ -4,7 +4,7 @@ U-Net and refined masks → metrics.json.
     python jobs/evaluate.py --lmm llava-hf/llava-1.5-7b-hf --dtype bfloat16 --sam vit_l \
         --sam-checkpoint sam_vit_l.pth --heads heads.safetensors \
         --shards shards/refcoco [--shards testA=other/dir] [--shards shards/png] \
-        [--protocol standard|flmm|flmm-separate|png|png-separate|reason|all]
+        [--protocol standard|flmm|flmm-separate|png|png-separate|reason|vqa|all]
 
 --shards takes `[name=]path` (a directory of .tar shards or one .tar) and may repeat; unnamed shards
 are grouped by split name (`refcoco_unc-val-000000.tar` → `refcoco_unc-val`). Writes
@@ -17,7 +17,10 @@ things / stuff, singular / plural, as F-LMM's PNG script); png-separate = each P
 reason = the LMM answers each sample's `question`, the answer is grounded (--ground-answer whole,
 the default: one mask; phrases: its phrases' masks united) and scored with LISA's cIoU / gIoU
 (ignore regions left out), overall and over short queries / long sentences
-(`<set>/reason`, `<set>/reason-short`, `<set>/reason-long`).
+(`<set>/reason`, `<set>/reason-short`, `<set>/reason-long`); vqa = the LMM answers each sample's
+`question`, from the whole image and with visual chain-of-thought (the question's objects
+grounded, the question answered again from their crop: jobs/annotate.py --cot), scored against
+the JSON's `answers` (`<set>/vqa`, and `<set>/vqa-<subset>` per JSON `subset`).
 `all` (default) runs, per set, the PNG protocols on PNG shards (`png_coco-*.tar`, written by
 `jobs/prepare_refcoco.py --dataset png`), reason on ReasonSeg shards (`reason_seg-*.tar`, written
 by `jobs/prepare_refcoco.py --dataset reasonseg`) and the three referring ones on any other.
@@ -35,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from flmm.cot import VIEWS, CropConfig
 from pipeline.evaluate import (
     ALL_PROTOCOLS,
     EvalConfig,
@@ -65,7 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=GROUND_ANSWERS,
         help="reason: ground the answer whole, or its phrases (masks united)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=64, help="reason: answer length")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reason, vqa: answer length")
+    p.add_argument(
+        "--cot-margin",
+        type=float,
+        default=CropConfig.margin,
+        help="vqa: widen the evidence box by this fraction of its size per side",
+    )
+    p.add_argument(
+        "--cot-view",
+        choices=VIEWS,
+        default=CropConfig.view,
+        help="vqa: answer from the evidence crop, or from the frame in focus on it",
+    )
     return p.parse_args(argv)
 
 
@@ -99,6 +115,8 @@ def main(argv=None) -> None:
             output=args.output,
             ground_answer=args.ground_answer,
             max_new_tokens=args.max_new_tokens,
+            cot_margin=args.cot_margin,
+            cot_view=args.cot_view,
         )
         start = time.perf_counter()
         results = evaluate(config)

@@ -32,11 +32,13 @@ from datetime import datetime, timezone
 
 import ray
 
+from flmm.cot import CropConfig
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.decode import decode_batch
 from pipeline.grounding import (
     GroundingActor,
     check_caption_layout,
+    check_cot,
     check_ground_answer,
     check_phrases,
     check_propose_prompt,
@@ -65,7 +67,10 @@ class AnnotateConfig:
     (an image's); caption_layout: where those phrases are grounded, ``in-place`` in the text's
     prefill or ``listed`` in a second prefill as given phrases; question: ask every sample this
     question (None: only samples whose JSON has a ``question``), whose answer is grounded by
-    ``ground_answer``: ``phrases`` picked in it as in a caption, or ``whole``."""
+    ``ground_answer``: ``phrases`` picked in it as in a caption, or ``whole``; cot: visual
+    chain-of-thought for question samples (the objects the question names grounded first, the
+    question answered from their crop, widened by ``cot_margin`` of its size per side, or with
+    ``cot_view`` ``focus`` from the frame with everything outside that box painted over)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -87,6 +92,9 @@ class AnnotateConfig:
     caption_layout: str = "listed"
     question: str | None = None
     ground_answer: str = "phrases"
+    cot: bool = False
+    cot_margin: float = CropConfig.margin
+    cot_view: str = CropConfig.view
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
@@ -96,6 +104,8 @@ class AnnotateConfig:
         check_propose_prompt(self.propose_prompt)
         check_caption_layout(self.caption_layout)
         check_ground_answer(self.ground_answer)
+        check_cot(self.cot, self.ground_answer)
+        CropConfig(self.cot_margin, view=self.cot_view)  # (raises on a bad margin or view)
         if self.question is not None and not self.question.strip():
             raise ValueError("--question is empty")
         if self.question is not None and self.describe:
@@ -258,6 +268,8 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
             "list_prompt": config.list_prompt,
             "caption_layout": config.caption_layout,
             "ground_answer": config.ground_answer,
+            "cot": config.cot,
+            "cot_crop": CropConfig(config.cot_margin, view=config.cot_view),
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",

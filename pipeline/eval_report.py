@@ -19,7 +19,9 @@ def metrics_json(results: dict[str, SetResult]) -> dict:
     """``{"<set>/<protocol>": {"unet": {"ciou", "giou", "n"}, "refined": {...}}}``; PNG protocols
     add ``ar``, ``ar_things``, ``ar_stuff``, ``ar_singular``, ``ar_plural``, ``n_things`` …
     ``n_plural`` and ``acc_50`` (``flmm.metrics.AverageRecall``); the ``reason`` protocol
-    writes ``reason``, ``reason-short`` and ``reason-long`` (LISA's, ``pipeline.reason``)."""
+    writes ``reason``, ``reason-short`` and ``reason-long`` (LISA's, ``pipeline.reason``); the
+    ``vqa`` protocol ``vqa`` and ``vqa-<subset>``, each ``{"plain": {"accuracy", "n",
+    "cropped"}, "cot": {...}}`` (``pipeline.vqa``)."""
     return {
         f"{name}/{protocol}": {output: acc.result() for output, acc in outputs.items()}
         for name, result in results.items()
@@ -56,10 +58,17 @@ AR_COLUMNS = ("ar", "ar_things", "ar_stuff", "ar_singular", "ar_plural")
 def markdown_table(metrics: dict) -> str:
     """The metrics as markdown tables, values ×100 with one decimal as papers print them: cIoU /
     gIoU of the referring protocols, average recall (all, things, stuff, singular, plural) of
-    the PNG ones."""
-    referring, png = [], []
+    the PNG ones, answer accuracy without and with chain-of-thought of the VQA one."""
+    referring, png, vqa = [], [], []
     for key, outputs in metrics.items():
         name, _, protocol = key.rpartition("/")
+        if "cot" in outputs:
+            plain, cot = outputs["plain"], outputs["cot"]
+            cells = " | ".join(
+                f"{100 * v:.1f}" for v in (plain["accuracy"], cot["accuracy"], cot["cropped"])
+            )
+            vqa.append(f"| {name} | {protocol} | {plain['n']} | {cells} |")
+            continue
         ar = "ar" in outputs["unet"]
         columns = AR_COLUMNS if ar else ("ciou", "giou")
         values = [outputs[o][m] for o in OUTPUTS for m in columns]
@@ -78,5 +87,10 @@ def markdown_table(metrics: dict) -> str:
         tables.append(
             f"| eval set | protocol | n | U-Net {splits} | refined {splits} |\n"
             "|---|---|---:" + "|---:" * 10 + "|\n" + "\n".join(png)
+        )
+    if vqa:
+        tables.append(
+            "| eval set | protocol | n | accuracy | accuracy --cot | answered from a crop |\n"
+            "|---|---|---:|---:|---:|---:|\n" + "\n".join(vqa)
         )
     return "\n\n".join(tables)

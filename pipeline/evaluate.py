@@ -38,8 +38,12 @@ Reasoning segmentation (shards of ``jobs/prepare_refcoco.py --dataset reasonseg`
 grounded into one mask, scored with LISA's cIoU / gIoU, overall and over short queries / long
 sentences (``pipeline/reason.py``).
 
+Question answering (any shards whose JSON has ``question`` and ``answers``): ``vqa``, the LMM's
+answer accuracy from the whole image and with visual chain-of-thought (``pipeline/vqa.py``);
+samples need no ``objects``.
+
 ``default_protocols``: the referring protocols for referring sets, the PNG ones for PNG sets,
-``reason`` for ReasonSeg sets.
+``reason`` for ReasonSeg sets, ``vqa`` for sets of ``vqa-*.tar`` shards.
 
 The loop is a plain single-process one (eval sets are small); the model is the same ``FLMM``
 the other jobs run.
@@ -57,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flmm.cot import CropConfig
 from flmm.metrics import AverageRecall, MaskIoU
 from flmm.model import FLMM, GroundingInput
 from flmm.prompt import span_slots
@@ -74,10 +79,12 @@ from pipeline.reason import REASON, ReasonGrounder, reason_fields, reason_metric
 from pipeline.reasonseg import REASON_NAME
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
+from pipeline.vqa import VQA, VQAAsker, vqa_fields, vqa_metrics
+from pipeline.vqa import score_batch as score_vqa
 
 PROTOCOLS = ("standard", "flmm", "flmm-separate")  # referring sets (RefCOCO/+/g, toy)
 PNG_PROTOCOLS = ("png", "png-separate")  # Panoptic Narrative Grounding sets
-ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS + (REASON,)
+ALL_PROTOCOLS = PROTOCOLS + PNG_PROTOCOLS + (REASON, VQA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +133,8 @@ def eval_sets(specs: Iterable[str]) -> list[EvalSet]:
 def default_protocols(eval_set: EvalSet) -> tuple[str, ...]:
     """``PNG_PROTOCOLS`` for a set of PNG shards (``png_coco-{split}-*.tar``), ``reason`` for
     ReasonSeg shards (``reason_seg-{split}-*.tar``), else ``PROTOCOLS``."""
-    for prefix, protocols in ((PNG_NAME, PNG_PROTOCOLS), (REASON_NAME, (REASON,))):
+    named = ((PNG_NAME, PNG_PROTOCOLS), (REASON_NAME, (REASON,)), (VQA, (VQA,)))
+    for prefix, protocols in named:
         if eval_set.paths and all(shard_name(p).startswith(f"{prefix}-") for p in eval_set.paths):
             return protocols
     return PROTOCOLS
@@ -144,7 +152,9 @@ class EvalSample:
     (None otherwise): narratives, per narrative its text and its objects' ``(index, [start,
     end))`` there (``pipeline.png.narrative_queries``); things, plurals: per object, its kind
     (``pipeline.png.phrase_kinds``). Question samples (None otherwise): question, is_sentence,
-    ignore (bool ``[H, W]``, pixels left out of the score) (``pipeline.reason.reason_fields``).
+    ignore (bool ``[H, W]``, pixels left out of the score) (``pipeline.reason.reason_fields``);
+    VQA samples: question, answers (accepted) and subset (``pipeline.vqa.vqa_fields``), and
+    maybe no objects (``expressions`` empty, ``masks`` ``[0, H, W]``).
     """
 
     key: str
@@ -159,6 +169,8 @@ class EvalSample:
     question: str | None = None
     is_sentence: bool | None = None
     ignore: np.ndarray | None = None
+    answers: list[str] | None = None
+    subset: list[str] | None = None
 
 
 class SkipSample(Exception):
@@ -166,18 +178,25 @@ class SkipSample(Exception):
 
 
 def eval_sample(
-    key: str, raw: dict, narratives_required: bool = False, question_required: bool = False
+    key: str,
+    raw: dict,
+    narratives_required: bool = False,
+    question_required: bool = False,
+    answers_required: bool = False,
 ) -> EvalSample:
     """A sample's raw files (``sources.sample_files``) → EvalSample, or SkipSample(reason).
 
     Decoding and validation are the other jobs' (``decode.decode_sample``, ``object_targets``);
     the reason is the ``SampleError`` kind (``decode.ERROR_KINDS``), or ``bad_narratives`` (PNG
     fields that do not fit), or ``no_narratives`` (none, when ``narratives_required``); with
-    ``question_required``, ``reason_fields``'s kinds (``no_question`` …).
+    ``question_required``, ``reason_fields``'s kinds (``no_question`` …); with
+    ``answers_required`` (``vqa``), ``vqa_fields``'s, and ``objects`` may be missing.
     """
     try:
         rgb, meta = decode_sample(raw)
-        targets = object_targets(meta, *rgb.shape[:2])
+        answered = vqa_fields(meta) if answers_required else (None,) * 3
+        optional = answers_required and "objects" not in meta
+        targets = [] if optional else object_targets(meta, *rgb.shape[:2])
         if not all(expressions for expressions, _ in targets):
             raise SampleError("bad_objects", "an object has no expressions")
         asked = reason_fields(meta, *rgb.shape[:2]) if question_required else (None,) * 3
@@ -189,10 +208,12 @@ def eval_sample(
         raise SkipSample("bad_narratives") from error
     if narratives is None and narratives_required:
         raise SkipSample("no_narratives")
-    masks = np.stack([mask for _, mask in targets])
+    masks = (
+        np.stack([mask for _, mask in targets]) if targets else np.zeros((0, *rgb.shape[:2]), bool)
+    )
     expressions = [expressions for expressions, _ in targets]
     firsts, distinct, seen = [], [], set()
-    for k, (obj, phrases) in enumerate(zip(meta["objects"], expressions)):
+    for k, (obj, phrases) in enumerate(zip(meta.get("objects", []), expressions)):
         raw = obj.get("raw")
         firsts.append(
             raw[0].lower()
@@ -205,7 +226,10 @@ def eval_sample(
             seen.add(ann_id)
     things, plurals = phrase_kinds(meta) if narratives is not None else (None, None)
     kinds = (narratives, things, plurals)
-    return EvalSample(key, rgb, expressions, masks, firsts, distinct, *kinds, *asked)
+    sample = EvalSample(key, rgb, expressions, masks, firsts, distinct, *kinds, *asked)
+    if answers_required:
+        sample.question, sample.answers, sample.subset = answered
+    return sample
 
 
 @dataclass
@@ -237,10 +261,12 @@ def iter_samples(
     limit: int | None = None,
     narratives_required: bool = False,
     question_required: bool = False,
+    answers_required: bool = False,
 ):
     """Valid samples of ``paths`` in order, at most ``limit`` samples *read* (skipped included);
     bad samples go to ``skipped`` (so do samples without PNG narratives, when
-    ``narratives_required``, or without a question, when ``question_required``). Shards are read by the annotation job's reader, so a cut or
+    ``narratives_required``, or without a question, when ``question_required``, or without
+    a question and answers, when ``answers_required``). Shards are read by the annotation job's reader, so a cut or
     corrupt shard raises ``pipeline.sources.ShardError`` instead of evaluating fewer samples."""
     read = 0
     for path in paths:
@@ -250,7 +276,9 @@ def iter_samples(
             read += 1
             try:
                 raw = sample_files(files, exts)
-                yield eval_sample(key, raw, narratives_required, question_required)
+                yield eval_sample(
+                    key, raw, narratives_required, question_required, answers_required
+                )
             except SkipSample as reason:
                 skipped.add(key, str(reason))
 
@@ -310,7 +338,7 @@ def sequences(
             )
             for text, grounded in narratives or []
         ]
-    if protocol == REASON:  # (asked and grounded by ``pipeline.reason``)
+    if protocol in (REASON, VQA):  # (asked by ``pipeline.reason``, ``pipeline.vqa``)
         return []
     if protocol == "png-separate":
         return [
@@ -400,19 +428,33 @@ def evaluate_set(
     log: Callable[[str], None] = print,
     log_every: float = 10.0,
     grounder: ReasonGrounder | None = None,
+    asker: VQAAsker | None = None,
 ) -> SetResult:
     """Run ``model`` over ``eval_set`` under each protocol; batches of ``batch_size`` images.
-    ``reason`` asks and grounds with ``grounder`` (default: ``ReasonGrounder(model)``)."""
+    ``reason`` asks and grounds with ``grounder`` (default: ``ReasonGrounder(model)``), ``vqa``
+    asks with ``asker`` (default: ``VQAAsker(model)``)."""
     metrics = {}
     for p in protocols:
-        metrics.update(reason_metrics(OUTPUTS) if p == REASON else {p: accumulators(p)})
+        if p == REASON:
+            metrics.update(reason_metrics(OUTPUTS))
+        elif p == VQA:
+            metrics.update(vqa_metrics([]))
+        else:
+            metrics[p] = accumulators(p)
     result = SetResult(metrics)
     start = last_log = time.perf_counter()
     paths = track(eval_set.paths, len(eval_set.paths), f"{eval_set.name} shards")
-    png, asked = any(p in PNG_PROTOCOLS for p in protocols), REASON in protocols
+    png, asked, vqa = (
+        any(p in PNG_PROTOCOLS for p in protocols),
+        REASON in protocols,
+        VQA in protocols,
+    )
     if asked and grounder is None:
         grounder = ReasonGrounder(model)
-    for batch in batched(iter_samples(paths, result.skipped, limit, png, asked), batch_size):
+    if vqa and asker is None:
+        asker = VQAAsker(model)
+    samples = iter_samples(paths, result.skipped, limit, png, asked, vqa)
+    for batch in batched(samples, batch_size):
         seqs = [
             s
             for b, x in enumerate(batch)
@@ -425,6 +467,8 @@ def evaluate_set(
             update(result.metrics[seq.protocol], batch[seq.image], seq.objects, grounding)
         if asked:
             result.queries += score_batch(grounder, batch, result.metrics)
+        if vqa:
+            result.queries += score_vqa(asker, batch, result.metrics)
         result.samples += len(batch)
         result.queries += sum(len(s.phrases) for s in seqs)
         if time.perf_counter() - last_log >= log_every:
@@ -474,20 +518,25 @@ class EvalConfig:
     limit: int | None = None
     output: Path = Path("out/evaluate/metrics.json")
     ground_answer: str = "whole"  # reason: the answer grounded whole, or its phrases united
-    max_new_tokens: int = 64  # reason: the answer's length
+    max_new_tokens: int = 64  # reason, vqa: the answer's length
+    cot_margin: float = CropConfig.margin  # vqa: the evidence crop's margin (``flmm.cot``)
+    cot_view: str = CropConfig.view  # vqa: the second look's view (``flmm.cot.VIEWS``)
 
 
 def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, SetResult]:
     """Load the model once, evaluate every set; write ``metrics.json`` and ``*.stats.json``."""
     model = config.model.build()
     grounder = ReasonGrounder(model, config.ground_answer, config.max_new_tokens)
+    crop = CropConfig(config.cot_margin, view=config.cot_view)
+    asker = VQAAsker(model, config.max_new_tokens, crop)
     results = {}
     for eval_set in config.sets:
         protocols = config.protocols or default_protocols(eval_set)
         log(f"{eval_set.name}: {len(eval_set.paths)} shard(s), protocols {', '.join(protocols)}")
         results[eval_set.name] = evaluate_set(
-            model, eval_set, protocols, config.batch_size, config.limit, log, grounder=grounder
-        )
+            model, eval_set, protocols, config.batch_size, config.limit, log,
+            grounder=grounder, asker=asker,
+        )  # fmt: skip
     write_json(metrics_json(results), config.output)
     write_json(stats_json(results), config.output.with_suffix(".stats.json"))
     return results

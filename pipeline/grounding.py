@@ -15,7 +15,13 @@ for a question sample, the LMM's answer to the question (one batched greedy ``ge
 batch's questions) taken as the text whose phrases are picked, by the selector or the LMM's
 proposals as a caption's, or grounded whole (``ground_answer="whole"``); ``in-place``, the
 answer is prefilled in its conversation (image + question → answer, ``FLMM.prepare_text``'s
-``instruction``) and grounded there; ``listed``, as a caption is. ``--phrases`` (``proposer_for``): ``auto`` takes the selector when the heads file has one and the
+``instruction``) and grounded there; ``listed``, as a caption is. With ``cot``
+(visual chain-of-thought, ``flmm.cot``), a question sample is looked at twice: first the
+objects its question names are grounded (the question is the text their phrases are picked in,
+as a caption's), then the LMM answers the question from the crop around those masks
+(``flmm.cot.evidence_box``; the whole image when they are empty); the sample's source is
+``evidence``, its rows the evidence masks. ``--phrases`` (``proposer_for``): ``auto`` takes the
+selector when the heads file has one and the
 LMM otherwise; ``selector`` without one makes caption and image-only samples ``no_selector``
 error rows.
 
@@ -27,7 +33,7 @@ the mean probability over the mask's pixels (0 for an empty mask), a confidence 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +41,7 @@ import pycocotools.mask as mask_utils
 import ray
 import torch
 
+from flmm.cot import Box, CropConfig, evidence_box, second_view, xywh
 from flmm.heads import FLMMHeads
 from flmm.proposals import (
     CAPTION_SLOT,
@@ -88,6 +95,8 @@ class GroundingActor:
         list_prompt: str = LIST_PROMPT,
         caption_layout: str = "listed",
         ground_answer: str = "phrases",
+        cot: bool = False,
+        cot_crop: CropConfig | None = None,
         model=None,
     ):
         if model is None and spec.resolved_device().type == "cpu" and _in_ray_actor():
@@ -111,6 +120,8 @@ class GroundingActor:
         self.list_prompt = list_prompt
         self.caption_layout = check_caption_layout(caption_layout)
         self.ground_answer = check_ground_answer(ground_answer)
+        self.cot = check_cot(cot, ground_answer)
+        self.cot_crop = cot_crop or CropConfig()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._check_selector(row) for row in batch.to_pylist()]
@@ -123,7 +134,7 @@ class GroundingActor:
         for row in rows:
             result = {name: row[name] for name in PASSED_THROUGH}
             result.update(counts=[], bboxes=[], scores=[], mask_size=[], model_s=0.0)
-            result.update(spans=[], selector_scores=[], proposer="", answer="")
+            result.update(spans=[], selector_scores=[], proposer="", answer="", evidence_box=[])
             result.update(dict.fromkeys(STAGES, 0.0))
             if row["status"] == "ok":
                 result["model_s"] = share
@@ -142,7 +153,7 @@ class GroundingActor:
         answer is grounded whole needs none)."""
         if row["status"] != "ok" or row["source"] == "given" or self.proposer != "missing":
             return row
-        if row["source"] == "answer" and self.ground_answer == "whole":
+        if row["source"] == "answer" and self.ground_answer == "whole" and not self.cot:
             return row
         error = (
             f"a {row['source']} sample needs a keyword selector with --phrases selector, and the "
@@ -209,7 +220,37 @@ class GroundingActor:
         clock.mark("sam_s")
         groundings = model.decode_selected(inputs, selections, embeddings)
         clock.mark("heads_s")
+        if self.cot:
+            self._look_again(rows, images, texts, dict(zip(todo, groundings)))
+            clock.mark("describe_s")
         return texts, todo, selections, groundings
+
+    def _look_again(self, rows: list[dict], images, texts: list[Text], found: dict) -> None:
+        """``cot``'s second look, in place of ``texts``: every question row's question answered
+        (one batched generation) from the crop around its evidence masks (``found``: row index →
+        its ``Grounding``; ``sigmoid(refined) > threshold`` as written), or from the whole image
+        when it has none (a warning); each row's ``Text`` gains its answer and crop box."""
+        asked = [b for b, r in enumerate(rows) if r["source"] == "answer"]
+        if not asked:
+            return
+        boxes: dict[int, Box | None] = {}
+        for b in asked:
+            grounding = found.get(b)
+            masks = None if grounding is None else grounding.refined[:, 0].float().sigmoid()
+            boxes[b] = (
+                None if masks is None else evidence_box(masks > self.threshold, self.cot_crop)
+            )
+        views = [
+            images[b] if boxes[b] is None else second_view(images[b], boxes[b], self.cot_crop)
+            for b in asked
+        ]
+        questions = [rows[b]["question"] for b in asked]
+        answers = self.model.lmm.answer(views, questions, self.max_new_tokens)
+        for b, answer in zip(asked, answers):
+            warning = texts[b].warning
+            if boxes[b] is None:
+                warning = "; ".join(w for w in (warning, NO_EVIDENCE) if w)
+            texts[b] = replace(texts[b], answer=answer, box=boxes[b], warning=warning)
 
     def _input(self, image: torch.Tensor, row: dict, text: Text):
         """The model's input for a row: its given phrases, or its text (with the spans proposed
@@ -220,7 +261,7 @@ class GroundingActor:
         # in place, an answer is prefilled in its conversation (image + question → answer);
         # listed, its phrases are picked as a caption's, under the grounding prompt (the toy
         # selector picks an answer's phrases there, and mostly "the" in the conversation)
-        in_conversation = row["source"] == "answer" and not listed
+        in_conversation = row["source"] == "answer" and not listed and not self.cot
         question = row["question"] if in_conversation else None
         return self.model.prepare_text(image, text.text, text.spans, listed, question)
 
@@ -246,6 +287,10 @@ class GroundingActor:
         or the list of what the LMM sees (one for all image-only rows); or the whole answer."""
         texts = [Text(r["text"]) if r["source"] == "caption" else Text("") for r in rows]
         asked = [b for b, r in enumerate(rows) if r["source"] == "answer"]
+        if self.cot:  # the first look grounds the objects the question names; answered later
+            for b in asked:
+                texts[b] = Text(rows[b]["question"])
+            asked = []
         questions = [rows[b]["question"] for b in asked]
         for b, answer in zip(asked, self._ask(images, asked, questions)):
             texts[b] = self._answer_text(answer)
@@ -254,7 +299,7 @@ class GroundingActor:
             picks = [b for b, t in enumerate(texts) if t.text and t.spans is None]
             asks = [self.propose_prompt.replace(CAPTION_SLOT, texts[b].text) for b in picks]
             for b, answer in zip(picks, self._ask(images, picks, asks)):
-                texts[b] = proposed_text(texts[b].text, answer, rows[b]["source"])
+                texts[b] = proposed_text(texts[b].text, answer, self._source(rows[b]))
             asks = [self.list_prompt] * len(generated)
             for b, answer in zip(generated, self._ask(images, generated, asks)):
                 texts[b] = listed(answer)
@@ -284,6 +329,11 @@ class GroundingActor:
             return []
         return self.model.lmm.answer([images[b] for b in rows], instructions, self.max_new_tokens)
 
+    def _source(self, row: dict) -> str:
+        """The source a row's results are written under: its own, or ``evidence`` for a
+        question sample looked at twice (``cot``)."""
+        return "evidence" if self.cot and row["source"] == "answer" else row["source"]
+
     def _describe_instruction(self) -> str | None:
         """``--describe-prompt``, else the instruction the selector was trained to read, else
         None (the grounding prompt's)."""
@@ -295,18 +345,21 @@ class GroundingActor:
         """An ok sample's result before grounding: no phrase grounded yet, masks of its own
         size, the text its phrases are picked from, and who picks them."""
         empty = {"counts": [], "bboxes": [], "scores": [], "spans": [], "selector_scores": []}
-        given, answer = row["source"] == "given", row["source"] == "answer"
+        given, source = row["source"] == "given", self._source(row)
         phrases = row["phrases"] if given else []
         warning = "; ".join(w for w in (row["warning"], text.warning) if w)
         proposer = "" if given else self.proposer
-        if answer and self.ground_answer == "whole":
+        if source == "answer" and self.ground_answer == "whole":
             proposer = "whole"
+        answer = {"answer": text.text, "evidence": text.answer}.get(source, "")
+        box = xywh(text.box) if text.box is not None else []
         return {**empty, "phrases": phrases, "mask_size": [row["height"], row["width"]],
-                "text": text.text, "answer": text.text if answer else "", "warning": warning,
-                "proposer": proposer}  # fmt: skip
+                "text": text.text, "answer": answer, "warning": warning, "source": source,
+                "proposer": proposer, "evidence_box": box}  # fmt: skip
 
 
 EMPTY_DESCRIPTION = "the generated description is empty"
+NO_EVIDENCE = "no evidence found for the question's objects: answered from the whole image"
 NO_WORD = "the LMM's answer holds no word to ground"
 PHRASES = ("auto", "selector", "lmm")
 
@@ -339,6 +392,15 @@ def check_ground_answer(ground_answer: str) -> str:
     return ground_answer
 
 
+def check_cot(cot: bool, ground_answer: str) -> bool:
+    """``--cot`` grounds the objects a question names (its evidence), not the answer, so it
+    takes no ``--ground-answer whole``."""
+    if cot and ground_answer == "whole":
+        raise ValueError("--cot grounds the question's objects, not the answer: drop "
+                         "--ground-answer whole")  # fmt: skip
+    return cot
+
+
 CAPTION_LAYOUTS = ("in-place", "listed")
 
 
@@ -360,11 +422,15 @@ def check_propose_prompt(prompt: str) -> str:
 @dataclass(frozen=True)
 class Text:
     """The text a sample's phrases are picked from ("" for given phrases), the spans to ground
-    in it when proposed before the prefill (None: the selector picks them), and a warning."""
+    in it when proposed before the prefill (None: the selector picks them), and a warning; under
+    ``cot``, a question's text is the question, and the second look adds the answer and the
+    box it was answered from (original pixels, ``flmm.cot``; None: the whole image)."""
 
     text: str
     spans: list[tuple[int, int]] | None = None
     warning: str = ""
+    answer: str = ""
+    box: Box | None = None
 
     @property
     def groundable(self) -> bool:
@@ -381,7 +447,7 @@ def proposed_text(caption: str, answer: str, source: str = "caption") -> Text:
     warning = ""
     if located.missing:
         names = ", ".join(repr(p[:40]) for p in located.missing[:5])
-        where = "answer" if source == "answer" else "caption"
+        where = {"answer": "answer", "evidence": "question"}.get(source, "caption")
         warning = f"{len(located.missing)} proposed phrase(s) not in the {where}: {names}"
     elif not proposals:
         warning = "the LMM proposed no phrase"
@@ -410,5 +476,5 @@ class _StageClock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.seconds[stage] = now - self.last
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
         self.last = now

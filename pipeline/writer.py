@@ -200,6 +200,7 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
         error = None if ok else f"{row['error_kind']}: {row['error']}"
         n = len(row["counts"]) if ok else 0
         sized = bool(row["height"])  # 0: an error of the decoding stage, before any size
+        asked = row["source"] in ("answer", "evidence")
         samples.append(
             {"key": row["key"], "shard": shard, "status": row["status"],
              "error_kind": None if ok else row["error_kind"], "error": error, "n_annotations": n,
@@ -207,8 +208,9 @@ def shard_tables(shard: str, rows: list[dict], model: str) -> tuple[pa.Table, pa
              "source": row["source"] if ok else None,
              "proposer": row["proposer"] if ok and row["proposer"] else None,
              "text": row["text"] if ok and row["source"] != "given" else None,
-             "question": row["question"] if ok and row["source"] == "answer" else None,
-             "answer": row["answer"] if ok and row["source"] == "answer" else None,
+             "question": row["question"] if ok and asked else None,
+             "answer": row["answer"] if ok and asked else None,
+             "evidence_box": (row.get("evidence_box") or None) if ok else None,
              "warning": row["warning"] or None}
         )  # fmt: skip
         for i in range(n):

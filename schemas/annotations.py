@@ -11,8 +11,9 @@ import pyarrow as pa
 
 # 2: where phrases come from (source, span, selector_score; text); 3: who picked them (proposer);
 # 4: the samples' error_kind, height and width; 5: question samples (source "answer", proposer
-# "whole", the samples' question and answer)
-SCHEMA_VERSION = 5
+# "whole", the samples' question and answer); 6: visual chain-of-thought (source "evidence",
+# the samples' evidence_box)
+SCHEMA_VERSION = 6
 
 
 def _list(item: pa.DataType) -> pa.ListType:
@@ -40,7 +41,8 @@ ANNOTATIONS_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
         pa.field("phrase", pa.string(), nullable=False),
-        # "given" | "caption" | "generated" | "answer"
+        # "given" | "caption" | "generated" | "answer" | "evidence" (--cot: an object the
+        # question names, looked at before answering)
         pa.field("source", pa.string(), nullable=False),
         # [start, end) characters of the phrase in the sample's text; null when given
         pa.field("span", _list(pa.int32()), nullable=True),
@@ -78,6 +80,9 @@ SAMPLES_SCHEMA = pa.schema(
         # a question sample's question and the LMM's answer to it; null otherwise
         pa.field("question", pa.string(), nullable=True),
         pa.field("answer", pa.string(), nullable=True),
+        # --cot: the crop of the original image the answer was given from, XYWH pixels; null
+        # when answered from the whole image, or not asked
+        pa.field("evidence_box", _list(pa.float32()), nullable=True),
         pa.field("warning", pa.string(), nullable=True),  # e.g. a truncated caption
     ],
     metadata=_metadata("samples"),

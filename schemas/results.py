@@ -33,9 +33,11 @@ RESULT_SCHEMA = pa.schema(
         ("mask_size", pa.list_(pa.int32())),  # [h, w] the masks were encoded at; [] unless ok
         # the caption, generated description or answer phrases were picked in ("" when given)
         ("text", pa.string()),
-        ("question", pa.string()),  # the question asked ("answer"), else ""
-        ("answer", pa.string()),  # the LMM's answer to it ("answer"), else ""
-        ("source", pa.string()),  # "given" | "caption" | "generated" | "answer"
+        ("question", pa.string()),  # the question asked ("answer", "evidence"), else ""
+        ("answer", pa.string()),  # the LMM's answer to it ("answer", "evidence"), else ""
+        # --cot: the crop the answer was given from, XYWH original pixels; [] otherwise
+        ("evidence_box", pa.list_(pa.float32())),
+        ("source", pa.string()),  # "given" | "caption" | "generated" | "answer" | "evidence"
         # who picked the phrases: "selector" | "lmm" | "whole" (the whole answer); "" when given
         ("proposer", pa.string()),
         ("warning", pa.string()),
@@ -46,7 +48,8 @@ RESULT_SCHEMA = pa.schema(
         # model_s split by stage (shares of the batch's successful forward; 0 on error rows):
         # prepare (LMM + SAM preprocessing), LMM prefill, SAM image encoder, heads (U-Net +
         # refiner), postprocess (threshold, RLE, box, score); describe: generating the
-        # descriptions of image-only samples and the answers of question samples
+        # descriptions of image-only samples and the answers of question samples (both looks
+        # under --cot)
         *((name, pa.float64()) for name in STAGES),
     ]
 )

@@ -146,7 +146,7 @@ def test_schemas_done_markers_and_preview(first_run):
         schema = pq.read_schema(out.path("samples", f"{shard}.parquet"))
         assert schema.equals(SAMPLES_SCHEMA, check_metadata=True)
         done = out.read_done(shard)
-        assert done["schema_version"] == SCHEMA_VERSION == 5 and done["duplicate_rows_dropped"] == 0
+        assert done["schema_version"] == SCHEMA_VERSION == 6 and done["duplicate_rows_dropped"] == 0
         assert done["ok"] + done["errors"] == done["samples"]
         assert set(done["versions"]) >= {"torch", "ray", "pyarrow", "flmm-pipeline"}
     kinds = out.read_done("mixed-000000")["errors_by_kind"]

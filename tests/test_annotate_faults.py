@@ -178,8 +178,8 @@ def result_row(key: str, score: float) -> dict:
     row.update(shard=SHARD, key=key, n_samples=3, status="ok", error_kind="", error="",
                height=2, width=3, phrases=["a thing"], spans=[], selector_scores=[],
                counts=["6"], bboxes=[[0.0, 0.0, 3.0, 2.0]], scores=[score], mask_size=[2, 3],
-               text="", question="", answer="", source="given", proposer="", warning="",
-               shard_error="")  # fmt: skip
+               text="", question="", answer="", evidence_box=[], source="given", proposer="",
+               warning="", shard_error="")  # fmt: skip
     return row
 
 

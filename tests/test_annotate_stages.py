@@ -233,10 +233,10 @@ def test_shard_tables_follow_the_declared_schemas_and_refuse_missing_keys(tmp_pa
         {"key": "k1", "shard": "s", "status": "error", "error_kind": "corrupt_image",
          "error": "corrupt_image: broken", "n_annotations": 0, "height": None, "width": None,
          "source": None, "proposer": None, "text": None, "question": None, "answer": None,
-         "warning": None},
+         "evidence_box": None, "warning": None},
         {"key": "k2", "shard": "s", "status": "ok", "error_kind": None, "error": None,
          "n_annotations": 2, "height": 4, "width": 5, "source": "given", "proposer": None,
-         "text": None, "question": None, "answer": None, "warning": None},
+         "text": None, "question": None, "answer": None, "evidence_box": None, "warning": None},
     ]  # fmt: skip
     assert annotations.column("phrase").to_pylist() == ["a", "b"]
     out = OutputDir(str(tmp_path / "out"))
@@ -256,7 +256,7 @@ def test_schemas_have_exactly_the_issue_columns():
     ]  # fmt: skip
     assert SAMPLES_SCHEMA.names == [
         "key", "shard", "status", "error_kind", "error", "n_annotations", "height", "width",
-        "source", "proposer", "text", "question", "answer", "warning",
+        "source", "proposer", "text", "question", "answer", "evidence_box", "warning",
     ]  # fmt: skip
     assert ANNOTATIONS_SCHEMA.field("mask").type == pa.struct(
         [
@@ -264,7 +264,7 @@ def test_schemas_have_exactly_the_issue_columns():
             pa.field("counts", pa.string(), False),
         ]
     )
-    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"5"
+    assert ANNOTATIONS_SCHEMA.metadata[b"flmm.schema_version"] == b"6"
 
 
 def test_the_model_stage_grounds_ok_rows_passes_errors_and_isolates_a_failing_sample(

@@ -280,7 +280,7 @@ def test_question_samples_through_the_annotate_job(ray_session, shard, tiny_llav
     assert samples["given"]["question"] is None and samples["given"]["source"] == "given"
     assert samples["ask_huge"]["warning"].startswith("question truncated from 20000")
     done = json.loads((out / "_done" / "q-000000.json").read_text())
-    assert done["schema_version"] == 5 and done["errors_by_kind"] == {
+    assert done["schema_version"] == 6 and done["errors_by_kind"] == {
         "no_question": 1, "bad_text": 1}  # fmt: skip
 
 
