@@ -11,6 +11,7 @@ the same plain answers for every view.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -21,7 +22,7 @@ from flmm.cot import CropConfig
 from pipeline.evaluate import Skipped, batched, eval_sets, iter_samples
 from pipeline.vqa import VQA, AnswerAccuracy, VQAAsker
 from toyworld.models import toy_model_spec
-from toyworld.vqa_set import write_vqa_shards
+from toyworld.vqa_set import WORLDS, write_vqa_shards
 
 
 def main(argv=None) -> None:
@@ -31,9 +32,17 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--lmm", help="another toy LMM directory (default: the shipped one)")
+    p.add_argument(
+        "--world",
+        choices=sorted(WORLDS),
+        default="default",
+        help="the scenes: the toy world's own, or its objects at 40%% of their size (far away)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = toy_model_spec().build()
+    spec = toy_model_spec()
+    model = (dataclasses.replace(spec, lmm=args.lmm) if args.lmm else spec).build()
     views = [(v, float(m)) for v, m in (a.split(":") for a in args.views)]
     askers = {
         f"{v} {m}": VQAAsker(model, args.max_new_tokens, CropConfig(m, view=v)) for v, m in views
@@ -41,7 +50,7 @@ def main(argv=None) -> None:
     scores: dict[str, dict[str, AnswerAccuracy]] = {}
     seconds: dict[str, list[float]] = {"plain": [], **{name: [] for name in askers}}
     with tempfile.TemporaryDirectory() as tmp:
-        write_vqa_shards(tmp, args.scenes)
+        write_vqa_shards(tmp, args.scenes, config=WORLDS[args.world])
         (eval_set,) = eval_sets([tmp])
         skipped = Skipped()
         for batch in batched(
@@ -69,7 +78,8 @@ def main(argv=None) -> None:
                         scores[key][name].update(answer, sample.answers, box is not None)
     names = list(answers)
     print(
-        f"{args.scenes} held-out toy scenes, one question each; accuracy (cropped: answered from the evidence)"
+        f"{args.scenes} held-out toy scenes ({args.world} world), one question each; accuracy "
+        "(in parentheses: the fraction answered from the evidence)"
     )
     print("| subset | n | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))

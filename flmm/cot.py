@@ -2,9 +2,11 @@
 second look answers from.
 
 A question is grounded first (the objects it names; their masks in the original frame); the
-union of those masks, widened by a margin, is cropped from the original image, and the LMM
-answers the question again looking at the crop, at its own resolution (a small object fills
-the LMM's fixed-size view). Boxes are integer pixel corners ``(x0, y0, x1, y1)``, half-open,
+union of those masks, widened by a margin, is the evidence box, and the LMM answers the question
+again looking at it: cropped (at the LMM's own resolution a small object then fills its
+fixed-size view), or in focus (the whole frame, everything outside the box painted over: sizes
+and places, which a crop loses, are kept), or, by default, cropped when that zooms in and in
+focus otherwise. Boxes are integer pixel corners ``(x0, y0, x1, y1)``, half-open,
 in the original frame: crop pixel ``(u, v)`` is original pixel ``(x0 + u, y0 + v)``.
 """
 
@@ -20,23 +22,29 @@ import torch
 class CropConfig:
     """``margin``: the box is widened on every side by this fraction of its own width (height);
     ``min_side``: pixels, a narrower (lower) box is widened about its centre to this, so that a
-    speck of evidence still gives the LMM some context. Both stop at the image's edges."""
+    speck of evidence still gives the LMM some context. Both stop at the image's edges.
+    ``view`` (``second_view``): ``crop``, ``focus``, or ``auto``: the crop when the box covers at
+    most ``zoom_area`` of the image (it magnifies ~2.5× per side or more at the default), else
+    the focus."""
 
     margin: float = 0.25
     min_side: int = 32
-    view: str = "crop"
+    view: str = "auto"
+    zoom_area: float = 0.15
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
             raise ValueError(f"--cot-view {self.view!r}: one of {VIEWS}")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"--cot-margin must be a number >= 0, got {self.margin}")
+        if not 0 < self.zoom_area <= 1:
+            raise ValueError(f"the zoom area must be in (0, 1], got {self.zoom_area}")
         if self.min_side < 1:
             raise ValueError(f"the crop's min_side must be >= 1, got {self.min_side}")
 
 
 Box = tuple[int, int, int, int]
-VIEWS = ("crop", "focus")
+VIEWS = ("auto", "crop", "focus")
 
 
 def evidence_box(masks: torch.Tensor, config: CropConfig = CropConfig()) -> Box | None:
@@ -82,10 +90,19 @@ def focus(image: torch.Tensor, box: Box) -> torch.Tensor:
     return out
 
 
+def zooms(image: torch.Tensor, box: Box, config: CropConfig) -> bool:
+    """Whether the second look sees the crop (else the focus view): ``CropConfig.view``."""
+    if config.view != "auto":
+        return config.view == "crop"
+    x0, y0, x1, y1 = box
+    return (x1 - x0) * (y1 - y0) <= config.zoom_area * image.shape[0] * image.shape[1]
+
+
 def second_view(image: torch.Tensor, box: Box, config: CropConfig) -> torch.Tensor:
-    """What the second look sees (``CropConfig.view``): the ``crop`` of ``box`` (zoomed in to the
-    LMM's resolution), or the whole frame in ``focus`` on it; contiguous."""
-    view = crop(image, box) if config.view == "crop" else focus(image, box)
+    """What the second look sees (``CropConfig.view``, ``zooms``): the ``crop`` of ``box``
+    (zoomed in to the LMM's resolution: small evidence gains pixels), or the whole frame in
+    ``focus`` on it (sizes and places kept); contiguous."""
+    view = crop(image, box) if zooms(image, box, config) else focus(image, box)
     return view.contiguous()
 
 

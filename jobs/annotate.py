@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=VIEWS,
         default=CropConfig.view,
         help="--cot: answer from the crop of the evidence box (zoomed in), or from the whole "
-        "frame with everything outside the box painted over (focus: sizes and places kept)",
+        "frame with everything outside the box painted over (focus: sizes and places kept); "
+        "auto (default): the crop when the box is at most 15%% of the image, else the focus",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="length limit of generated text")
     p.add_argument("--address", help=ADDRESS_HELP)

@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cot-view",
         choices=VIEWS,
         default=CropConfig.view,
-        help="vqa: answer from the evidence crop, or from the frame in focus on it",
+        help="vqa: answer from the evidence crop, or from the frame in focus on it (auto: the "
+        "crop when the box is at most 15%% of the image)",
     )
     return p.parse_args(argv)
 

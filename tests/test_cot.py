@@ -15,7 +15,7 @@ import torch
 from annotate_inputs import image_bytes, meta, write_tar
 from grounding_helpers import every_token_selector_spec, lm_calls
 
-from flmm.cot import CropConfig, crop, evidence_box, second_view, xywh
+from flmm.cot import CropConfig, crop, evidence_box, focus, second_view, xywh
 from flmm.tiny_lmms import MODEL_TYPES
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.decode import DECODED_SCHEMA, decode_batch, pixels_of
@@ -94,7 +94,12 @@ def test_focus_keeps_the_frame_and_paints_over_what_is_outside_the_box():
     outside = torch.ones(20, 30, dtype=torch.bool)
     outside[9:15, 11:21] = False
     assert (view[outside] == 90).all()  # the distractor is gone, painted the median colour
+    # auto: a box of at most a quarter of the image is cropped (zoomed in), a larger one focused
     assert torch.equal(second_view(image, box, CropConfig()), image[9:15, 11:21])
+    assert torch.equal(second_view(image, box, CropConfig(view="crop")), image[9:15, 11:21])
+    large = (0, 0, 20, 10)  # a third of the image
+    assert torch.equal(second_view(image, large, CropConfig()), focus(image, large))
+    assert not torch.equal(second_view(image, large, CropConfig(view="crop")), focus(image, large))
     with pytest.raises(ValueError, match="--cot-view"):
         CropConfig(view="zoom")
 

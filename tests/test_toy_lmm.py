@@ -14,16 +14,21 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.build import TINY_LLAVA_VARIANTS
+from flmm.cot import evidence_box, second_view
 from flmm.families import family_for
 from flmm.lmm import FrozenLMM
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from flmm.tiny_llava import write_tiny_llava
 from toyworld.captions import scene_text
 from toyworld.instructions import (
+    CORNERS,
+    COT_VIEW,
     LINE_SEPARATOR,
     REASON_TEMPLATES,
+    ZOOM_KEEPS,
     line_match,
     list_lines,
+    look,
     propose,
     read_lines,
     reason,
@@ -45,7 +50,7 @@ from toyworld.lmm import (
     pretrain,
     score,
 )
-from toyworld.scenes import make_scene, position_tags, scene_seed
+from toyworld.scenes import FAR_WORLD, make_scene, position_tags, scene_seed
 from toyworld.vqa import (
     COLOURLESS_KINDS,
     KINDS,
@@ -56,6 +61,7 @@ from toyworld.vqa import (
     WHERE,
     answer_options,
     ask,
+    asked_object,
     describe,
     list_name,
     listed_objects,
@@ -366,7 +372,7 @@ def test_reasoning_questions_name_the_one_object_that_answers_them():
     asked = set()
     for index in range(150):
         scene = make_scene(scene_seed(0, index))
-        question = reason(scene, np.random.default_rng(index))
+        question = reason(scene, np.random.default_rng(index), kinds=tuple(REASON_TEMPLATES))
         if question is None:
             continue
         obj = reason_object(scene, question)
@@ -383,6 +389,8 @@ def test_reasoning_questions_name_the_one_object_that_answers_them():
         elif kind == "odd_colour":
             assert len(others) >= 2 and {o.colour for o in others} == {others[0].colour}
             assert obj.colour != others[0].colour
+        elif kind == "most_corners":
+            assert all(CORNERS[obj.shape] > CORNERS[o.shape] for o in others)
         else:
             axis = ("left_of", "above").index(kind)
             anchor = _owner(
@@ -397,26 +405,31 @@ def test_resuming_a_saved_model_equals_the_whole_recipe(tmp_path):
     recipe = Recipe(
         vision_steps=2, vision_batch=2, steps=2, batch=2, warmup=1, list_steps=2, list_warmup=1,
         referent_steps=2, referent_warmup=1, proposal_steps=2, proposal_warmup=1, log_every=100,
+        look_steps=2, look_warmup=1,
     )  # fmt: skip
     quiet = {"n_eval": 1, "log": lambda line: None}
     whole = build_toy_lmm(tmp_path / "whole", recipe, **quiet)
-    stage_4 = dataclasses.replace(recipe, proposal_steps=0)
+    stage_5 = dataclasses.replace(recipe, look_steps=0)
+    stage_4 = dataclasses.replace(stage_5, proposal_steps=0)
     stage_3 = dataclasses.replace(stage_4, referent_steps=0)
     build_toy_lmm(tmp_path / "stage2", dataclasses.replace(stage_3, list_steps=0), **quiet)
     build_toy_lmm(tmp_path / "stage3", stage_3, **quiet)
     build_toy_lmm(tmp_path / "stage4", stage_4, **quiet)
+    build_toy_lmm(tmp_path / "stage5", stage_5, **quiet)
     resumed = {
         n: build_toy_lmm(tmp_path / f"from{n}", recipe, **quiet, resume_from=tmp_path / f"stage{n}")
-        for n in (2, 3, 4)
+        for n in (2, 3, 4, 5)
     }
-    names = ("whole", "stage2", "stage3", "stage4", "from2", "from3", "from4")
+    stages = ("whole", "stage2", "stage3", "stage4", "stage5")
+    names = (*stages, "from2", "from3", "from4", "from5")
     weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in names}
     assert weights["from2"] == weights["from3"] == weights["from4"] == weights["whole"]
-    assert len({weights[name] for name in ("whole", "stage2", "stage3", "stage4")}) == 4
+    assert weights["from5"] == weights["whole"]
+    assert len({weights[name] for name in stages}) == 5
     for record in resumed.values():
         for key in (
-            "final_proposal_stage_loss", "final_referent_stage_loss", "final_list_stage_loss",
-            "final_loss",  # stage 2's record carried over
+            "final_look_stage_loss", "final_proposal_stage_loss", "final_referent_stage_loss",
+            "final_list_stage_loss", "final_loss",  # stage 2's record carried over
         ):  # fmt: skip
             assert record[key] == whole[key]
     assert set(whole["instructions_eval"]) == {"propose", "propose_caption", "list_lines", "reason"}
@@ -432,3 +445,25 @@ def test_resuming_a_saved_model_equals_the_whole_recipe(tmp_path):
         )  # fmt: skip
     with pytest.raises(ValueError, match="every stage already"):
         build_toy_lmm(tmp_path / "again", recipe, **quiet, resume_from=tmp_path / "whole")
+
+
+def test_look_questions_are_asked_of_the_view_cot_would_show():
+    crops = focused = 0
+    for index in range(60):
+        config = FAR_WORLD if index % 2 else SCENE_CONFIG
+        scene = make_scene(scene_seed(0, index), config)
+        asked = look(scene, np.random.default_rng(index), config)
+        assert asked is not None  # every scene has a colour or shape question
+        question, view = asked
+        obj = asked_object(scene, question)
+        if question.kind in ("colour", "shape"):
+            assert question.answer == getattr(obj, question.kind)
+        image = torch.from_numpy(scene.image)
+        box = evidence_box(torch.from_numpy(obj.mask)[None], COT_VIEW)
+        assert np.array_equal(view, second_view(image, box, COT_VIEW).numpy())
+        if view.shape != scene.image.shape:  # a crop: only what a crop still shows is asked
+            assert question.kind in ZOOM_KEEPS
+            crops += 1
+        else:
+            focused += 1
+    assert crops and focused  # both views are taught (crops mostly in the far world)

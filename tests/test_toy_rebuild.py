@@ -18,7 +18,7 @@ TINY = [
     "--lmm-args",
     (
         "--vision-steps 2 --steps 2 --batch 4 --list-steps 2 --referent-steps 2 "
-        "--proposal-steps 2 --eval-questions 2"
+        "--proposal-steps 2 --look-steps 2 --eval-questions 2"
     ),
 ]
 
@@ -41,7 +41,7 @@ def test_rebuild_writes_both_models_with_their_records_and_tags_their_output(tmp
     record = json.loads((tmp_path / "llava" / "toy_world.json").read_text())
     recipe = record["recipe"]
     steps = ("vision_steps", "steps", "list_steps", "referent_steps", "proposal_steps")
-    assert [recipe[name] for name in steps] == [2, 2, 2, 2, 2]
+    assert [recipe[name] for name in (*steps, "look_steps")] == [2, 2, 2, 2, 2, 2]
     assert (tmp_path / "llava" / "model.safetensors").is_file()
     lines = done.stdout.splitlines()
     assert any(line.startswith("[sam] trained 2 steps") for line in lines)

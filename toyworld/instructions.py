@@ -8,7 +8,12 @@ object (what ``--phrases lmm`` and the reasoning work ask a frozen LMM; issues 3
   ``toyworld.vqa.list_name`` gives it, in ``listed_objects`` order (one right answer), one per line.
 - ``reason``: "Which object is the largest?", "… left of the circle?", "… has the odd colour?" →
   that object's list name, laid out as every other phrase answer (``" the big red circle."``);
-  asked only where the scene has one clear answer.
+  asked only where the scene has one clear answer. Stage 5 asks ``STAGE_5_REASONS``; stage 6
+  (``look``) all of ``REASON_TEMPLATES``, "… has the most corners?" too (``CORNERS``).
+- ``look``: a short question about one object (its colour, shape, size or place) asked of the
+  second look of visual chain-of-thought (``flmm.cot``): the view of the box around that
+  object's mask, as ``--cot`` shows it (``flmm.cot.second_view``; a crop only for colour and
+  shape, which a crop keeps).
 
 One-per-line answers are ``" " + LINE_SEPARATOR.join(lines)`` then EOS, as every toy answer
 starts with a space and ends with EOS. The separator is a newline *and a space*: the toy
@@ -20,11 +25,13 @@ caption itself has. A reader strips each line.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from flmm.cot import CropConfig, evidence_box, second_view, zooms
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from toyworld.captions import Caption, scene_text
 from toyworld.scenes import Scene, SceneObject
-from toyworld.vqa import SCENE_CONFIG, WHERE, Question, list_name, listed_objects
+from toyworld.vqa import SCENE_CONFIG, WHERE, Question, ask, asked_object, list_name, listed_objects
 
 PROPOSE = "propose"
 LIST_LINES = "list_lines"
@@ -37,7 +44,11 @@ REASON_TEMPLATES = {
     "left_of": "Which object is left of {}?",
     "above": "Which object is above {}?",
     "odd_colour": "Which object has the odd colour?",
+    "most_corners": "Which object has the most corners?",
 }
+STAGE_5_REASONS = ("largest", "smallest", "left_of", "above", "odd_colour")  # (its data stream)
+# an outline's corners (a star's five points and five inner corners; a cross's twelve)
+CORNERS = {"circle": 0, "triangle": 3, "square": 4, "diamond": 4, "star": 10, "cross": 12}
 AREA_RATIO = 1.5  # the largest (smallest) object's visible area against the next one, at least
 
 
@@ -76,15 +87,45 @@ def line_match(lines: list[str], gold: tuple[str, ...] | list[str]) -> int:
     return hits
 
 
+LOOK_KINDS = ("colour", "shape", "size", "position")
+COT_VIEW = CropConfig()  # the annotation job's default --cot view
+ZOOM_KEEPS = frozenset({"colour", "shape"})  # what a crop still shows (not sizes and places)
+
+
+def look(
+    scene: Scene, rng: np.random.Generator, config=SCENE_CONFIG, crop: CropConfig = COT_VIEW
+) -> tuple[Question, np.ndarray] | None:
+    """A ``LOOK_KINDS`` question about one object (``toyworld.vqa.ask``) and the image the second
+    look of ``--cot`` would answer it from (``flmm.cot.second_view`` of the box around the
+    object's mask, ``[h, w, 3]`` uint8); a kind a crop cannot answer is not asked of a crop;
+    None when the scene has no such question."""
+    image = torch.from_numpy(scene.image)
+    for kind in rng.permutation(LOOK_KINDS):
+        question = ask(scene, str(kind), rng, config)
+        if question is None:
+            continue
+        mask = torch.from_numpy(asked_object(scene, question).mask)[None]
+        box = evidence_box(mask, crop)
+        if zooms(image, box, crop) and kind not in ZOOM_KEEPS:
+            continue
+        return question, second_view(image, box, crop).numpy()
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Questions answered by one object (issue 37): (scene, rng, config) → (object, instruction) | None
 # --------------------------------------------------------------------------------------------
 
 
-def reason(scene: Scene, rng: np.random.Generator, config=SCENE_CONFIG) -> Question | None:
-    """A question of a random ``REASON_TEMPLATES`` kind that the scene answers with one object
-    (the next kind when it does not), or None when it answers none."""
-    for kind in rng.permutation(list(REASON_TEMPLATES)):
+def reason(
+    scene: Scene,
+    rng: np.random.Generator,
+    config=SCENE_CONFIG,
+    kinds: tuple[str, ...] = STAGE_5_REASONS,
+) -> Question | None:
+    """A question of a random kind of ``kinds`` (``REASON_TEMPLATES`` names) that the scene
+    answers with one object (the next kind when it does not), or None when it answers none."""
+    for kind in rng.permutation(list(kinds)):
         asked = _REASONERS[str(kind)](scene, rng, config)
         if asked is not None:
             obj, instruction = asked
@@ -144,10 +185,19 @@ def _odd_colour(scene: Scene, rng: np.random.Generator, config) -> tuple[SceneOb
     return odd[0], REASON_TEMPLATES["odd_colour"]
 
 
+def _most_corners(scene: Scene, rng: np.random.Generator, config) -> tuple[SceneObject, str] | None:
+    """One object has more corners (``CORNERS``) than every other."""
+    by_corners = sorted(scene.objects, key=lambda o: CORNERS[o.shape], reverse=True)
+    if CORNERS[by_corners[0].shape] == CORNERS[by_corners[1].shape]:
+        return None
+    return by_corners[0], REASON_TEMPLATES["most_corners"]
+
+
 _REASONERS = {
     "largest": _extreme(True),
     "smallest": _extreme(False),
     "left_of": _beside(0),
     "above": _beside(1),
     "odd_colour": _odd_colour,
+    "most_corners": _most_corners,
 }

@@ -63,15 +63,18 @@ from toyworld.captions import make_caption
 from toyworld.instructions import (
     LINE_KINDS,
     PROPOSE,
+    REASON_TEMPLATES,
     line_match,
     line_text,
     list_lines,
+    look,
     propose,
     read_lines,
     reason,
 )
 from toyworld.scenes import (
     EVAL_START,
+    FAR_WORLD,
     POSITIONS,
     Scene,
     SceneConfig,
@@ -103,6 +106,7 @@ VISION_START = 100_000_000  # the vision stage's scenes
 LIST_START = 200_000_000  # the list stage's scenes
 REFERENT_START = 300_000_000  # the referent stage's scenes
 PROPOSAL_START = 400_000_000  # the proposal stage's scenes
+LOOK_START = 500_000_000  # the look stage's scenes
 RECORD = "toy_world.json"
 
 
@@ -148,6 +152,15 @@ class Recipe:
     proposal_caption_fraction: float = 0.67  # of the proposals: on a fresh caption (make_caption)
     proposal_list_fraction: float = 0.15  # lists one per line (LIST_PROMPT)
     proposal_reason_fraction: float = 0.1  # questions answered by one object (if the scene has)
+    # stage 6 (0: none; batch as stage 2), not in the shipped weights: 600 steps teach --cot's
+    # views and "most corners" and cost plain answers (bench/NOTES.md, issue 37)
+    look_steps: int = 0
+    look_lr: float = 5e-4
+    look_warmup: int = 20
+    look_tower_lr_scale: float = 0.0  # the vision tower's lr in stage 6, × look_lr
+    look_fraction: float = 0.3  # of stage 6's questions: asked of --cot's second look
+    look_far_fraction: float = 0.5  # of those: in the far world (small objects: crops)
+    look_reason_fraction: float = 0.15  # questions answered by one object, every reason kind
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -271,9 +284,11 @@ class ToyData:
     def scene(self, index: int) -> Scene:
         return make_scene(scene_seed(self.seed, index), self.scenes)
 
-    def pixels(self, scene: Scene) -> torch.Tensor:
+    def pixels(self, image: Scene | np.ndarray) -> torch.Tensor:
+        """A scene's image (or an image ``[H, W, 3]`` uint8) as the LMM's ``[3, S, S]``."""
+        image = image.image if isinstance(image, Scene) else image
         with _threads(1):
-            return llava_pixels(self.processor.image_processor, torch.from_numpy(scene.image))[0]
+            return llava_pixels(self.processor.image_processor, torch.from_numpy(image))[0]
 
     def example(self, index: int, question: Question, pixels: torch.Tensor) -> Example:
         ids, start = self.encode(question)
@@ -308,22 +323,45 @@ class ToyData:
         answered by one object (``proposal_reason_fraction``, when the scene has one), else a
         question drawn as stage 4 draws (replay: nothing learnt is forgotten); padded."""
 
-        def question(scene: Scene, rng: np.random.Generator, recipe: Recipe) -> Question:
+        return self._batch(PROPOSAL_START + step * recipe.batch, recipe, self._proposal_question)
+
+    def _proposal_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
+        draw = rng.random()
+        if draw < recipe.proposal_fraction:
+            if rng.random() < recipe.proposal_caption_fraction:
+                return propose(scene, make_caption(scene, rng))
+            return propose(scene)
+        draw -= recipe.proposal_fraction
+        if draw < recipe.proposal_list_fraction:
+            return list_lines(scene, self.scenes)
+        if draw < recipe.proposal_list_fraction + recipe.proposal_reason_fraction:
+            asked = reason(scene, rng, self.scenes)
+            if asked is not None:
+                return asked
+        return self._referent_question(scene, rng, recipe)
+
+    def look_batch(self, step: int, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Stage 6: scenes ``LOOK_START + step·batch …``; a question about one object asked of
+        ``--cot``'s second look of it (``look_fraction``; in the far world, its objects at 40 %
+        of their size, with probability ``look_far_fraction``: ``toyworld.instructions.look``),
+        a question answered by one object of any reason kind, "… has the most corners?" too
+        (``look_reason_fraction``), else a question drawn as stage 5 draws (replay); padded."""
+        proposal = self._proposal_question
+
+        def question(scene: Scene, rng: np.random.Generator, recipe: Recipe):
             draw = rng.random()
-            if draw < recipe.proposal_fraction:
-                if rng.random() < recipe.proposal_caption_fraction:
-                    return propose(scene, make_caption(scene, rng))
-                return propose(scene)
-            draw -= recipe.proposal_fraction
-            if draw < recipe.proposal_list_fraction:
-                return list_lines(scene, self.scenes)
-            if draw < recipe.proposal_list_fraction + recipe.proposal_reason_fraction:
-                asked = reason(scene, rng, self.scenes)
+            if draw < recipe.look_fraction:
+                config = FAR_WORLD if rng.random() < recipe.look_far_fraction else self.scenes
+                asked = look(make_scene(scene.seed, config), rng, config)
                 if asked is not None:
                     return asked
-            return self._referent_question(scene, rng, recipe)
+            elif draw < recipe.look_fraction + recipe.look_reason_fraction:
+                asked = reason(scene, rng, self.scenes, kinds=tuple(REASON_TEMPLATES))
+                if asked is not None:
+                    return asked
+            return proposal(scene, rng, recipe)
 
-        return self._batch(PROPOSAL_START + step * recipe.batch, recipe, question)
+        return self._batch(LOOK_START + step * recipe.batch, recipe, question)
 
     def _referent_question(self, scene: Scene, rng: np.random.Generator, recipe: Recipe):
         draw = rng.random()
@@ -347,13 +385,15 @@ class ToyData:
 
     def _batch(self, first: int, recipe: Recipe, question_of) -> dict[str, torch.Tensor]:
         """Scenes ``first … first + batch - 1``, each with ``question_of(scene, rng, recipe)``
-        (``rng`` seeded by the data seed and the scene index), padded with their answers."""
+        (``rng`` seeded by the data seed and the scene index): a question about the scene's
+        image, or a question and the image it is asked of; padded with their answers."""
         examples = []
         for index in range(first, first + recipe.batch):
             scene = self.scene(index)
             rng = np.random.default_rng([self.seed, index])
-            question = question_of(scene, rng, recipe)
-            examples.append(self.example(index, question, self.pixels(scene)))
+            asked = question_of(scene, rng, recipe)
+            question, image = asked if isinstance(asked, tuple) else (asked, scene.image)
+            examples.append(self.example(index, question, self.pixels(image)))
         return pad_batch(examples, self.processor.tokenizer.pad_token_id, with_answer=True)
 
 
@@ -571,6 +611,17 @@ def referent_stage_recipe(recipe: Recipe) -> Recipe:
     )
 
 
+def look_stage_recipe(recipe: Recipe) -> Recipe:
+    """Stage 6's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
+    return dataclasses.replace(
+        recipe,
+        steps=recipe.look_steps,
+        lr=recipe.look_lr,
+        warmup=recipe.look_warmup,
+        vqa_tower_lr_scale=recipe.look_tower_lr_scale,
+    )
+
+
 def proposal_stage_recipe(recipe: Recipe) -> Recipe:
     """Stage 5's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
     return dataclasses.replace(
@@ -597,13 +648,14 @@ def _load_for_training(
 def train_stage(
     out_dir: Path, recipe: Recipe, stage: int, log: Callable[[str], None] = print
 ) -> tuple[list[float], float]:
-    """Stage 3, 4 or 5 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
+    """Stage 3, 4, 5 or 6 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
     fp16; returns the loss per step and the seconds it took."""
     model, _, data = _load_for_training(out_dir, recipe)
     schedule, batches = {
         3: (list_stage_recipe, data.list_batch),
         4: (referent_stage_recipe, data.referent_batch),
         5: (proposal_stage_recipe, data.proposal_batch),
+        6: (look_stage_recipe, data.look_batch),
     }[stage]
     start = time.perf_counter()
     losses = pretrain(model, data, schedule(recipe), log, batches)
@@ -820,6 +872,7 @@ def build_toy_lmm(
     else:
         record, done = _copy_saved(Path(resume_from), out_dir, recipe)
     stages = ((3, recipe.list_steps), (4, recipe.referent_steps), (5, recipe.proposal_steps))
+    stages += ((6, recipe.look_steps),)
     for stage, steps in stages:
         if stage > done and steps:
             losses, seconds = train_stage(out_dir, recipe, stage, log)
@@ -852,13 +905,14 @@ STAGE_RECORD = {
     3: ("final_list_stage_loss", "list_stage_seconds"),
     4: ("final_referent_stage_loss", "referent_stage_seconds"),
     5: ("final_proposal_stage_loss", "proposal_stage_seconds"),
+    6: ("final_look_stage_loss", "look_stage_seconds"),
 }  # fmt: skip
-STAGE_PREFIX = {3: "list_", 4: "referent_", 5: "proposal_"}
+STAGE_PREFIX = {3: "list_", 4: "referent_", 5: "proposal_", 6: "look_"}
 
 
 def saved_stages(record: dict) -> int:
-    """How many stages a saved model's record says it has had (2 to 5)."""
-    for stage in (5, 4, 3):
+    """How many stages a saved model's record says it has had (2 to 6)."""
+    for stage in (6, 5, 4, 3):
         if record.get(STAGE_RECORD[stage][0]) is not None:
             return stage
     return 2
@@ -948,9 +1002,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("fraction", "caption_fraction", "list_fraction", "reason_fraction"):
         default = getattr(Recipe, f"proposal_{name}")
         parser.add_argument(f"--proposal-{name.replace('_', '-')}", type=float, default=default)
+    parser.add_argument("--look-steps", type=int, default=Recipe.look_steps)
+    parser.add_argument("--look-lr", type=float, default=Recipe.look_lr)
     parser.add_argument(
         "--resume-from",
-        help="a model saved after stage 2, 3 or 4 (same recipe): run the stages it has not had",
+        help="a model saved after stage 2, 3, 4 or 5 (same recipe): run the stages it has not had",
     )
     args = parser.parse_args(argv)
     recipe = Recipe(
@@ -973,6 +1029,8 @@ def main(argv: list[str] | None = None) -> None:
         proposal_caption_fraction=args.proposal_caption_fraction,
         proposal_list_fraction=args.proposal_list_fraction,
         proposal_reason_fraction=args.proposal_reason_fraction,
+        look_steps=args.look_steps,
+        look_lr=args.look_lr,
     )
     start = time.perf_counter()
     record = build_toy_lmm(args.out, recipe, args.eval_questions, resume_from=args.resume_from)
@@ -982,7 +1040,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{record['final_vision_loss']:.4f}, VQA stage loss {record['final_loss']:.4f}, list "
         f"stage loss {record.get('final_list_stage_loss', float('nan')):.4f}, referent stage "
         f"loss {record.get('final_referent_stage_loss', float('nan')):.4f}, proposal stage "
-        f"loss {record.get('final_proposal_stage_loss', float('nan')):.4f}), "
+        f"loss {record.get('final_proposal_stage_loss', float('nan')):.4f}, look stage loss "
+        f"{record.get('final_look_stage_loss', float('nan')):.4f}), "
         f"total {time.perf_counter() - start:.0f} s"
     )
 

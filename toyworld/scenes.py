@@ -128,6 +128,12 @@ class Scene:
         return [e for obj in self.objects for e in obj.expressions]
 
 
+# The toy world seen from afar: the same words, objects at 40 % of their radius ("small" 7.2 % of
+# the short side, "big" 12 %) in larger images; a small object spans ~1.5 cells of the toy LMM's
+# 12×12 grid, where a crop has pixels to gain (visual chain-of-thought, issue 37)
+FAR_WORLD = SceneConfig(size_fractions=(("small", 0.072), ("big", 0.12)), min_side=160)
+
+
 def scene_seed(seed: int, index: int) -> int:
     """The seed of scene ``index`` of a data set generated from ``seed`` (a 63-bit int)."""
     state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)

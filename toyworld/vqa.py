@@ -175,6 +175,18 @@ def list_name(obj: SceneObject) -> str:
     return f"the {obj.size} {obj.colour} {obj.shape}"
 
 
+def asked_object(scene: Scene, question: Question) -> SceneObject | None:
+    """The one object a colour / shape / size / position question names (its template filled
+    with one of the object's unique expressions), else None."""
+    template = TEMPLATES.get(question.kind, "")
+    head, _, tail = template.partition("{}")
+    if question.kind not in ("colour", "shape", "size", "position"):
+        return None
+    name = question.instruction.removeprefix(head).removesuffix(tail)
+    (obj,) = [o for o in scene.objects if name in o.expressions]
+    return obj
+
+
 def answer_options(kind: str, config: SceneConfig = SCENE_CONFIG) -> tuple[str, ...]:
     """Every possible answer of a short-answer ``kind`` (chance accuracy is 1 / len)."""
     options = {

@@ -18,23 +18,12 @@ import numpy as np
 
 from pipeline.formats import encode_rle, png_bytes
 from pipeline.shards import write_shards
-from toyworld.scenes import EVAL_START, Scene, SceneConfig, SceneObject, make_scene, scene_seed
-from toyworld.vqa import TEMPLATES, VQA_KINDS, Question, ask
+from toyworld.scenes import EVAL_START, FAR_WORLD, Scene, SceneConfig, make_scene, scene_seed
+from toyworld.vqa import VQA_KINDS, ask, asked_object
 
 VQA_NAME = "vqa"  # shards vqa-{000000..}.tar: the evaluation's default protocol for them is vqa
 SMALL = "small"  # SceneConfig.size_fractions's smaller size
-
-
-def asked_object(scene: Scene, question: Question) -> SceneObject | None:
-    """The one object a colour / shape / size / position question names (its template filled
-    with one of the object's unique expressions), else None."""
-    template = TEMPLATES.get(question.kind, "")
-    head, _, tail = template.partition("{}")
-    if question.kind not in ("colour", "shape", "size", "position"):
-        return None
-    name = question.instruction.removeprefix(head).removesuffix(tail)
-    (obj,) = [o for o in scene.objects if name in o.expressions]
-    return obj
+WORLDS = {"default": SceneConfig(), "far": FAR_WORLD}  # the worlds bench/cot.py asks in
 
 
 def vqa_meta(scene: Scene, index: int) -> dict:
