@@ -335,11 +335,12 @@ def export_html(
                 summary.error_samples += 1
                 failed.append({"shard": name, "key": sample["key"], "error": sample["error"]})
         room = max_images - len(items)
-        keys = [s["key"] for s in shard.samples if s["status"] == "ok"][: max(0, room)]
-        images = shard.inputs(set(keys)) if keys else {}
-        for key in keys:
+        shown = [s for s in shard.samples if s["status"] == "ok"][: max(0, room)]
+        images = shard.inputs({s["key"] for s in shown}) if shown else {}
+        for sample in shown:
+            key = sample["key"]
             rows = sorted(shard.annotations.get(key, []), key=lambda r: -r["score"])
-            items.append(_gallery_item(name, key, images[key], rows))
+            items.append(_gallery_item(name, sample, images[key], rows))
             phrases.update(r["phrase"] for r in rows)
             summary.images += 1
             summary.annotations += len(rows)
@@ -360,9 +361,10 @@ def _data_uri(image: Image.Image, fmt: str) -> str:
     return f"data:image/{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _gallery_item(shard: str, key: str, image: dict, rows: list[dict]) -> dict:
+def _gallery_item(shard: str, sample: dict, image: dict, rows: list[dict]) -> dict:
     """One sample: its thumbnail, and per annotation (highest score first) a mask layer in its
-    own colour with phrase, score and source."""
+    own colour with phrase, score and source; a question sample's question and answer, and
+    under ``--cot`` the box it was answered from (XYWH, thumbnail pixels; null otherwise)."""
     pixels = _decode(image)
     height, width = pixels.shape[:2]
     scale = THUMB_SIDE / max(height, width)
@@ -380,9 +382,13 @@ def _gallery_item(shard: str, key: str, image: dict, rows: list[dict]) -> dict:
                 "layer": _data_uri(layer, "PNG"),
             }
         )
+    box = sample.get("evidence_box")  # (outputs before schema 6 have no such column)
     return {
         "shard": shard,
-        "key": key,
+        "key": sample["key"],
+        "question": sample.get("question"),
+        "answer": sample.get("answer"),
+        "box": [round(v * scale, 1) for v in box] if box else None,
         "width": size[0],
         "height": size[1],
         "image": _data_uri(thumb, "JPEG"),

@@ -5,6 +5,7 @@ written masks' box in the original frame); the shipped toy model (the box lies a
 object the question names); the annotate job with ``--cot``; the ``vqa`` evaluation protocol."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ from flmm.tiny_lmms import MODEL_TYPES
 from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.decode import DECODED_SCHEMA, decode_batch, pixels_of
 from pipeline.evaluate import EvalSet, evaluate_set
+from pipeline.export import export_html
 from pipeline.grounding import NO_EVIDENCE, GroundingActor
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
@@ -251,6 +253,21 @@ def test_cot_through_the_annotate_job(ray_session, tiny_llava_dir, tmp_path):
     assert samples["given"]["evidence_box"] is None
     done = json.loads((out / "_done" / "c-000000.json").read_text())
     assert done["schema_version"] == 6
+    # the gallery shows each question and its answer, and the box it was answered from
+    export_html(str(out), str(tmp_path / "gallery.html"))
+    page = (tmp_path / "gallery.html").read_text()
+    (data,) = re.findall(
+        r'<script id="data" type="application/json">(.*?)</script>', page, re.DOTALL
+    )
+    items = {item["key"]: item for item in json.loads(data)["items"]}
+    for key in (*ASKED, "ask_huge"):
+        sample, item = samples[key], items[key]
+        assert (item["question"], item["answer"]) == (sample["question"], sample["answer"])
+        scale = max(item["width"], item["height"]) / max(sample["width"], sample["height"])
+        box = sample["evidence_box"]
+        assert item["box"] == (None if box is None else [round(v * scale, 1) for v in box])
+    assert items["given"]["question"] is None and items["given"]["box"] is None
+    assert "answered from here" in page
 
 
 def test_answers_are_normalised_and_vqa_fields_checked():
