@@ -23,6 +23,7 @@ initialised by the caller (``jobs/annotate.py`` does).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -189,6 +190,9 @@ def run_annotation(
     with OutputLock(out, force=config.force) as lock:
         if start_ray is not None:
             start_ray()
+        config, note = fitted(config, ray.cluster_resources().get("CPU", 0.0))
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
         return _run_locked(config, out, uris, on_shard, start, lock)
 
 
@@ -238,6 +242,37 @@ def _plan(uris, out: OutputDir, overwrite: bool, summary: Summary, lock: OutputL
 
 WRITER_CPUS = 0.25  # a writer task is I/O: it must not wait behind the model actors for a CPU
 COMMIT_CPUS = 0.25
+READ_CPUS = 0.25  # a read + decode task (one shard's tar, its images decoded): likewise
+# what the stages around the model need beside the actors, measured on 2 CPUs: 2 actors of 0.5
+# CPU run, 2 of 0.75 wait for ever (Ray Data's budget leaves the read tasks none)
+IO_CPUS = 1.0
+MIN_ACTOR_CPUS = 0.1  # a CPU model actor given less has no CPU to speak of
+
+
+def fitted(config: AnnotateConfig, cluster_cpus: float) -> tuple[AnnotateConfig, str]:
+    """CPU model actors fitted beside the reading and writing stages (Ray keeps an actor's CPUs for
+    its lifetime: actors that hold every CPU leave the read tasks waiting for ever). When ``actors
+    × cpus_per_actor`` leaves less than ``IO_CPUS`` of ``cluster_cpus``, each actor gets an
+    equal share of the rest (and as many torch threads as that share rounds to, at least
+    one), and the note says so; ValueError when that share is under ``MIN_ACTOR_CPUS``. GPU actors
+    are left as they are (their nodes may still be starting)."""
+    if config.gpus_per_actor > 0:
+        return config, ""
+    room = cluster_cpus - IO_CPUS
+    if config.actors * config.cpus_per_actor <= room:
+        return config, ""
+    share = room / config.actors
+    if share < MIN_ACTOR_CPUS:
+        raise ValueError(
+            f"--actors {config.actors} do not fit in the cluster's {cluster_cpus:g} CPUs beside "
+            f"reading and writing ({IO_CPUS:g} CPU): give at most "
+            f"{max(1, int(room / MIN_ACTOR_CPUS))} actors, or more CPUs (--num-cpus)"
+        )
+    note = (
+        f"{config.actors} actors × {config.cpus_per_actor:g} CPUs do not fit in the cluster's "
+        f"{cluster_cpus:g} CPUs beside reading and writing: {share:.3g} CPUs per actor"
+    )
+    return dataclasses.replace(config, cpus_per_actor=share), note
 
 
 def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> ray.data.Dataset:
@@ -248,11 +283,12 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
     again (their rows may then be written twice: the commit keeps one copy)."""
     items = [{"uri": uris[name], "shard": name} for name in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
     ds = ds.map_batches(
         decode_batch,
         batch_size=None,
         batch_format="pyarrow",
+        num_cpus=READ_CPUS,
         fn_kwargs={"describe": config.describe, "question": config.question},
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)

@@ -6,6 +6,7 @@ markers, skip on rerun, --overwrite, no duplicates after an interruption or a ki
 import json
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from annotate_inputs import (
 )
 from PIL import Image
 
-from pipeline.annotate import AnnotateConfig, run_annotation
+from pipeline.annotate import (
+    IO_CPUS,
+    AnnotateConfig,
+    fitted,
+    run_annotation,
+)
 from pipeline.decode import decode_image
 from pipeline.formats import IMAGE_EXTENSIONS, decode_rle
 from pipeline.sources import iter_tar_samples
@@ -277,3 +283,29 @@ def test_annotate_reads_and_writes_s3_and_a_rerun_skips_its_done_shards(
         assert annotations.num_rows > 0 and annotations.schema.equals(ANNOTATIONS_SCHEMA)
     again = run_annotation(config)
     assert again.done == [] and sorted(again.skipped) == ["s3good-000000", "s3good-000001"]
+
+
+def test_actors_that_would_hold_every_cpu_are_fitted_and_too_many_fail_at_once(
+    ray_session, inputs, spec, tmp_path, capsys
+):
+    """Actors that hold every CPU of the cluster (the session's 4) leave the read tasks waiting
+    for ever; the job gives each actor an equal share of what reading and writing leave, and
+    refuses at once, before any model loads, when that share is no CPU to speak of."""
+    cpus = ray_session.cluster_resources()["CPU"]
+    config = AnnotateConfig((str(inputs),), str(tmp_path / "out"), spec, batch_size=3,
+                            actors=int(cpus), cpus_per_actor=1.0, phrases="selector")  # fmt: skip
+    fitted_config, note = fitted(config, cpus)
+    share = (cpus - IO_CPUS) / cpus
+    assert fitted_config.cpus_per_actor == pytest.approx(share) and "CPUs per actor" in note
+    assert fitted(fitted_config, cpus) == (fitted_config, "")  # what fits is left alone
+    summary = run_annotation(config)
+    # every shard ends (the truncated one fails, as in every run of these inputs)
+    assert set(summary.failed) == {"trunc-000000"} and len(summary.done) == summary.planned - 1
+    assert "CPUs per actor" in capsys.readouterr().err
+    many = AnnotateConfig((str(inputs),), str(tmp_path / "many"), spec, actors=1000)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="--actors 1000 do not fit"):
+        run_annotation(many)
+    assert time.perf_counter() - start < 10 and not (tmp_path / "many" / "samples").exists()
+    gpu = AnnotateConfig(("x.tar",), str(tmp_path / "gpu"), spec, actors=64, gpus_per_actor=1)
+    assert fitted(gpu, cpus) == (gpu, "")  # GPU nodes may still be starting: not judged here
