@@ -589,47 +589,16 @@ def pretrain(
     return losses
 
 
-def list_stage_recipe(recipe: Recipe) -> Recipe:
-    """Stage 3's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
+def stage_recipe(recipe: Recipe, stage: int) -> Recipe:
+    """Stage 3, 4, 5 or 6's schedule as a stage-2 ``Recipe``: the steps, lr, warm-up and tower lr
+    of its ``STAGE_PREFIX`` fields (stage 4 trains every weight: no tower lr of its own)."""
+    prefix = STAGE_PREFIX[stage]
     return dataclasses.replace(
         recipe,
-        steps=recipe.list_steps,
-        lr=recipe.list_lr,
-        warmup=recipe.list_warmup,
-        vqa_tower_lr_scale=recipe.list_tower_lr_scale,
-    )
-
-
-def referent_stage_recipe(recipe: Recipe) -> Recipe:
-    """Stage 4's schedule as a stage-2 ``Recipe``: its steps, lr and warm-up; every weight."""
-    return dataclasses.replace(
-        recipe,
-        steps=recipe.referent_steps,
-        lr=recipe.referent_lr,
-        warmup=recipe.referent_warmup,
-        vqa_tower_lr_scale=1.0,
-    )
-
-
-def look_stage_recipe(recipe: Recipe) -> Recipe:
-    """Stage 6's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
-    return dataclasses.replace(
-        recipe,
-        steps=recipe.look_steps,
-        lr=recipe.look_lr,
-        warmup=recipe.look_warmup,
-        vqa_tower_lr_scale=recipe.look_tower_lr_scale,
-    )
-
-
-def proposal_stage_recipe(recipe: Recipe) -> Recipe:
-    """Stage 5's schedule as a stage-2 ``Recipe``: its steps, lr, warm-up and tower lr."""
-    return dataclasses.replace(
-        recipe,
-        steps=recipe.proposal_steps,
-        lr=recipe.proposal_lr,
-        warmup=recipe.proposal_warmup,
-        vqa_tower_lr_scale=recipe.proposal_tower_lr_scale,
+        steps=getattr(recipe, f"{prefix}steps"),
+        lr=getattr(recipe, f"{prefix}lr"),
+        warmup=getattr(recipe, f"{prefix}warmup"),
+        vqa_tower_lr_scale=getattr(recipe, f"{prefix}tower_lr_scale", 1.0),
     )
 
 
@@ -651,14 +620,14 @@ def train_stage(
     """Stage 3, 4, 5 or 6 of ``recipe`` on the fp16 model saved in ``out_dir``, saved back there in
     fp16; returns the loss per step and the seconds it took."""
     model, _, data = _load_for_training(out_dir, recipe)
-    schedule, batches = {
-        3: (list_stage_recipe, data.list_batch),
-        4: (referent_stage_recipe, data.referent_batch),
-        5: (proposal_stage_recipe, data.proposal_batch),
-        6: (look_stage_recipe, data.look_batch),
-    }[stage]
+    batches = {
+        3: data.list_batch,
+        4: data.referent_batch,
+        5: data.proposal_batch,
+        6: data.look_batch,
+    }
     start = time.perf_counter()
-    losses = pretrain(model, data, schedule(recipe), log, batches)
+    losses = pretrain(model, data, stage_recipe(recipe, stage), log, batches[stage])
     seconds = time.perf_counter() - start
     model.half().save_pretrained(out_dir)
     return losses, seconds
