@@ -18,12 +18,11 @@ answer is prefilled in its conversation (image + question → answer, ``FLMM.pre
 ``instruction``) and grounded there; ``listed``, as a caption is. With ``cot``
 (visual chain-of-thought, ``flmm.cot``), a question sample is looked at twice: first the
 objects its question names are grounded (the question is the text their phrases are picked in,
-as a caption's), then the LMM answers the question from the crop around those masks
-(``flmm.cot.evidence_box``; the whole image when they are empty); the sample's source is
-``evidence``, its rows the evidence masks. ``--phrases`` (``proposer_for``): ``auto`` takes the
-selector when the heads file has one and the
-LMM otherwise; ``selector`` without one makes caption and image-only samples ``no_selector``
-error rows.
+as a caption's), then the LMM answers the question from its view of the box around those masks
+(``flmm.cot.evidence_box``, ``second_view``; the whole image when there are none); the sample's
+source is ``evidence``, its rows the evidence masks. ``--phrases`` (``proposer_for``): ``auto``
+takes the selector when the heads file has one and the LMM otherwise; ``selector`` without one
+makes caption and image-only samples ``no_selector`` error rows.
 
 Postprocessing (``annotate_logits``): mask = sigmoid(refined) > threshold in the original image
 frame, as COCO RLE; bbox = the mask's tight box, XYWH pixels (zeros for an empty mask); score =
@@ -209,18 +208,18 @@ class GroundingActor:
         todo = [b for b, t in enumerate(texts) if rows[b]["source"] == "given" or t.groundable]
         inputs = [self._input(images[b], rows[b], texts[b]) for b in todo]
         clock.mark("prepare_s")
-        if not inputs:
-            return texts, [], [], []
-        lmm_out = model.lmm([x.lmm for x in inputs])
-        selections = model.select(inputs, lmm_out)
-        if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
-            selections = model.listed(inputs, selections)
-        clock.mark("lmm_s")
-        embeddings = model.encode_images(inputs)
-        clock.mark("sam_s")
-        groundings = model.decode_selected(inputs, selections, embeddings)
-        clock.mark("heads_s")
-        if self.cot:
+        selections, groundings = [], []
+        if inputs:
+            lmm_out = model.lmm([x.lmm for x in inputs])
+            selections = model.select(inputs, lmm_out)
+            if self.caption_layout == "listed":  # (the selector's spans: a second prefill)
+                selections = model.listed(inputs, selections)
+            clock.mark("lmm_s")
+            embeddings = model.encode_images(inputs)
+            clock.mark("sam_s")
+            groundings = model.decode_selected(inputs, selections, embeddings)
+            clock.mark("heads_s")
+        if self.cot:  # (questions whose first look picked nothing are answered too)
             self._look_again(rows, images, texts, dict(zip(todo, groundings)))
             clock.mark("describe_s")
         return texts, todo, selections, groundings

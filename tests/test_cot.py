@@ -310,3 +310,22 @@ def test_the_vqa_protocol_scores_both_looks_per_subset(tmp_path, one_thread):
     for outputs in metrics.values():
         for output in ("plain", "cot"):
             assert 0 <= outputs[output]["accuracy"] <= 1
+
+
+def test_a_question_whose_first_look_picks_nothing_is_answered_from_the_whole_image(
+    tiny_llava_dir, decoded, one_thread
+):
+    """The LMM's proposals (a random tiny LMM's) found nowhere in the question: nothing to
+    ground in the whole batch, and still every question is answered, from its whole image."""
+    actor = GroundingActor(
+        ModelSpec(str(tiny_llava_dir), "tiny"), max_new_tokens=NEW_TOKENS, phrases="lmm", cot=True
+    )
+    rows = [decoded[k] for k in ASKED]
+    table = actor(pa.Table.from_pylist(rows, DECODED_SCHEMA)).to_pylist()
+    unfounded = [(row, result) for row, result in zip(rows, table) if not result["spans"]]
+    assert unfounded  # (a row whose proposals named a word of the question is not this case)
+    for row, result in unfounded:
+        image = torch.from_numpy(pixels_of(row).copy())
+        assert result["status"] == "ok" and result["source"] == "evidence"
+        assert result["evidence_box"] == [] and NO_EVIDENCE in result["warning"]
+        assert result["answer"] == actor.model.lmm.answer([image], [row["question"]], NEW_TOKENS)[0]
