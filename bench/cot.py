@@ -20,6 +20,7 @@ import torch
 
 from flmm.cot import CropConfig
 from pipeline.evaluate import Skipped, batched, eval_sets, iter_samples
+from pipeline.grounding import question_rows
 from pipeline.vqa import VQA, AnswerAccuracy, VQAAsker
 from toyworld.models import toy_model_spec
 from toyworld.vqa_set import WORLDS, write_vqa_shards
@@ -63,11 +64,9 @@ def main(argv=None) -> None:
             seconds["plain"].append((time.perf_counter() - start) / len(batch))
             answers = {"plain": [(a, None) for a in plain]}
             for name, asker in askers.items():
-                rows = [{"source": "answer", "question": q, "text": "", "phrases": [],
-                         "warning": ""} for q in questions]  # fmt: skip
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    texts, *_ = asker.actor.run(rows, images)
+                    texts, *_ = asker.actor.run(question_rows(questions), images)
                 seconds[name].append((time.perf_counter() - start) / len(batch))
                 answers[name] = [(t.answer, t.box) for t in texts]
             for b, sample in enumerate(batch):

@@ -75,6 +75,15 @@ def annotate_logits(logits: torch.Tensor, threshold: float = 0.5):
     return counts, bboxes, scores.numpy().astype(np.float32)
 
 
+def question_rows(questions: list[str]) -> list[dict]:
+    """Ok question samples as ``GroundingActor.run`` reads them (the decoded row's fields it
+    uses), one per question: how the evaluation and the benches ask a batch outside the job."""
+    return [
+        {"source": "answer", "question": q, "text": "", "phrases": [], "warning": ""}
+        for q in questions
+    ]
+
+
 def _in_ray_actor() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.decode import SampleError
 from pipeline.formats import decode_rle
-from pipeline.grounding import GroundingActor
+from pipeline.grounding import GroundingActor, question_rows
 
 REASON = "reason"
 REASON_KEYS = (REASON, f"{REASON}-short", f"{REASON}-long")  # metrics.json's protocol names
@@ -86,13 +86,9 @@ class ReasonGrounder:
     def __call__(self, images: list[np.ndarray], questions: list[str]):
         """Per image ``[H, W, 3]`` uint8 and its question: ``(answer, unet, refined)``, the
         answer's text and its one predicted mask of each output, bool ``[H, W]``."""
-        rows = [
-            {"source": "answer", "question": q, "text": "", "phrases": [], "warning": ""}
-            for q in questions
-        ]
         tensors = [torch.from_numpy(image) for image in images]
         with torch.inference_mode():
-            texts, todo, _, groundings = self.actor.run(rows, tensors)
+            texts, todo, _, groundings = self.actor.run(question_rows(questions), tensors)
         out = [(t.text, *[np.zeros(i.shape[:2], bool)] * 2) for t, i in zip(texts, images)]
         for b, grounding in zip(todo, groundings):
             unet, refined = (union(logits) for logits in (grounding.coarse, grounding.refined))

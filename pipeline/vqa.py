@@ -23,7 +23,7 @@ import torch
 
 from flmm.cot import CropConfig
 from pipeline.decode import SampleError
-from pipeline.grounding import GroundingActor
+from pipeline.grounding import GroundingActor, question_rows
 
 VQA = "vqa"
 VQA_OUTPUTS = ("plain", "cot")
@@ -100,12 +100,8 @@ class VQAAsker:
         from the whole image and from the evidence crop, and the crop's box (None: whole)."""
         tensors = [torch.from_numpy(image) for image in images]
         plain = self.model.lmm.answer(tensors, questions, self.max_new_tokens)
-        rows = [
-            {"source": "answer", "question": q, "text": "", "phrases": [], "warning": ""}
-            for q in questions
-        ]
         with torch.inference_mode():
-            texts, *_ = self.actor.run(rows, tensors)
+            texts, *_ = self.actor.run(question_rows(questions), tensors)
         return [(p, t.answer, t.box) for p, t in zip(plain, texts)]
 
 

@@ -22,7 +22,7 @@ from pipeline.annotate import AnnotateConfig, run_annotation
 from pipeline.decode import DECODED_SCHEMA, decode_batch, pixels_of
 from pipeline.evaluate import EvalSet, evaluate_set
 from pipeline.export import export_html
-from pipeline.grounding import NO_EVIDENCE, GroundingActor
+from pipeline.grounding import NO_EVIDENCE, GroundingActor, question_rows
 from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 from pipeline.vqa import AnswerAccuracy, normalize_answer, vqa_fields
@@ -194,7 +194,7 @@ def test_the_toy_models_crop_is_around_the_object_the_question_names(one_thread)
     if not toy_heads().is_file():
         pytest.skip("the toy heads are not shipped in this checkout")
     actor = GroundingActor(toy_model_spec(), max_new_tokens=4, cot=True)
-    rows, images, objects = [], [], []
+    questions, images, objects = [], [], []
     for index in range(EVAL_START, EVAL_START + 40):
         scene = make_scene(scene_seed(0, index))
         obj = scene.objects[0]
@@ -202,14 +202,13 @@ def test_the_toy_models_crop_is_around_the_object_the_question_names(one_thread)
         if not names:
             continue
         question = f"What colour is {names[0]}?"
-        rows.append({"source": "answer", "question": question, "text": "", "phrases": [],
-                     "warning": ""})  # fmt: skip
+        questions.append(question)
         images.append(torch.from_numpy(scene.image))
         objects.append(obj)
-        if len(rows) == 6:
+        if len(questions) == 6:
             break
     with torch.inference_mode():
-        texts, *_ = actor.run(rows, images)
+        texts, *_ = actor.run(question_rows(questions), images)
     covered = []
     for text, obj, image in zip(texts, objects, images):
         assert text.box is not None, text
