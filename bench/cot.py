@@ -20,7 +20,6 @@ import torch
 
 from flmm.cot import CropConfig
 from pipeline.evaluate import Skipped, batched, eval_sets, iter_samples
-from pipeline.grounding import question_rows
 from pipeline.vqa import VQA, AnswerAccuracy, VQAAsker
 from toyworld.models import toy_model_spec
 from toyworld.vqa_set import WORLDS, write_vqa_shards
@@ -60,15 +59,13 @@ def main(argv=None) -> None:
             images = [torch.from_numpy(x.image) for x in batch]
             questions = [x.question for x in batch]
             start = time.perf_counter()
-            plain = model.lmm.answer(images, questions, args.max_new_tokens)
+            plain = next(iter(askers.values())).plain(images, questions)  # (no view in it)
             seconds["plain"].append((time.perf_counter() - start) / len(batch))
             answers = {"plain": [(a, None) for a in plain]}
             for name, asker in askers.items():
                 start = time.perf_counter()
-                with torch.inference_mode():
-                    texts, *_ = asker.actor.run(question_rows(questions), images)
+                answers[name] = asker.cot(images, questions)
                 seconds[name].append((time.perf_counter() - start) / len(batch))
-                answers[name] = [(t.answer, t.box) for t in texts]
             for b, sample in enumerate(batch):
                 for key in (VQA, *sample.subset):
                     for name, given in answers.items():

@@ -79,7 +79,7 @@ from pipeline.reason import REASON, ReasonGrounder, reason_fields, reason_metric
 from pipeline.reasonseg import REASON_NAME
 from pipeline.sources import iter_tar_samples, resolve_shards, sample_files, shard_name
 from pipeline.spec import ModelSpec
-from pipeline.vqa import VQA, VQAAsker, vqa_fields, vqa_metrics
+from pipeline.vqa import VQA, VQAAsker, vqa_fields, vqa_outputs
 from pipeline.vqa import score_batch as score_vqa
 
 PROTOCOLS = ("standard", "flmm", "flmm-separate")  # referring sets (RefCOCO/+/g, toy)
@@ -438,7 +438,7 @@ def evaluate_set(
         if p == REASON:
             metrics.update(reason_metrics(OUTPUTS))
         elif p == VQA:
-            metrics.update(vqa_metrics([]))
+            metrics[VQA] = vqa_outputs()  # (``vqa-<subset>`` added as subsets are seen)
         else:
             metrics[p] = accumulators(p)
     result = SetResult(metrics)

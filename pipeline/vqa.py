@@ -77,10 +77,9 @@ def vqa_fields(meta: dict) -> tuple[str, list[str], list[str]]:
     return question.strip(), answers, subsets
 
 
-def vqa_metrics(subsets: list[str]) -> dict[str, dict[str, AnswerAccuracy]]:
-    """The accumulators: ``vqa`` and ``vqa-<subset>`` × ``VQA_OUTPUTS``."""
-    keys = [VQA, *(f"{VQA}-{s}" for s in subsets)]
-    return {key: {output: AnswerAccuracy() for output in VQA_OUTPUTS} for key in keys}
+def vqa_outputs() -> dict[str, AnswerAccuracy]:
+    """One score's accumulators (``vqa`` or a ``vqa-<subset>``): one per ``VQA_OUTPUTS``."""
+    return {output: AnswerAccuracy() for output in VQA_OUTPUTS}
 
 
 class VQAAsker:
@@ -99,10 +98,19 @@ class VQAAsker:
         """Per image ``[H, W, 3]`` uint8 and its question: ``(plain, cot, box)``, the answers
         from the whole image and from the evidence crop, and the crop's box (None: whole)."""
         tensors = [torch.from_numpy(image) for image in images]
-        plain = self.model.lmm.answer(tensors, questions, self.max_new_tokens)
+        plain = self.plain(tensors, questions)
+        return [(p, *looked) for p, looked in zip(plain, self.cot(tensors, questions))]
+
+    def plain(self, images: list[torch.Tensor], questions: list[str]) -> list[str]:
+        """The answers from the whole images (``[H, W, 3]`` uint8 tensors): one generation."""
+        return self.model.lmm.answer(images, questions, self.max_new_tokens)
+
+    def cot(self, images: list[torch.Tensor], questions: list[str]) -> list[tuple]:
+        """Per image its ``--cot`` answer and the box it was given from (None: the whole
+        image)."""
         with torch.inference_mode():
-            texts, *_ = self.actor.run(question_rows(questions), tensors)
-        return [(p, t.answer, t.box) for p, t in zip(plain, texts)]
+            texts, *_ = self.actor.run(question_rows(questions), images)
+        return [(t.answer, t.box) for t in texts]
 
 
 def score_batch(asker: VQAAsker, batch: list, metrics: dict) -> int:
@@ -113,7 +121,7 @@ def score_batch(asker: VQAAsker, batch: list, metrics: dict) -> int:
     for sample, (plain, cot, box) in zip(batch, answered):
         keys = [VQA, *(f"{VQA}-{subset}" for subset in sample.subset)]
         for key in keys:
-            outputs = metrics.setdefault(key, vqa_metrics([])[VQA])
+            outputs = metrics.setdefault(key, vqa_outputs())
             outputs["plain"].update(plain, sample.answers)
             outputs["cot"].update(cot, sample.answers, cropped=box is not None)
     return len(batch)
