@@ -73,6 +73,7 @@ from pipeline.eval_report import (  # markdown_table: for jobs/evaluate.py, with
     stats_json,
     write_json,
 )
+from pipeline.grounding import masks_of
 from pipeline.png import PNG_NAME, narrative_queries, phrase_kinds
 from pipeline.progress import track
 from pipeline.reason import REASON, ReasonGrounder, reason_fields, reason_metrics, score_batch
@@ -396,11 +397,6 @@ def ground(model: FLMM, images: list[np.ndarray], seqs: list[Sequence]):
     embeddings = model.embed(torch.cat([pixels for pixels, _ in sam]))
     per_sequence = embeddings[torch.tensor([s.image for s in seqs], device=embeddings.device)]
     return model.decode(inputs, attention, hidden, per_sequence)
-
-
-def masks_of(logits: torch.Tensor) -> torch.Tensor:
-    """``[P, 1, H, W]`` logits → ``[P, H, W]`` bool masks, sigmoid > 0.5."""
-    return logits[:, 0].float().sigmoid() > 0.5
 
 
 # --------------------------------------------------------------------------------------------

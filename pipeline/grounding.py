@@ -75,6 +75,11 @@ def annotate_logits(logits: torch.Tensor, threshold: float = 0.5):
     return counts, bboxes, scores.numpy().astype(np.float32)
 
 
+def masks_of(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``[P, 1, H, W]`` logits → ``[P, H, W]`` bool masks, sigmoid > ``threshold``."""
+    return logits[:, 0].float().sigmoid() > threshold
+
+
 def question_rows(questions: list[str]) -> list[dict]:
     """Ok question samples as ``GroundingActor.run`` reads them (the decoded row's fields it
     uses), one per question: how the evaluation and the benches ask a batch outside the job."""
@@ -241,13 +246,11 @@ class GroundingActor:
         asked = [b for b, r in enumerate(rows) if r["source"] == "answer"]
         if not asked:
             return
-        boxes: dict[int, Box | None] = {}
+        boxes: dict[int, Box | None] = dict.fromkeys(asked)
         for b in asked:
-            grounding = found.get(b)
-            masks = None if grounding is None else grounding.refined[:, 0].float().sigmoid()
-            boxes[b] = (
-                None if masks is None else evidence_box(masks > self.threshold, self.cot_crop)
-            )
+            grounding = found.get(b)  # (None: nothing picked in the question, or not grounded)
+            if grounding is not None:
+                boxes[b] = evidence_box(masks_of(grounding.refined, self.threshold), self.cot_crop)
         views = [
             images[b] if boxes[b] is None else second_view(images[b], boxes[b], self.cot_crop)
             for b in asked

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.decode import SampleError
 from pipeline.formats import decode_rle
-from pipeline.grounding import GroundingActor, question_rows
+from pipeline.grounding import GroundingActor, masks_of, question_rows
 
 REASON = "reason"
 REASON_KEYS = (REASON, f"{REASON}-short", f"{REASON}-long")  # metrics.json's protocol names
@@ -98,7 +98,7 @@ class ReasonGrounder:
 
 def union(logits: torch.Tensor) -> np.ndarray:
     """``[P, 1, H, W]`` logits → bool ``[H, W]``: the union of the P masks (sigmoid > 0.5)."""
-    return (logits[:, 0].float().sigmoid() > 0.5).any(0).cpu().numpy()
+    return masks_of(logits).any(0).cpu().numpy()
 
 
 def reason_metrics(outputs: tuple[str, ...]) -> dict[str, dict[str, ReasonIoU]]:
