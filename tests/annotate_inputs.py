@@ -121,3 +121,15 @@ def write_truncated_shard(path: Path) -> Path:
     data = (path.parent / ".full" / "cut-000000.tar").read_bytes()
     path.write_bytes(data[: len(data) // 2 + 100])
     return path
+
+
+def decoded_by_key(path: Path) -> dict[str, dict]:
+    """A shard read and decoded as the annotation job's first stages do (``read_shard``,
+    ``decode_batch``): its ``DECODED_SCHEMA`` rows by key."""
+    import pyarrow as pa
+
+    from pipeline.decode import decode_batch
+    from pipeline.sources import read_shard, shard_name
+
+    raw = read_shard(pa.table({"uri": [str(path)], "shard": [shard_name(str(path))]}))
+    return {r["key"]: r for r in pa.concat_tables(decode_batch(raw)).to_pylist()}

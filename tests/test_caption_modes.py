@@ -5,13 +5,12 @@ generated for image-only samples, where each phrase came from written to the out
 import pyarrow as pa
 import pytest
 import torch
-from annotate_inputs import write_mixed_shard
+from annotate_inputs import decoded_by_key, write_mixed_shard
 from grounding_helpers import every_token_selector_spec
 
 from flmm.selector import Span, char_span
-from pipeline.decode import DECODED_SCHEMA, decode_batch
+from pipeline.decode import DECODED_SCHEMA
 from pipeline.grounding import RESULT_SCHEMA, GroundingActor
-from pipeline.sources import read_shard
 from pipeline.writer import shard_tables
 from schemas.annotations import ANNOTATIONS_SCHEMA, SAMPLES_SCHEMA
 
@@ -24,9 +23,7 @@ def spec(tiny_llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
-    path = write_mixed_shard(tmp_path_factory.mktemp("mixed") / "mixed-000000.tar")
-    raw = read_shard(pa.table({"uri": [str(path)], "shard": ["mixed-000000"]}))
-    return {r["key"]: r for r in pa.concat_tables(decode_batch(raw)).to_pylist()}
+    return decoded_by_key(write_mixed_shard(tmp_path_factory.mktemp("mixed") / "mixed-000000.tar"))
 
 
 def run_actor(actor, rows):

@@ -13,17 +13,16 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from annotate_inputs import image_bytes, meta, write_tar
+from annotate_inputs import decoded_by_key, image_bytes, meta, write_tar
 from grounding_helpers import every_token_selector_spec, lm_calls
 
 from flmm.cot import CropConfig, crop, evidence_box, focus, second_view, xywh
 from flmm.tiny_lmms import MODEL_TYPES
 from pipeline.annotate import AnnotateConfig, run_annotation
-from pipeline.decode import DECODED_SCHEMA, decode_batch, pixels_of
+from pipeline.decode import DECODED_SCHEMA, pixels_of
 from pipeline.evaluate import EvalSet, evaluate_set
 from pipeline.export import export_html
 from pipeline.grounding import NO_EVIDENCE, GroundingActor, question_rows
-from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 from pipeline.vqa import AnswerAccuracy, normalize_answer, vqa_fields
 
@@ -124,8 +123,7 @@ def shard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoded(shard):
-    raw = read_shard(pa.table({"uri": [str(shard)], "shard": ["c-000000"]}))
-    return {r["key"]: r for r in pa.concat_tables(decode_batch(raw)).to_pylist()}
+    return decoded_by_key(shard)
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)

@@ -9,7 +9,7 @@ import unicodedata
 import pyarrow as pa
 import pytest
 import torch
-from annotate_inputs import image_bytes, meta, write_tar
+from annotate_inputs import decoded_by_key, image_bytes, meta, write_tar
 from grounding_helpers import lm_calls
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -24,9 +24,8 @@ from flmm.proposals import (
 )
 from flmm.selector import Span, char_span
 from flmm.tiny_lmms import MODEL_TYPES
-from pipeline.decode import DECODED_SCHEMA, decode_batch, pixels_of
+from pipeline.decode import DECODED_SCHEMA, pixels_of
 from pipeline.grounding import GroundingActor, Text, listed, proposed_text
-from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 
 NEW_TOKENS = 6
@@ -180,9 +179,7 @@ SHARD = {
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
-    path = write_tar(tmp_path_factory.mktemp("proposals") / "p-000000.tar", SHARD)
-    raw = read_shard(pa.table({"uri": [str(path)], "shard": ["p-000000"]}))
-    return {r["key"]: r for r in pa.concat_tables(decode_batch(raw)).to_pylist()}
+    return decoded_by_key(write_tar(tmp_path_factory.mktemp("proposals") / "p-000000.tar", SHARD))
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from annotate_inputs import image_bytes, meta, write_tar
+from annotate_inputs import decoded_by_key, image_bytes, meta, write_tar
 from grounding_helpers import every_token_selector_spec, lm_calls
 
 from flmm.prompt import PromptConfig, PromptLayout
@@ -19,9 +19,8 @@ from flmm.selector import Span, char_span
 from flmm.tiny_lmms import MODEL_TYPES
 from jobs import annotate as job
 from pipeline.annotate import AnnotateConfig, run_annotation
-from pipeline.decode import DECODED_SCHEMA, SampleError, decode_batch, grounding_request, pixels_of
+from pipeline.decode import DECODED_SCHEMA, SampleError, grounding_request, pixels_of
 from pipeline.grounding import GroundingActor, Text
-from pipeline.sources import read_shard
 from pipeline.spec import ModelSpec
 
 NEW_TOKENS = 6
@@ -55,8 +54,7 @@ def shard(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoded(shard):
-    raw = read_shard(pa.table({"uri": [str(shard)], "shard": ["q-000000"]}))
-    return {r["key"]: r for r in pa.concat_tables(decode_batch(raw)).to_pylist()}
+    return decoded_by_key(shard)
 
 
 def test_a_question_comes_before_phrases_and_captions_and_question_before_everything():
