@@ -178,10 +178,9 @@ def list_name(obj: SceneObject) -> str:
 def asked_object(scene: Scene, question: Question) -> SceneObject | None:
     """The one object a colour / shape / size / position question names (its template filled
     with one of the object's unique expressions), else None."""
-    template = TEMPLATES.get(question.kind, "")
-    head, _, tail = template.partition("{}")
     if question.kind not in ("colour", "shape", "size", "position"):
         return None
+    head, _, tail = TEMPLATES[question.kind].partition("{}")
     name = question.instruction.removeprefix(head).removesuffix(tail)
     (obj,) = [o for o in scene.objects if name in o.expressions]
     return obj

@@ -11,26 +11,26 @@ evidence a chain-of-thought should look at).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.formats import encode_rle, png_bytes
+from pipeline.formats import encode_rle
 from pipeline.shards import write_shards
 from toyworld.scenes import EVAL_START, FAR_WORLD, Scene, SceneConfig, make_scene, scene_seed
-from toyworld.vqa import VQA_KINDS, ask, asked_object
+from toyworld.shards import scene_sample
+from toyworld.vqa import SCENE_CONFIG, VQA_KINDS, ask, asked_object
 
 VQA_NAME = "vqa"  # shards vqa-{000000..}.tar: the evaluation's default protocol for them is vqa
-SMALL = "small"  # SceneConfig.size_fractions's smaller size
 WORLDS = {"default": SceneConfig(), "far": FAR_WORLD}  # the worlds bench/cot.py asks in
 
 
-def vqa_meta(scene: Scene, index: int) -> dict:
-    """The ``<key>.json`` of scene ``index``'s question (module docstring)."""
+def vqa_meta(scene: Scene, index: int, config: SceneConfig = SCENE_CONFIG) -> dict:
+    """The ``<key>.json`` of scene ``index``'s question (module docstring); ``config``: the
+    scene's own."""
     rng = np.random.default_rng(scene.seed)
     kinds = VQA_KINDS[index % len(VQA_KINDS) :] + VQA_KINDS[: index % len(VQA_KINDS)]
-    question = next(q for kind in kinds if (q := ask(scene, kind, rng)) is not None)
+    question = next(q for kind in kinds if (q := ask(scene, kind, rng, config)) is not None)
     height, width = scene.image.shape[:2]
     meta = {
         "question": question.instruction,
@@ -42,7 +42,7 @@ def vqa_meta(scene: Scene, index: int) -> dict:
     }
     obj = asked_object(scene, question)
     if obj is not None:
-        meta["subset"].append(f"{'small' if obj.size == SMALL else 'big'}-object")
+        meta["subset"].append(f"{obj.size}-object")
         meta["objects"] = [{"expressions": list(obj.expressions), "mask": encode_rle(obj.mask)}]
     return meta
 
@@ -61,12 +61,7 @@ def write_vqa_shards(
 
     def sample(index: int) -> dict:
         scene = make_scene(scene_seed(seed, index), config)
-        meta = vqa_meta(scene, index)
-        return {
-            "__key__": f"{VQA_NAME}_{index:08d}",
-            "png": png_bytes(scene.image),
-            "json": json.dumps(meta).encode(),
-        }
+        return scene_sample(f"{VQA_NAME}_{index:08d}", scene, vqa_meta(scene, index, config))
 
     samples = (sample(i) for i in range(first_index, first_index + n_scenes))
     return write_shards(out_dir, VQA_NAME, samples, scenes_per_shard)
