@@ -1,22 +1,29 @@
-"""F-LMM: pixel grounding from a frozen LMM's word→image attention (pure torch + transformers)."""
+"""F-LMM: pixel grounding from a frozen LMM's word→image attention (pure torch + transformers).
 
-from flmm.build import load_heads
-from flmm.convert import convert_flmm_state_dict
-from flmm.heads import FLMMHeads, save_heads
-from flmm.lmm import FrozenLMM
-from flmm.mask_decoder import MaskDecoder
-from flmm.model import FLMM, Grounding, grounding_loss
-from flmm.prompt import PromptConfig
+The names below load their modules on first use (PEP 562): importing a light part of the package
+(``flmm.cot``, ``flmm.prompt``, ``flmm.sam_variants``) does not import transformers and
+segment-anything, so a job's driver, which builds no model, starts in a fraction of the time.
+"""
 
-__all__ = [
-    "FLMM",
-    "FLMMHeads",
-    "FrozenLMM",
-    "Grounding",
-    "MaskDecoder",
-    "PromptConfig",
-    "convert_flmm_state_dict",
-    "grounding_loss",
-    "load_heads",
-    "save_heads",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "FLMM": "flmm.model",
+    "FLMMHeads": "flmm.heads",
+    "FrozenLMM": "flmm.lmm",
+    "Grounding": "flmm.model",
+    "MaskDecoder": "flmm.mask_decoder",
+    "PromptConfig": "flmm.prompt",
+    "convert_flmm_state_dict": "flmm.convert",
+    "grounding_loss": "flmm.model",
+    "load_heads": "flmm.build",
+    "save_heads": "flmm.heads",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flmm' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -23,8 +23,8 @@ import sys
 from flmm.cot import VIEWS, CropConfig
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
-from pipeline.grounding import CAPTION_LAYOUTS, GROUND_ANSWERS, PHRASES
 from pipeline.lock import OutputLocked
+from pipeline.modes import CAPTION_LAYOUTS, GROUND_ANSWERS, PHRASES
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
 from toyworld.models import toy_model_spec
@@ -41,7 +41,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="samples per model call")
     p.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs each model actor reserves (CPU actors that would leave reading and writing "
+        "less than one CPU get an equal share of the rest, with a note)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads of each CPU model actor (default 0: its share of the cluster's "
+        "cores, cores // actors)",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     p.add_argument(
         "--force", action="store_true", help="run even if another run holds the output's lock"
@@ -140,6 +153,7 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
+        torch_threads=args.torch_threads,
         overwrite=args.overwrite,
         force=args.force,
         preview_images=args.preview_images,

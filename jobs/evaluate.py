@@ -47,7 +47,7 @@ from pipeline.evaluate import (
     markdown_table,
     metrics_json,
 )
-from pipeline.grounding import GROUND_ANSWERS
+from pipeline.modes import GROUND_ANSWERS
 from pipeline.spec import ModelSpec, add_model_args, model_spec
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards

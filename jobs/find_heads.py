@@ -12,7 +12,7 @@ annotate, evaluate and ground jobs, in place of trained heads (SAM then takes th
 box; no keyword selector, so given phrases only).
 
 With no arguments: the toy LMM on the toy world's training scenes, with its own search settings
-(toyworld.models.TOY_HEAD_SEARCH) → out/find_heads/heads.json (the shipped one is
+(toyworld.models.toy_head_search) → out/find_heads/heads.json (the shipped one is
 models/toy/localization_heads.json).
 """
 
@@ -28,7 +28,7 @@ from flmm.localization import HeadSearchConfig
 from pipeline.find_heads import FindHeadsConfig, find_heads
 from pipeline.sources import resolve_shards
 from pipeline.spec import add_model_args, model_spec
-from toyworld.models import TOY_HEAD_SEARCH, toy_model_spec
+from toyworld.models import toy_head_search, toy_model_spec
 from toyworld.shards import toy_shards
 
 
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_of(args: argparse.Namespace) -> FindHeadsConfig:
     shards = args.shards or [str(toy_shards("train"))]
-    search = HeadSearchConfig() if args.lmm else TOY_HEAD_SEARCH
+    search = HeadSearchConfig() if args.lmm else toy_head_search()
     if args.per_phrase is not None:
         search = dataclasses.replace(search, per_phrase=args.per_phrase)
     if args.skip_layers is not None:

@@ -36,15 +36,14 @@ import ray
 from flmm.cot import CropConfig
 from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.decode import decode_batch
-from pipeline.grounding import (
-    GroundingActor,
+from pipeline.lock import LockLost, OutputLock, check_writable, guarded_commit
+from pipeline.modes import (
     check_caption_layout,
     check_cot,
     check_ground_answer,
     check_phrases,
     check_propose_prompt,
 )
-from pipeline.lock import LockLost, OutputLock, check_writable, guarded_commit
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
@@ -71,7 +70,9 @@ class AnnotateConfig:
     ``ground_answer``: ``phrases`` picked in it as in a caption, or ``whole``; cot: visual
     chain-of-thought for question samples (the objects the question names grounded first, the
     question answered from their crop, widened by ``cot_margin`` of its size per side, or with
-    ``cot_view`` ``focus`` from the frame with everything outside that box painted over)."""
+    ``cot_view`` ``focus`` from the frame with everything outside that box painted over);
+    torch_threads: intra-op threads of each CPU model actor (0: its share of the cluster's cores,
+    ``fitted``)."""
 
     inputs: tuple[str, ...]
     output: str
@@ -96,6 +97,7 @@ class AnnotateConfig:
     cot: bool = False
     cot_margin: float = CropConfig.margin
     cot_view: str = CropConfig.view
+    torch_threads: int = 0
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
@@ -107,6 +109,10 @@ class AnnotateConfig:
         check_ground_answer(self.ground_answer)
         check_cot(self.cot, self.ground_answer)
         CropConfig(self.cot_margin, view=self.cot_view)  # (raises on a bad margin or view)
+        if self.torch_threads < 0:
+            raise ValueError(
+                f"--torch-threads must be ≥ 0 (0: automatic), not {self.torch_threads}"
+            )
         if self.question is not None and not self.question.strip():
             raise ValueError("--question is empty")
         if self.question is not None and self.describe:
@@ -253,26 +259,47 @@ def fitted(config: AnnotateConfig, cluster_cpus: float) -> tuple[AnnotateConfig,
     """CPU model actors fitted beside the reading and writing stages (Ray keeps an actor's CPUs for
     its lifetime: actors that hold every CPU leave the read tasks waiting for ever). When ``actors
     × cpus_per_actor`` leaves less than ``IO_CPUS`` of ``cluster_cpus``, each actor gets an
-    equal share of the rest (and as many torch threads as that share rounds to, at least
-    one), and the note says so; ValueError when that share is under ``MIN_ACTOR_CPUS``. GPU actors
-    are left as they are (their nodes may still be starting)."""
+    equal share of the rest, and the note says so; ValueError when that share is under
+    ``MIN_ACTOR_CPUS``. ``torch_threads`` 0 becomes each actor's share of all the cluster's cores
+    (``cluster_cpus // actors``, at least its reserved CPUs rounded, at least one): reading,
+    decoding and writing take a few percent of a core (bench/NOTES.md), so an actor that used only
+    the CPUs it reserves would leave the ``IO_CPUS`` idle. GPU actors are left as they are (their
+    nodes may still be starting)."""
     if config.gpus_per_actor > 0:
         return config, ""
-    room = cluster_cpus - IO_CPUS
-    if config.actors * config.cpus_per_actor <= room:
-        return config, ""
-    share = room / config.actors
-    if share < MIN_ACTOR_CPUS:
-        raise ValueError(
-            f"--actors {config.actors} do not fit in the cluster's {cluster_cpus:g} CPUs beside "
-            f"reading and writing ({IO_CPUS:g} CPU): give at most "
-            f"{max(1, int(room / MIN_ACTOR_CPUS))} actors, or more CPUs (--num-cpus)"
+    room, note = cluster_cpus - IO_CPUS, ""
+    if config.actors * config.cpus_per_actor > room:
+        share = room / config.actors
+        if share < MIN_ACTOR_CPUS:
+            raise ValueError(
+                f"--actors {config.actors} do not fit in the cluster's {cluster_cpus:g} CPUs "
+                f"beside reading and writing ({IO_CPUS:g} CPU): give at most "
+                f"{max(1, int(room / MIN_ACTOR_CPUS))} actors, or more CPUs (--num-cpus)"
+            )
+        note = (
+            f"{config.actors} actors × {config.cpus_per_actor:g} CPUs do not fit in the "
+            f"cluster's {cluster_cpus:g} CPUs beside reading and writing: {share:.3g} CPUs per "
+            "actor"
         )
-    note = (
-        f"{config.actors} actors × {config.cpus_per_actor:g} CPUs do not fit in the cluster's "
-        f"{cluster_cpus:g} CPUs beside reading and writing: {share:.3g} CPUs per actor"
-    )
-    return dataclasses.replace(config, cpus_per_actor=share), note
+        config = dataclasses.replace(config, cpus_per_actor=share)
+    if config.torch_threads == 0:
+        threads = max(1, round(config.cpus_per_actor), int(cluster_cpus // config.actors))
+        config = dataclasses.replace(config, torch_threads=threads)
+    return config, note
+
+
+class ModelStage:
+    """The model stage's actor: ``pipeline.grounding.GroundingActor``, imported and built in the
+    actor's process. The driver never imports the model code (torch's model libraries took 4 of
+    the driver's 5.7 s of imports, all before Ray could start: bench/NOTES.md)."""
+
+    def __init__(self, **kwargs):
+        from pipeline.grounding import GroundingActor
+
+        self.actor = GroundingActor(**kwargs)
+
+    def __call__(self, batch):
+        return self.actor(batch)
 
 
 def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> ray.data.Dataset:
@@ -293,7 +320,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
-        GroundingActor,
+        ModelStage,
         fn_constructor_kwargs={
             "spec": config.model,
             "threshold": config.threshold,
@@ -306,6 +333,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
             "ground_answer": config.ground_answer,
             "cot": config.cot,
             "cot_crop": CropConfig(config.cot_margin, view=config.cot_view),
+            "threads": config.torch_threads,
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",

@@ -31,6 +31,7 @@ the mean probability over the mask's pixels (0 for an empty mask), a confidence 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -53,6 +54,13 @@ from flmm.proposals import (
     whole_words,
 )
 from pipeline.decode import pixels_of
+from pipeline.modes import (
+    check_caption_layout,
+    check_cot,
+    check_ground_answer,
+    check_propose_prompt,
+    proposer_for,
+)
 from pipeline.spec import ModelSpec
 from schemas.results import RESULT_SCHEMA, STAGES
 
@@ -110,13 +118,15 @@ class GroundingActor:
         ground_answer: str = "phrases",
         cot: bool = False,
         cot_crop: CropConfig | None = None,
+        threads: int = 0,
         model=None,
     ):
         if model is None and spec.resolved_device().type == "cpu" and _in_ray_actor():
-            # One intra-op thread per CPU Ray gave this actor: more threads than cores makes
-            # each op wait on the slowest thread, worst on a loaded machine.
+            # ``threads`` intra-op threads (``pipeline.annotate.fitted``: the actor's share of
+            # the cluster's cores), never more than this node's cores: more threads than cores
+            # makes each op wait on the slowest thread. 0: one per CPU Ray gave this actor.
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-            torch.set_num_threads(max(1, round(cpus)))
+            torch.set_num_threads(min(threads or max(1, round(cpus)), os.cpu_count() or 1))
         self.spec = spec
         self.model = model
         if model is None:  # (a given model, the evaluation's, is used as it is)
@@ -372,62 +382,6 @@ class GroundingActor:
 EMPTY_DESCRIPTION = "the generated description is empty"
 NO_EVIDENCE = "no evidence found for the question's objects: answered from the whole image"
 NO_WORD = "the LMM's answer holds no word to ground"
-PHRASES = ("auto", "selector", "lmm")
-
-
-def proposer_for(phrases: str, has_selector: bool) -> str:
-    """Who picks the phrases of captions and image-only samples: ``"selector"`` (the heads'
-    keyword selector), ``"lmm"`` (the frozen LMM's proposals) or ``"missing"`` (``selector``
-    asked for, and the heads have none). ``auto``: the selector when there is one."""
-    if check_phrases(phrases) == "auto":
-        return "selector" if has_selector else "lmm"
-    if phrases == "selector" and not has_selector:
-        return "missing"
-    return phrases
-
-
-def check_phrases(phrases: str) -> str:
-    if phrases not in PHRASES:
-        raise ValueError(f"--phrases {phrases!r}: one of {PHRASES}")
-    return phrases
-
-
-GROUND_ANSWERS = ("phrases", "whole")
-
-
-def check_ground_answer(ground_answer: str) -> str:
-    """How a question's answer is grounded: ``phrases`` picked in it (as a caption's, by
-    ``--phrases``), or ``whole``, the whole answer as one phrase."""
-    if ground_answer not in GROUND_ANSWERS:
-        raise ValueError(f"--ground-answer {ground_answer!r}: one of {GROUND_ANSWERS}")
-    return ground_answer
-
-
-def check_cot(cot: bool, ground_answer: str) -> bool:
-    """``--cot`` grounds the objects a question names (its evidence), not the answer, so it
-    takes no ``--ground-answer whole``."""
-    if cot and ground_answer == "whole":
-        raise ValueError("--cot grounds the question's objects, not the answer: drop "
-                         "--ground-answer whole")  # fmt: skip
-    return cot
-
-
-CAPTION_LAYOUTS = ("in-place", "listed")
-
-
-def check_caption_layout(layout: str) -> str:
-    """How the phrases picked in a caption or description are grounded: ``in-place`` in the
-    text's own prefill, or ``listed`` in a second prefill as given phrases (``FLMM.listed``)."""
-    if layout not in CAPTION_LAYOUTS:
-        raise ValueError(f"--caption-layout {layout!r}: one of {CAPTION_LAYOUTS}")
-    return layout
-
-
-def check_propose_prompt(prompt: str) -> str:
-    """The proposal instruction, which must hold the caption's slot once."""
-    if prompt.count(CAPTION_SLOT) != 1:
-        raise ValueError(f"--propose-prompt must hold {CAPTION_SLOT} once, got {prompt!r}")
-    return prompt
 
 
 @dataclass(frozen=True)

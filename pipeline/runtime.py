@@ -1,7 +1,10 @@
 """Connecting a job's driver to Ray: one rule for every job in ``jobs/``.
 
 ``--address`` if given, else ``RAY_ADDRESS`` (``ray job submit`` sets it), else a new local Ray
-(``address="local"``: never an unrelated Ray that happens to run on the same host).
+(``address="local"``: never an unrelated Ray that happens to run on the same host), started
+without its dashboard: a job's local Ray lives as long as the job, and the dashboard's start
+doubled ``ray.init`` (8.4 → 16.6 s on the 2-core box, loaded; bench/NOTES.md). For a dashboard,
+``ray start --head`` and pass ``--address auto``.
 """
 
 from __future__ import annotations
@@ -23,4 +26,7 @@ def connect(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, num_cpus=num_cpus if address == "local" else None)
+    if address == "local":
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=address)

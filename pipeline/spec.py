@@ -2,6 +2,8 @@
 
 A ``ModelSpec`` travels to Ray actors instead of the model itself; each actor calls ``build()``
 once. ``model_id()`` names the model in the outputs: the LMM id plus a hash of the heads file.
+This module imports no model code (``build()`` does): a driver that only describes the model
+starts without transformers and segment-anything.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from flmm.build import SAM_VARIANTS, build_flmm, build_sam, sam_config
-from flmm.lmm import FrozenLMM
-from flmm.model import FLMM
 from flmm.prompt import FLMM_INSTRUCTION, PromptConfig
+from flmm.sam_variants import SAM_VARIANTS, sam_config
+
+if TYPE_CHECKING:
+    from flmm.lmm import FrozenLMM
+    from flmm.model import FLMM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +102,7 @@ def model_spec(args, default: ModelSpec | None = None) -> ModelSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """lmm: hub id or local directory of an LMM of a supported family; sam_variant: a ``flmm.build.SAM_VARIANTS``
+    """lmm: hub id or local directory of an LMM of a supported family; sam_variant: a ``flmm.sam_variants.SAM_VARIANTS``
     name, sam_checkpoint its weights (None: random, for tests); heads: our ``.safetensors``, an
     F-LMM release ``.pth``, or a localization-heads ``.json`` (training-free,
     ``flmm.localization``) (None: randomly initialised heads); dtype: the LMM's dtype; device:
@@ -134,6 +139,8 @@ class ModelSpec:
 
     def build(self) -> FLMM:
         """The whole model in eval mode on ``resolved_device()``, frozen parts frozen."""
+        from flmm.build import build_flmm, build_sam
+
         device = self.resolved_device()
         lmm = self.build_lmm()
         sam = build_sam(sam_config(self.sam_variant), self.sam_checkpoint)
@@ -142,6 +149,8 @@ class ModelSpec:
 
     def build_lmm(self) -> FrozenLMM:
         """The frozen LMM alone, on ``resolved_device()``, prompted with ``prompt``."""
+        from flmm.lmm import FrozenLMM
+
         return FrozenLMM.from_pretrained(
             self.lmm,
             dtype=DTYPES[self.dtype],

@@ -38,7 +38,7 @@ def main(shards: str, out: str, llava: str) -> None:
             actors = [
                 a
                 for a in state.actors().values()
-                if "GroundingActor" in a["ActorClassName"] and a["State"] == "ALIVE"
+                if "ModelStage" in a["ActorClassName"] and a["State"] == "ALIVE"
             ]
             node_id = actors[0]["Address"]["NodeID"]
             node = next(n for n in workers if n.node_id == node_id)

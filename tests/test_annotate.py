@@ -3,6 +3,7 @@ real shards with bad samples, real Parquet. The job's contract: every input key 
 once, error rows of the right kind, annotations matching the phrases, declared schemas, done
 markers, skip on rerun, --overwrite, no duplicates after an interruption or a killed actor."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -225,10 +226,10 @@ def test_an_interrupted_run_resumes_without_duplicates(ray_session, spec, tmp_pa
 
 
 def grounding_actors() -> dict[str, dict]:
-    """The GCS actor table's GroundingActor entries (pid, state, restarts) of this Ray."""
+    """The GCS actor table's model actors (``ModelStage``) (pid, state, restarts) of this Ray."""
     from ray._private import state
 
-    return {i: a for i, a in state.actors().items() if "GroundingActor" in a["ActorClassName"]}
+    return {i: a for i, a in state.actors().items() if "ModelStage" in a["ActorClassName"]}
 
 
 def test_a_killed_actor_is_restarted_and_every_key_still_appears_once(ray_session, spec, tmp_path):
@@ -298,6 +299,14 @@ def test_actors_that_would_hold_every_cpu_are_fitted_and_too_many_fail_at_once(
     share = (cpus - IO_CPUS) / cpus
     assert fitted_config.cpus_per_actor == pytest.approx(share) and "CPUs per actor" in note
     assert fitted(fitted_config, cpus) == (fitted_config, "")  # what fits is left alone
+    assert fitted_config.torch_threads == 1  # each actor's share of the cores: one
+    # one actor computes with every core (reading and writing take a few percent of one), unless
+    # told otherwise
+    one = dataclasses.replace(config, actors=1)
+    assert fitted(one, cpus)[0].torch_threads == int(cpus)
+    assert fitted(dataclasses.replace(one, torch_threads=3), cpus)[0].torch_threads == 3
+    with pytest.raises(ValueError, match="--torch-threads"):
+        dataclasses.replace(one, torch_threads=-1)
     summary = run_annotation(config)
     # every shard ends (the truncated one fails, as in every run of these inputs)
     assert set(summary.failed) == {"trunc-000000"} and len(summary.done) == summary.planned - 1

@@ -3,6 +3,9 @@
 imports count like top-level ones (they are where cycles used to hide)."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +109,22 @@ def test_flmm_imports_neither_ray_nor_pyarrow_nor_the_pipeline():
         banned = {"ray", "pyarrow", "pipeline", "schemas"}
         hits = sorted(m for m in imports_of(path) if m.split(".")[0] in banned)
         assert not hits, f"{path.relative_to(ROOT)} imports {hits}"
+
+
+def test_the_annotate_jobs_driver_imports_no_model_code():
+    """The driver describes the model and plans the stages; the actors build it. Model libraries
+    imported by the driver cost seconds before Ray can start (bench/NOTES.md), so a fresh
+    interpreter that parses the job's flags and builds its config must not have them."""
+    code = (
+        "import sys, jobs.annotate as job\n"
+        "config = job.config_of(job.parse_args(['--input', 'x.tar', '--cot']))\n"
+        "import pipeline.annotate as run\n"
+        "assert run.ModelStage.__module__ == 'pipeline.annotate'\n"
+        "heavy = ('transformers', 'segment_anything', 'torchvision', 'flmm.build', 'flmm.lmm',\n"
+        "         'pipeline.grounding')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flmm.localization import HeadSearchConfig
 from pipeline.spec import ModelSpec
 from toyworld.vqa import TOY_INSTRUCTION
 
@@ -20,7 +19,12 @@ def toy_heads() -> Path:
 # The toy LMM's localization-head search (jobs/find_heads.py without --lmm): it has 16 heads on 4
 # layers, where Kang et al.'s defaults (10 votes per phrase, layers 0-1 left out) are made for
 # ~1,000 heads on 32 layers; 3 votes of 16 heads and 1 of 4 layers keep the proportions closer.
-TOY_HEAD_SEARCH = HeadSearchConfig(per_phrase=3, skip_layers=1)
+def toy_head_search():
+    """``flmm.localization.HeadSearchConfig`` of the toy LMM (imported here, on use: the other
+    names of this module are read by jobs' drivers, which import no model code)."""
+    from flmm.localization import HeadSearchConfig
+
+    return HeadSearchConfig(per_phrase=3, skip_layers=1)
 
 
 def toy_localization_heads() -> Path:
