@@ -109,6 +109,12 @@ class AnnotateConfig:
         check_ground_answer(self.ground_answer)
         check_cot(self.cot, self.ground_answer)
         CropConfig(self.cot_margin, view=self.cot_view)  # (raises on a bad margin or view)
+        for name in ("batch_size", "actors"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be at least 1, not {getattr(self, name)}")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            raise ValueError("--cpus-per-actor and --gpus-per-actor cannot be negative")
         if self.torch_threads < 0:
             raise ValueError(
                 f"--torch-threads must be ≥ 0 (0: automatic), not {self.torch_threads}"
@@ -188,15 +194,18 @@ def run_annotation(
 
     Before anything is loaded, the inputs are resolved (ValueError), the output is proven
     writable (OSError) and its lock taken (``pipeline.lock.OutputLocked`` if another run holds
-    it); only then is ``start_ray`` called, if given (else Ray must already be initialised)."""
+    it); only then is ``start_ray`` called, if given (else Ray must already be initialised); it
+    returns True when the Ray it started has all the resources there will be (a local one), so
+    that GPU actors it cannot hold fail at once instead of waiting for nodes."""
     start = time.perf_counter()
     out = OutputDir(config.output)
     uris = {shard_name(u): u for u in resolve_shards(config.inputs)}
     check_writable(out)
     with OutputLock(out, force=config.force) as lock:
-        if start_ray is not None:
-            start_ray()
-        config, note = fitted(config, ray.cluster_resources().get("CPU", 0.0))
+        final = start_ray() if start_ray is not None else False
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0.0) if final else None
+        config, note = fitted(config, resources.get("CPU", 0.0), gpus)
         if note:
             print(f"note: {note}", file=sys.stderr, flush=True)
         return _run_locked(config, out, uris, on_shard, start, lock)
@@ -255,7 +264,9 @@ IO_CPUS = 1.0
 MIN_ACTOR_CPUS = 0.1  # a CPU model actor given less has no CPU to speak of
 
 
-def fitted(config: AnnotateConfig, cluster_cpus: float) -> tuple[AnnotateConfig, str]:
+def fitted(
+    config: AnnotateConfig, cluster_cpus: float, cluster_gpus: float | None = None
+) -> tuple[AnnotateConfig, str]:
     """CPU model actors fitted beside the reading and writing stages (Ray keeps an actor's CPUs for
     its lifetime: actors that hold every CPU leave the read tasks waiting for ever). When ``actors
     × cpus_per_actor`` leaves less than ``IO_CPUS`` of ``cluster_cpus``, each actor gets an
@@ -263,9 +274,18 @@ def fitted(config: AnnotateConfig, cluster_cpus: float) -> tuple[AnnotateConfig,
     ``MIN_ACTOR_CPUS``. ``torch_threads`` 0 becomes each actor's share of all the cluster's cores
     (``cluster_cpus // actors``, at least its reserved CPUs rounded, at least one): reading,
     decoding and writing take a few percent of a core (bench/NOTES.md), so an actor that used only
-    the CPUs it reserves would leave the ``IO_CPUS`` idle. GPU actors are left as they are (their
-    nodes may still be starting)."""
+    the CPUs it reserves would leave the ``IO_CPUS`` idle. GPU actors are judged only against
+    ``cluster_gpus``, the GPUs of a cluster that gets no more nodes (None: a joined cluster, whose
+    GPU nodes may still be starting): ValueError when it cannot hold them, which would wait for
+    ever."""
     if config.gpus_per_actor > 0:
+        wanted = config.actors * config.gpus_per_actor
+        if cluster_gpus is not None and wanted > cluster_gpus:
+            raise ValueError(
+                f"--actors {config.actors} × --gpus-per-actor {config.gpus_per_actor:g} need "
+                f"{wanted:g} GPUs and this Ray has {cluster_gpus:g}: fewer actors, or join a "
+                "cluster with GPUs (--address)"
+            )
         return config, ""
     room, note = cluster_cpus - IO_CPUS, ""
     if config.actors * config.cpus_per_actor > room:

@@ -18,15 +18,17 @@ ADDRESS_HELP = (
 NUM_CPUS_HELP = "CPUs of a Ray started here (default: all)"
 
 
-def connect(address: str | None, num_cpus: int | None) -> None:
+def connect(address: str | None, num_cpus: int | None) -> bool:
     """``ray.init`` by the rule above, unless Ray is initialised already; ``num_cpus`` only
-    applies to a Ray started here."""
+    applies to a Ray started here. True when it started a Ray here: its resources are all there
+    will be (a joined cluster may still be adding nodes)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
-    else:
-        ray.init(address=address)
+        return True
+    ray.init(address=address)
+    return False

@@ -318,3 +318,10 @@ def test_actors_that_would_hold_every_cpu_are_fitted_and_too_many_fail_at_once(
     assert time.perf_counter() - start < 10 and not (tmp_path / "many" / "samples").exists()
     gpu = AnnotateConfig(("x.tar",), str(tmp_path / "gpu"), spec, actors=64, gpus_per_actor=1)
     assert fitted(gpu, cpus) == (gpu, "")  # GPU nodes may still be starting: not judged here
+    # a Ray started by the job has all it will have: GPU actors it cannot hold fail at once
+    with pytest.raises(ValueError, match="need 64 GPUs and this Ray has 0"):
+        fitted(gpu, cpus, cluster_gpus=0.0)
+    assert fitted(dataclasses.replace(gpu, actors=2), cpus, cluster_gpus=2.0)[0].actors == 2
+    for bad in ({"batch_size": 0}, {"actors": 0}, {"cpus_per_actor": -1.0}):
+        with pytest.raises(ValueError, match="must be at least 1|cannot be negative"):
+            dataclasses.replace(gpu, **bad)

@@ -1,8 +1,10 @@
 """jobs/annotate.py as a user runs it: its embedded default and its errors. (Full runs of the
 job: tests/test_annotate_cluster.py submits it to a Ray head.)"""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import toyworld.models
@@ -63,3 +65,24 @@ def test_phrase_flags_reach_the_config_and_a_prompt_without_its_slot_fails_fast(
     )  # fmt: skip
     assert run.returncode != 0 and "--propose-prompt must hold {caption} once" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_actors_a_local_ray_cannot_hold_fail_at_once(tmp_path):
+    """A Ray the job starts has all it will ever have: actors asking for GPUs it lacks would wait
+    for ever, so the job ends at once with the reason, before any model loads."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/annotate.py"), "--gpus-per-actor", "1", "--num-cpus", "2"],
+        check=False, capture_output=True, text=True, cwd=tmp_path,
+        env={**env, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert run.returncode != 0, run.stdout
+    assert "need 1 GPUs and this Ray has 0" in run.stderr
+    assert time.perf_counter() - start < 90
+    assert not (tmp_path / "out/annotate/annotations").exists()
