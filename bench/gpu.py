@@ -105,17 +105,18 @@ PHRASES = ["the dog on the left", "the red ball", "the man in a blue shirt", "th
 CORPUS = [*PHRASES, FLMM_INSTRUCTION, "the small white cat"] * 20
 
 
-def lmm_config(family: str, tiny: bool):
-    """The LMM's transformers config (7B shapes unless ``tiny``), its processor and class."""
+def lmm_config(family: str, tiny: bool, corpus: list[str] = CORPUS):
+    """The LMM's transformers config (7B shapes unless ``tiny``), its processor (tokenizer
+    trained on ``corpus``) and class."""
     from transformers import LlavaForConditionalGeneration
 
     if family == "llava":
         variant = TINY_LLAVA_VARIANTS["tiny" if tiny else "llava-1.5-7b"]
-        processor = build_processor(variant, CORPUS)
+        processor = build_processor(variant, corpus)
         return llava_config(variant, processor.tokenizer), processor, LlavaForConditionalGeneration
     if tiny:
-        return build_tiny_lmm(family, CORPUS)
-    config, processor, model_class = build_tiny_lmm(family, CORPUS, PROCESSORS[family])
+        return build_tiny_lmm(family, corpus)
+    config, processor, model_class = build_tiny_lmm(family, corpus, PROCESSORS[family])
     values = config.to_dict()
     for sub, shapes in SEVEN_B[family].items():
         values[f"{sub}_config"].pop("layer_types", None)  # derived from the layer count
@@ -151,16 +152,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model, inputs, device: torch.device, repeats: int) -> list[float]:
-    """Seconds per batch of ``FLMM.forward`` (two warm-up batches first)."""
+def time_forward(model, inputs, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per batch of ``FLMM.forward`` (``warmup`` untimed batches first)."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             model(inputs)
         sync(device)
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
