@@ -299,6 +299,12 @@ def read_lmm_config(name_or_path: str) -> Any:
     downloaded, no remote code); ValueError for a model_type no family reads."""
     from transformers import AutoConfig, PretrainedConfig
 
-    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, local_files_only=True)
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, local_files_only=True)
+    except OSError as error:
+        raise OSError(
+            f"no config of the LMM {name_or_path!r} here: not a local directory nor in the Hugging "
+            "Face cache (nothing is downloaded)"
+        ) from error
     family_for(config_dict.get("model_type", "(none)"))
     return AutoConfig.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=False)
