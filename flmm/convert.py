@@ -278,7 +278,12 @@ def _from_family(dims: Mapping[str, int], model_type: str, num_heads: int | None
 def _from_channels(dims: Mapping[str, int], num_heads: int | None) -> ReleaseShape:
     """V = in_channels / (L·H), H = D / 128 unless given; the family where V names one."""
     C, L, D = dims["in_channels"], dims["num_layers"], dims["hidden_size"]
-    H = num_heads or max(D // FLMM_HEAD_DIM, 1)
+    if not num_heads and D % FLMM_HEAD_DIM:
+        raise ValueError(
+            f"the release's hidden size D {D} is not a multiple of {FLMM_HEAD_DIM}, the head dim of "
+            "F-LMM's LMMs: its heads per layer are not known"
+        )
+    H = num_heads or D // FLMM_HEAD_DIM
     views = max(round(C / (L * H)), 1)
     how = "the release: H " + ("given" if num_heads else f"= D {D} / head dim {FLMM_HEAD_DIM}")
     how += f", V = channels {C} / (L {L} x H {H})"

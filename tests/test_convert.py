@@ -597,9 +597,10 @@ def test_each_flmm_release_shape_is_inferred_from_its_channels(release) -> None:
         (6, {}, "reads 6 channels, not 2 view(s) x 2 layers x 2 heads = 8"),
         (6, {"model_type": "llava_next"}, "reads 6 channels, not 2 view(s) x 2 layers x 1 heads"),
         (8, {"num_heads": 3}, "reads 8 channels, not 1 view(s) x 2 layers x 3 heads = 6"),
+        (8, {"hidden_size": 64}, "hidden size D 64 is not a multiple of 128"),
     ],
 )
 def test_an_inconsistent_shape_fails_naming_the_numbers(channels, flags, message) -> None:
-    dims = {"in_channels": channels, "num_layers": 2, "hidden_size": 256}
+    dims = {"in_channels": channels, "num_layers": 2, "hidden_size": flags.pop("hidden_size", 256)}
     with pytest.raises(ValueError, match=re.escape(message)):
         release_shape(dims, **flags)
