@@ -18,6 +18,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_tensors(path: str | Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Only ``keys`` of a state dict file, on CPU, without reading the rest: safetensors reads
+    just those, a ``torch.save`` zip file (an official SAM ``.pth``) is memory-mapped. ValueError
+    naming the keys the file lacks."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            _require(path, keys, set(f.keys()))
+            return {k: f.get_tensor(k) for k in keys}
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    _require(path, keys, set(state_dict))
+    return {k: state_dict[k].clone() for k in keys}
+
+
+def _require(path: Path, keys: list[str], present: set[str]) -> None:
+    absent = [k for k in keys if k not in present]
+    if absent:
+        raise ValueError(f"{path} has no {', '.join(absent)}")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a ``.safetensors`` file ({} if none)."""
     with safe_open(str(path), framework="pt") as f:

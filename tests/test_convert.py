@@ -3,6 +3,8 @@ result loads strictly into our modules, the mapping round-trips, and nothing is 
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +13,17 @@ import pytest
 import torch
 
 from flmm.build import HeadsConfig, build_heads, build_sam, load_heads, sam_config
-from flmm.checkpoint import read_metadata
+from flmm.checkpoint import read_metadata, read_state_dict, save_tensors
 from flmm.convert import (
+    FLMM_RELEASES,
     convert_flmm_checkpoint,
     convert_flmm_state_dict,
+    release_shape,
     to_flmm_state_dict,
     unwrap_checkpoint,
 )
 from flmm.mask_decoder import MaskDecoder
+from jobs.convert import main
 
 IN_CHANNELS = 12
 BASE = 8
@@ -393,3 +398,209 @@ def test_other_families_releases_convert_and_load_strictly(release, tmp_path) ->
     assert load_heads(built, dst) is None  # strict: every key, every shape
     first = "mask_head.encoder.0.0.convs.0.conv.weight"
     assert torch.equal(built.mask_decoder.encoder[0].convs[0].conv.weight, tensors[first])
+
+
+# --------------------------------------------------------------------------------------------
+# What a release does not carry. F-LMM may save trainable parameters only, so a release can lack
+# SAM's positional-encoding buffer; the converter fills it from the SAM checkpoint. And a release
+# does not name its LMM: the views (and the family, where one has that many) follow from the
+# U-Net's input channels, the LMM's config, or --family.
+# --------------------------------------------------------------------------------------------
+
+BUFFER = "refiner.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+SAM_BUFFER = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"  # segment-anything's
+TINY_HEADS = HeadsConfig(num_layers=2, num_heads=2, hidden_size=256)
+
+
+def convert(argv: list, capsys) -> str:
+    """Run the converter's ``main`` in this process; its stdout."""
+    main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+@pytest.fixture()
+def tiny_release(tmp_path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Heads on the tiny SAM in the release layout, saved without SAM's buffer, as a release of
+    trainable parameters only is; with the buffer the heads had (for the negative control)."""
+    torch.manual_seed(0)
+    heads = build_heads(TINY_HEADS, build_sam(sam_config("tiny")))
+    release = to_flmm_state_dict(heads.state_dict())
+    path = tmp_path / "release.pth"
+    torch.save({k: v for k, v in release.items() if "pe_layer" not in k}, path)
+    return release, path
+
+
+@pytest.fixture(params=["pth", "safetensors"])
+def tiny_sam_checkpoint(request, tmp_path) -> tuple[dict[str, torch.Tensor], Path]:
+    """A whole tiny SAM in segment-anything's layout (an official ``.pth``'s keys), as torch.save
+    or safetensors; another seed than the heads', so its buffer differs from theirs."""
+    torch.manual_seed(1)
+    state = build_sam(sam_config("tiny")).state_dict()
+    path = tmp_path / f"sam_tiny.{request.param}"
+    if request.param == "pth":
+        torch.save(state, path)
+    else:
+        save_tensors(state, path)
+    return state, path
+
+
+def test_a_missing_sam_buffer_is_filled_from_the_sam_checkpoint(
+    tiny_release, tiny_sam_checkpoint, tmp_path, capsys
+) -> None:
+    release, src = tiny_release
+    sam_state, sam_path = tiny_sam_checkpoint
+    dst = tmp_path / "heads.safetensors"
+    argv = [src, dst, "--sam", "tiny", "--family", "llava", "--sam-checkpoint", sam_path]
+    out = convert(argv, capsys)
+    assert f"filled {BUFFER} (not in the release) from {sam_path}" in out
+    filled = read_state_dict(dst)[BUFFER]
+    assert torch.equal(filled, sam_state[SAM_BUFFER])
+    assert not torch.equal(filled, release[f"sam.model.{SAM_BUFFER}"])  # negative control
+    assert read_metadata(dst)["sam_buffers_from"] == str(sam_path)
+    heads = build_heads(TINY_HEADS, build_sam(sam_config("tiny")))
+    assert load_heads(heads, dst) is None  # strict: every key, every shape
+
+
+def test_a_missing_sam_buffer_without_a_sam_checkpoint_fails_naming_it(
+    tiny_release, tmp_path, capsys
+) -> None:
+    _, src = tiny_release
+    dst = tmp_path / "heads.safetensors"
+    with pytest.raises(SystemExit, match=rf"lacks SAM's buffer {BUFFER}.*give --sam-checkpoint"):
+        convert([src, dst, "--sam", "tiny", "--family", "llava"], capsys)
+    assert not dst.exists()
+
+
+def test_a_sam_checkpoint_without_the_buffer_fails_naming_it(
+    tiny_release, tmp_path, capsys
+) -> None:
+    _, src = tiny_release
+    sam_path = tmp_path / "not_sam.pth"
+    torch.save({"image_encoder.neck.0.weight": torch.zeros(1)}, sam_path)
+    argv = [src, tmp_path / "h.safetensors", "--sam", "tiny", "--sam-checkpoint", sam_path]
+    with pytest.raises(SystemExit, match=rf"{sam_path} has no {SAM_BUFFER}"):
+        convert(argv, capsys)
+
+
+def test_a_release_with_the_buffer_keeps_its_own(tiny_sam_checkpoint, tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    release = to_flmm_state_dict(
+        build_heads(TINY_HEADS, build_sam(sam_config("tiny"))).state_dict()
+    )
+    src, dst = tmp_path / "release.pth", tmp_path / "heads.safetensors"
+    torch.save(release, src)
+    _, sam_path = tiny_sam_checkpoint
+    out = convert(
+        [src, dst, "--sam", "tiny", "--family", "llava", "--sam-checkpoint", sam_path], capsys
+    )
+    assert "filled" not in out and "sam_buffers_from" not in read_metadata(dst)
+    assert torch.equal(read_state_dict(dst)[BUFFER], release[f"sam.model.{SAM_BUFFER}"])
+
+
+def release_file(path: Path, views: int, layers: int, heads: int, hidden: int) -> Path:
+    """A release of the hand-written layout for an LMM of that shape, random tensors, saved."""
+    layout = release_unet_layout(views * layers * heads, layers, hidden) | release_sam_layout()
+    generator = torch.Generator().manual_seed(2)
+    torch.save({k: torch.randn(s, generator=generator) for k, s in layout.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llava_next_release(tmp_path_factory) -> Path:
+    """F-LMM's LLaVA-NeXT-7B release layout: 2 views x 32 layers x 32 heads, width 4096."""
+    return release_file(tmp_path_factory.mktemp("next") / "llava_next.pth", 2, 32, 32, 4096)
+
+
+def lmm_dir(path: Path, model_type: str, layers: int, heads: int, hidden: int) -> Path:
+    """An LMM directory as the hub has it, its config.json only (all the converter reads)."""
+    path.mkdir()
+    text = {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "hidden_size": hidden,
+    }
+    config = {"model_type": model_type, "text_config": text}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_llava_next_release_converts_without_family(llava_next_release, tmp_path, capsys) -> None:
+    dst = tmp_path / "heads.safetensors"
+    out = convert([llava_next_release, dst], capsys)
+    assert "H = D 4096 / head dim 128, V = channels 2048 / (L 32 x H 32)" in out
+    assert "V=2, L=32, H=32, D=4096; family llava_next" in out
+    assert read_metadata(dst)["family"] == "llava_next"
+    assert read_metadata(dst)["num_views"] == "2"
+    with torch.device("meta"):
+        heads = build_heads(HeadsConfig(32, 32, 4096, num_views=2), build_sam(sam_config("vit_l")))
+    heads.to_empty(device="cpu")
+    assert load_heads(heads, dst) is None  # strict: the U-Net reads 2 x 32 x 32 channels
+    assert heads.mask_decoder.encoder[0].convs[0].conv.in_channels == 2048
+
+
+def test_a_llava_1_5_release_infers_one_view_and_records_no_family(
+    release_7b, tmp_path, capsys
+) -> None:
+    _, src = release_7b
+    dst = tmp_path / "heads.safetensors"
+    out = convert([src, dst], capsys)
+    assert "V=1, L=32, H=32, D=4096; family not recorded" in out
+    assert "deepseek_vl, deepseek_vl_hybrid, llava share this layout" in out
+    assert "F-LMM's LLaVA-1.5-7B (llava) release has this shape" in out
+    assert "family" not in read_metadata(dst)
+    assert read_metadata(dst)["num_views"] == "1"
+
+
+def test_the_lmm_config_gives_the_family(llava_next_release, tmp_path, capsys) -> None:
+    lmm = lmm_dir(tmp_path / "llava-next", "llava_next", 32, 32, 4096)
+    dst = tmp_path / "heads.safetensors"
+    out = convert([llava_next_release, dst, "--lmm", lmm], capsys)
+    assert "from the LMM's config (llava_next: 2 view(s)): V=2, L=32, H=32" in out
+    assert read_metadata(dst)["family"] == "llava_next"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "layers", "hidden", "message"),
+    [
+        ("llava", 32, 4096, "reads 2048 channels, not 1 view(s) x 32 layers x 32 heads = 1024"),
+        ("llava_next", 24, 2048, "32 layers of width 4096; the llava_next LMM has 24 layers of"),
+    ],
+)
+def test_an_lmm_of_another_shape_fails_naming_the_numbers(
+    llava_next_release, tmp_path, capsys, model_type, layers, hidden, message
+) -> None:
+    lmm = lmm_dir(tmp_path / "lmm", model_type, layers, 32, hidden)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        convert([llava_next_release, tmp_path / "h.safetensors", "--lmm", lmm], capsys)
+
+
+def test_an_lmm_not_here_fails_without_downloading(llava_next_release, tmp_path, capsys) -> None:
+    argv = [llava_next_release, tmp_path / "h.safetensors", "--lmm", tmp_path / "absent"]
+    with pytest.raises(SystemExit, match=r"not a local directory nor in the Hugging Face cache"):
+        convert(argv, capsys)
+
+
+@pytest.mark.parametrize("release", FLMM_RELEASES, ids=[r[0] for r in FLMM_RELEASES])
+def test_each_flmm_release_shape_is_inferred_from_its_channels(release) -> None:
+    _, model_type, views, layers, heads, hidden = release
+    dims = {"in_channels": views * layers * heads, "num_layers": layers, "hidden_size": hidden}
+    shape = release_shape(dims)
+    assert (shape.num_views, shape.num_heads) == (views, heads)
+    assert shape.family == (model_type if views == 2 else None)
+
+
+@pytest.mark.parametrize(
+    ("channels", "flags", "message"),
+    [
+        (3 * 2 * 2, {}, "V = channels 12 / (L 2 x H 2) = 3: F-LMM's heads read 1 or 2 views"),
+        (6, {}, "reads 6 channels, not 2 view(s) x 2 layers x 2 heads = 8"),
+        (6, {"model_type": "llava_next"}, "reads 6 channels, not 2 view(s) x 2 layers x 1 heads"),
+        (8, {"num_heads": 3}, "reads 8 channels, not 1 view(s) x 2 layers x 3 heads = 6"),
+        (8, {"hidden_size": 64}, "hidden size D 64 is not a multiple of 128"),
+    ],
+)
+def test_an_inconsistent_shape_fails_naming_the_numbers(channels, flags, message) -> None:
+    dims = {"in_channels": channels, "num_layers": 2, "hidden_size": flags.pop("hidden_size", 256)}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        release_shape(dims, **flags)
