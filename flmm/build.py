@@ -29,7 +29,7 @@ from segment_anything.modeling import (
 )
 
 from flmm.checkpoint import load_file_into, load_state, read_metadata, read_state_dict
-from flmm.convert import convert_flmm_state_dict
+from flmm.convert import convert_flmm_state_dict, missing_sam_buffers
 from flmm.heads import FLMMHeads, heads_dims
 from flmm.lmm import FrozenLMM
 from flmm.localization import LocalizationHeads, is_localization_file, read_localization
@@ -263,7 +263,19 @@ def load_heads(heads: FLMMHeads, path: str | Path) -> None:
 def _load_read_heads(
     heads: FLMMHeads, state_dict: dict[str, torch.Tensor], selector: KeywordSelector | None
 ) -> None:
-    """``load_heads`` for a file already read (``read_heads_file``)."""
+    """``load_heads`` for a file already read (``read_heads_file``). SAM buffers the file lacks
+    (an F-LMM release saved with trainable parameters only) keep the values ``heads`` holds, those
+    of the SAM it was built from, with a warning (``jobs/convert.py --sam-checkpoint`` fills them
+    once, from the SAM checkpoint)."""
+    filled = list(missing_sam_buffers(state_dict))
+    if filled:
+        own = heads.state_dict()
+        state_dict = {**state_dict, **{key: own[key] for key in filled}}
+        warnings.warn(
+            f"the heads file lacks SAM's {', '.join(filled)}: kept the one of the SAM the heads "
+            "were built from",
+            stacklevel=3,
+        )
     if selector is not None:
         heads.selector = selector
     if heads.selector is not None:

@@ -142,7 +142,7 @@ def test_heads_checkpoint_with_wrong_shapes_is_refused(flmm, tmp_path):
     assert "mask_decoder.conv_seg.bias" in str(err.value)
 
 
-def test_flmm_release_checkpoint_loads_directly_and_through_the_cli(flmm, tmp_path):
+def test_flmm_release_checkpoint_loads_directly_and_through_the_cli(flmm, tiny_llava_dir, tmp_path):
     theirs = to_flmm_state_dict(flmm.heads.state_dict())
     theirs["sam.model.image_encoder.patch_embed.proj.weight"] = torch.zeros(3)
     src = tmp_path / "flmm_release.pth"
@@ -156,9 +156,23 @@ def test_flmm_release_checkpoint_loads_directly_and_through_the_cli(flmm, tmp_pa
     for k, v in flmm.heads.state_dict().items():
         torch.testing.assert_close(v, before[k])
 
+    # a release saved with trainable parameters only lacks SAM's buffer: the one the heads were
+    # built with (their SAM's) is kept, with a warning
+    pe = "sam.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    partial = tmp_path / "trainable_only.pth"
+    torch.save({k: v for k, v in theirs.items() if k != pe}, partial)
+    with torch.no_grad():
+        for p in flmm.heads.parameters():
+            p.zero_()
+    with pytest.warns(UserWarning, match="lacks SAM's refiner.prompt_encoder.pe_layer"):
+        load_heads(flmm.heads, partial)
+    for k, v in flmm.heads.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
     dst = tmp_path / "converted.safetensors"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "convert.py"), str(src), str(dst), "--sam", "tiny"],
+        [sys.executable, str(ROOT / "jobs" / "convert.py"), str(src), str(dst), "--sam", "tiny"]
+        + ["--lmm", str(tiny_llava_dir)],  # D 64: no head dim of 128 to infer the heads from
         check=False,
         capture_output=True,
         text=True,
