@@ -47,6 +47,7 @@ from pipeline.modes import (
 from pipeline.preview import render_preview
 from pipeline.sources import read_shard, resolve_shards, shard_name
 from pipeline.spec import ModelSpec
+from pipeline.stand_in import StandInActor
 from pipeline.writer import DONE, OutputDir, retried, write_parts
 from schemas.annotations import SCHEMA_VERSION
 from schemas.results import STAGES
@@ -101,6 +102,10 @@ class AnnotateConfig:
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
+    # benchmark hook (bench/scale.py --stand-in): > 0, the model actors are stand-ins that sleep
+    # this many seconds per batch (pipeline.stand_in: no model, no CPU held; give cpus_per_actor
+    # 0 so that many fit)
+    stand_in_s: float = 0.0
 
     def __post_init__(self):
         check_phrases(self.phrases)
@@ -339,22 +344,26 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
         fn_kwargs={"describe": config.describe, "question": config.question},
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    kwargs = {
+        "spec": config.model,
+        "threshold": config.threshold,
+        "max_new_tokens": config.max_new_tokens,
+        "describe_prompt": config.describe_prompt,
+        "phrases": config.phrases,
+        "propose_prompt": config.propose_prompt,
+        "list_prompt": config.list_prompt,
+        "caption_layout": config.caption_layout,
+        "ground_answer": config.ground_answer,
+        "cot": config.cot,
+        "cot_crop": CropConfig(config.cot_margin, view=config.cot_view),
+        "threads": config.torch_threads,
+    }
+    actor = ModelStage
+    if config.stand_in_s > 0:  # a benchmark's stand-in for the model (pipeline.stand_in)
+        actor, kwargs = StandInActor, {"seconds": config.stand_in_s}
     ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={
-            "spec": config.model,
-            "threshold": config.threshold,
-            "max_new_tokens": config.max_new_tokens,
-            "describe_prompt": config.describe_prompt,
-            "phrases": config.phrases,
-            "propose_prompt": config.propose_prompt,
-            "list_prompt": config.list_prompt,
-            "caption_layout": config.caption_layout,
-            "ground_answer": config.ground_answer,
-            "cot": config.cot,
-            "cot_crop": CropConfig(config.cot_margin, view=config.cot_view),
-            "threads": config.torch_threads,
-        },
+        actor,
+        fn_constructor_kwargs=kwargs,
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.actors),
