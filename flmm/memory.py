@@ -28,6 +28,8 @@ bound: softmax and norms run in float32 there anyway).
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from flmm.build import HeadsConfig, SamConfig, build_heads, build_sam, read_heads_file
 from flmm.families import family_for
 from flmm.heads import heads_dims
-from flmm.localization import is_localization_file
+from flmm.localization import is_localization_file, read_localization
 from flmm.peak import module_bytes
 from flmm.prompt import FLMM_INSTRUCTION, PromptConfig, PromptLayout
 
@@ -161,14 +163,15 @@ def inputs_terms(lmm: LMMShape, heads: HeadsShape, batch: int) -> dict[str, int]
 
 def tower_bytes(tower: VisionTower, batch: int, s: int) -> int:
     """One vision tower's working set over B images: its layers' outputs ``[B, n, Dv]`` (all
-    of them when it keeps them, else input and output), one MLP ``[B, n, Iv]`` ×2 plus
-    ``[B, n, Dv]`` ×3 around it, and for a materialised global attention ``[B·heads, n, n]``
-    ×3 (scores, relative-position bias, softmax)."""
+    of them when it keeps them, else input and output) and the larger of an MLP's
+    ``[B, n, Iv]`` ×2 + ``[B, n, Dv]`` ×3 and, for materialised global attention, its
+    ``[B, heads, n, n]`` ×2 (the relative-position bias and the sum it is built from, handed to
+    sdpa) beside the block's ``[B, n, Dv]`` ×8 (input, norm, qkv and its head-major copy)."""
     n = batch * tower.tokens
     kept = (tower.layers + 1) if tower.keeps_hidden else 2
     work = n * (2 * tower.intermediate + 3 * tower.hidden) * s
-    attention = 3 * batch * tower.global_heads * tower.tokens**2 * s
-    return n * tower.hidden * kept * s + max(work, attention)
+    attention = (2 * batch * tower.global_heads * tower.tokens**2 + 8 * n * tower.hidden) * s
+    return n * tower.hidden * kept * s + max(work, attention * (tower.global_heads > 0))
 
 
 def prefill_terms(
@@ -354,7 +357,9 @@ def lmm_shape(
     inputs = family.image_inputs(model, processor, torch.zeros((*image_size, 3), dtype=torch.uint8))
     prefix = PromptLayout(processor, PromptConfig(instruction)).expanded_prefix(inputs.n_tokens)
     text, s = config.text_config, torch.tensor([], dtype=dtype).element_size()
-    pixel_bytes = sum(t.numel() * (s if t.is_floating_point() else 8) for t in inputs.tensors.values())
+    pixel_bytes = sum(
+        t.numel() * (s if t.is_floating_point() else 8) for t in inputs.tensors.values()
+    )
     return LMMShape(
         bytes=module_bytes(model),
         dtype_bytes=s,
@@ -426,3 +431,94 @@ def heads_shape(sam: SamConfig, heads: str | Path | None, lmm: LMMShape) -> Head
             parts.append(build_heads(config, model))
     sam_bytes = module_bytes(model)
     return HeadsShape(sam, sam_bytes, module_bytes(parts) - sam_bytes + selector_bytes, base)
+
+
+def model_shapes(
+    lmm: str,
+    sam: SamConfig,
+    heads: str | Path | None,
+    dtype: torch.dtype,
+    instruction: str = FLMM_INSTRUCTION,
+    image_size: tuple[int, int] = (1024, 1024),
+) -> tuple[LMMShape, HeadsShape]:
+    """``lmm_shape`` and ``heads_shape`` of one F-LMM (a localization-heads file: its K chosen
+    heads are all the LMM captures)."""
+    captured = None
+    if heads is not None and is_localization_file(heads):
+        captured = len(read_localization(heads)[0].heads)
+    shape = lmm_shape(lmm, dtype, image_size, instruction, captured)
+    return shape, heads_shape(sam, heads, shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: free memory, and the largest batch that fits
+# --------------------------------------------------------------------------------------------
+
+GIB = 1024**3
+MARGIN = 0.10  # of the free memory, kept back: allocator fragmentation, the estimate's error
+RESERVE = 1 * GIB  # per actor, kept back: its CUDA context and kernels' workspaces, or on CPU
+# the Python process itself (torch, transformers, Ray's worker)
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory one model actor may use: ``free`` bytes on its ``device`` (``"cuda"`` /
+    ``"cpu"``), as ``source`` says they were found; ``usable`` keeps ``MARGIN`` and ``RESERVE``
+    back."""
+
+    device: str
+    free: int
+    source: str
+
+    @property
+    def usable(self) -> int:
+        return max(0, int(self.free * (1 - MARGIN)) - RESERVE)
+
+
+def free_bytes(device: str, index: int = 0) -> int:
+    """Free memory now: CPU ``MemAvailable`` (``/proc/meminfo``); CUDA device ``index``'s free
+    bytes (``torch.cuda.mem_get_info``), read in a child process, so that the caller holds no
+    CUDA context on the device its actors will use."""
+    if device == "cpu":
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        raise OSError("/proc/meminfo has no MemAvailable")
+    code = f"import torch; print(torch.cuda.mem_get_info({index})[0])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise OSError(f"cannot read CUDA memory: {run.stderr.strip().splitlines()[-1:]}")
+    return int(run.stdout.split()[-1])
+
+
+def fits(lmm: LMMShape, heads: HeadsShape, work: Workload, batch: int, budget: Budget) -> bool:
+    """Whether the estimate of a batch of ``batch`` images is within the budget's usable bytes."""
+    return estimate(lmm, heads, work, batch).peak <= budget.usable
+
+
+def largest_batch(
+    lmm: LMMShape, heads: HeadsShape, work: Workload, budget: Budget, cap: int = MAX_BATCH
+) -> int:
+    """The largest batch size up to ``cap`` whose estimate fits the budget (the estimate grows
+    with the batch); 0 when not even one image fits."""
+    batch = 0
+    while batch < cap and fits(lmm, heads, work, batch + 1, budget):
+        batch += 1
+    return batch
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def describe(est: Estimate, budget: Budget | None = None) -> str:
+    """One line: the batch, its peak (weights + its largest stage) and the budget."""
+    stage = max(est.stages, key=est.stages.get)
+    line = (
+        f"batch {est.batch}: {gib(est.peak)} by the estimate (weights {gib(est.weights)} + "
+        f"{stage} {gib(est.activations)})"
+    )
+    if budget is not None:
+        line += f"; {gib(budget.usable)} usable of {gib(budget.free)} free ({budget.source})"
+    return line

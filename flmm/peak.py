@@ -5,18 +5,24 @@ outputs, counts each new storage's bytes while it lives (a weakref on the storag
 it is freed) and keeps the peak, overall and per stage. Storages that exist before the mode is
 entered (the weights, the inputs) are not counted: an op's output that shares an input's storage
 (a view, an in-place op) is not new. On CPU this is the only honest figure for tiny models (RSS
-moves by more than their whole forward); on CUDA ``device_peak`` also reads
+moves by more than their whole forward); on CUDA ``measure`` also reads
 ``torch.cuda.max_memory_allocated`` (which adds the allocator's rounding and kernels' workspaces,
-invisible to the mode).
+invisible to the mode). ``flmm.memory`` estimates what this measures; ``bench/memory.py``
+compares the two.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+T = TypeVar("T")
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -95,3 +101,32 @@ def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers (distinct storages: tied weights once)."""
     storages = {id(t.untyped_storage()): t for t in [*module.parameters(), *module.buffers()]}
     return sum(t.untyped_storage().nbytes() for t in storages.values())
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured run: ``tensors`` the peak of live tensor bytes the run created,
+    ``stages`` that peak per stage (``LiveTensorBytes.stages``), ``cuda`` the run's
+    ``torch.cuda.max_memory_allocated`` above what was allocated before it (None on CPU)."""
+
+    tensors: int
+    stages: dict[str, int]
+    cuda: int | None = None
+
+
+def measure(run: Callable[[LiveTensorBytes], T], device: torch.device) -> tuple[T, Measured]:
+    """``run(tracker)`` under ``torch.inference_mode`` and a ``LiveTensorBytes`` (``run`` may
+    ``mark`` its stages on it) → its result and what it held at its peaks. On CUDA the
+    allocator's peak is read too (reset first; the device synchronised)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode(), LiveTensorBytes() as tracker:
+        result = run(tracker)
+    peak = None
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    return result, Measured(tracker.peak, dict(tracker.stages), peak)
