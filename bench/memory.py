@@ -125,6 +125,8 @@ def run_case(spec: ModelSpec, model, mode: str, batch: int) -> dict:
     est = estimate(*shapes, work, batch)
     weights = module_bytes(model)
     stages = {STAGES[k]: v for k, v in measured.stages.items() if k in STAGES and v}
+    if work.phrases == 0:  # (a description with nothing picked: no heads ran)
+        stages.pop("heads", None)
     return {
         "mode": mode,
         "batch": batch,

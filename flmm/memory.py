@@ -238,12 +238,13 @@ def sam_encoder_bytes(sam: SamConfig, batch: int) -> int:
 
 
 def unet_bytes(lmm: LMMShape, heads: HeadsShape, phrases: int) -> int:
-    """The U-Net over ``phrases`` maps ``[V·L·H, h, w]`` float32, upsampled to H' × W' (long
-    side ``upsample_to``) and padded to A = Hp × Wp: the batch's maps ``[P, C_in, h, w]`` ×2
-    (concatenated, normalised), the padded input ``[P, C_in, A]`` held throughout, and the larger
-    of the unpadded upsampled maps (while padding) and the last decoder level's working set:
-    its skips ``[P, c·2^i, A / 4^i]`` (c·A·(2 - 2^(1-stages))), the deeper input ``c·A / 2``,
-    upsampled, normalised, concatenated ``c·A·(1 + 1 + 2)`` and a conv unit's ``c·A`` ×3."""
+    """The U-Net over ``phrases`` maps ``[V·L·H, h, w]`` float32 (C_in channels), upsampled to
+    H' × W' (long side ``upsample_to``) and padded to A = Hp × Wp: the batch's maps
+    ``[P, C_in, h, w]`` (concatenated, held throughout) and the largest of normalised +
+    upsampled maps (``[P, C_in, h, w]`` + ``[P, C_in, H', W']``, preparing), upsampled + padded
+    (padding), and the input ``[P, C_in, A]`` beside the last decoder level's working set: the
+    skips ``[P, c·2^i, A / 4^i]`` (c·A·(2 - 2^(1-stages))), the deeper input ``c·A / 2``,
+    upsampled, normalised and concatenated ``c·A·(1 + 1 + 2)``, a conv unit's ``c·A`` ×3."""
     if heads.unet_base is None:
         return 0
     c_in, (h, w) = lmm.views * lmm.captured, lmm.grid

@@ -75,6 +75,7 @@ def test_estimate_is_within_20_percent_of_the_measured_peak_for_every_family(tmp
         for stage, measured in r["stages"].items():
             assert abs(r["stages_estimate"][stage] / measured - 1) <= TOLERANCE, (stage, r)
     assert {r["mode"] for r in rows if "generate" in r["stages"]} == {"describe"}
+    assert all(r["phrases"] for r in rows)  # (the tiny ones describe something to ground)
 
 
 def lmm_like(layers: int, heads: int, views: int, grid: tuple[int, int]) -> LMMShape:
