@@ -7,7 +7,7 @@ descriptions have phrases to ground) run the model stage's own path
 tracker of live tensor bytes, stage by stage; ``flmm.memory.estimate`` is made from the configs
 for the workload that ran (phrases, their tokens, the text's tokens: counts read from the run).
 
-    python bench/memory.py [--families llava qwen3_vl] [--json out/memory.json]
+    python bench/memory.py [--families llava qwen3_vl] [--size mid] [--device cuda] [--json out.json]
 
 Modes: ``given`` (phrases given, one prefill), ``caption`` (a caption's spans picked by the
 selector and grounded in place), ``describe`` (an image-only sample: a description generated,
@@ -61,7 +61,7 @@ SIZES = {  # tiny: the tests' checkpoints; mid: the LMM's stages ~4× larger (4 
 }
 
 
-def tiny_spec(model_type: str, out: Path, size: str = "tiny") -> ModelSpec:
+def tiny_spec(model_type: str, out: Path, size: str = "tiny", device: str = "cpu") -> ModelSpec:
     """A ``size`` checkpoint of ``model_type``, tiny SAM and random heads whose selector tags
     every token (each token of a text its own span), written under ``out``."""
     lmm_dir = write_tiny_lmm(model_type, CORPUS, out / model_type, SIZES[size])
@@ -74,7 +74,7 @@ def tiny_spec(model_type: str, out: Path, size: str = "tiny") -> ModelSpec:
         heads.selector.classify.weight.zero_()
         heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
     path = save_heads(heads, out / f"{model_type}.safetensors")
-    return ModelSpec(str(lmm_dir), "tiny", heads=str(path), device="cpu")
+    return ModelSpec(str(lmm_dir), "tiny", heads=str(path), device=device)
 
 
 def rows_of(mode: str, batch: int) -> list[dict]:
@@ -156,6 +156,8 @@ def report(rows: list[dict]) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in ratios(r).items() if k != "peak")
+        if r["cuda_peak"] is not None:
+            stages += f"; cuda allocator peak {r['cuda_peak'] / mb:.1f} MB"
         print(
             f"| {r['family']} | {r['mode']} | {r['batch']} | {r['phrases']} | "
             f"{r['weights'] / mb:.1f} | {r['peak'] / mb:.1f} / {r['peak_estimate'] / mb:.1f} | "
@@ -167,13 +169,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--families", nargs="+", default=list(MODEL_TYPES), choices=MODEL_TYPES)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the LMMs' size")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (also reads the allocator's peak)")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
-            spec = tiny_spec(family, Path(tmp), args.size)
+            spec = tiny_spec(family, Path(tmp), args.size, args.device)
             model = spec.build()
             rows += [{"family": family, **run_case(spec, model, *case)} for case in CASES]
     report(rows)

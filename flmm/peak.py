@@ -116,14 +116,15 @@ class Measured:
 
 def measure(run: Callable[[LiveTensorBytes], T], device: torch.device) -> tuple[T, Measured]:
     """``run(tracker)`` under ``torch.inference_mode`` and a ``LiveTensorBytes`` (``run`` may
-    ``mark`` its stages on it) → its result and what it held at its peaks. On CUDA the
-    allocator's peak is read too (reset first; the device synchronised)."""
+    ``mark`` its stages on it) → its result and what it held at its peaks, counting the
+    storages on ``device``'s type only. On CUDA the allocator's peak is read too (reset first;
+    the device synchronised)."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(), LiveTensorBytes() as tracker:
+    with torch.inference_mode(), LiveTensorBytes(device.type) as tracker:
         result = run(tracker)
     peak = None
     if cuda:
