@@ -28,9 +28,10 @@ import torch
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.heads import save_heads
 from flmm.lmm import FrozenLMM
-from flmm.memory import Workload, estimate, model_shapes
+from flmm.memory import Workload, estimate
 from flmm.peak import measure, module_bytes
 from flmm.selector import KeywordSelector, SelectorConfig
+from flmm.shapes import model_shapes
 from flmm.tiny_lmms import MODEL_TYPES, TinyLMMConfig, write_tiny_lmm
 from pipeline.grounding import GroundingActor
 from pipeline.spec import ModelSpec

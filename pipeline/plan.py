@@ -31,8 +31,8 @@ from flmm.memory import (
     fits,
     free_bytes,
     largest_batch,
-    model_shapes,
 )
+from flmm.shapes import model_shapes
 from pipeline.spec import DTYPES, ModelSpec
 
 CAPTION_TOKENS = 64  # a caption's tokens, planned for (LAION / CC3M alt texts are shorter)

@@ -21,16 +21,14 @@ from flmm.memory import (
     MAX_BATCH,
     RESERVE,
     Budget,
-    HeadsShape,
-    LMMShape,
     Workload,
     estimate,
     free_bytes,
     heads_terms,
-    model_shapes,
     sam_encoder_bytes,
 )
 from flmm.peak import LiveTensorBytes
+from flmm.shapes import HeadsShape, LMMShape, model_shapes
 from flmm.tiny_lmms import MODEL_TYPES
 from jobs import annotate as job
 from pipeline.plan import checked_batch_size
