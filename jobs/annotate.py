@@ -25,6 +25,7 @@ from flmm.proposals import LIST_PROMPT, PROPOSE_PROMPT
 from pipeline.annotate import AnnotateConfig, Summary, run_annotation
 from pipeline.lock import OutputLocked
 from pipeline.modes import CAPTION_LAYOUTS, GROUND_ANSWERS, PHRASES
+from pipeline.plan import add_plan_args, resolve_batch_size
 from pipeline.runtime import ADDRESS_HELP, NUM_CPUS_HELP, connect
 from pipeline.spec import add_model_args, model_spec
 from toyworld.models import toy_model_spec
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--output", default="out/annotate", help="output folder or URI")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=4, help="samples per model call")
+    add_plan_args(p, default=4)
     p.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument(
@@ -149,7 +150,7 @@ def config_of(args: argparse.Namespace) -> AnnotateConfig:
         inputs=tuple(args.input or [str(toy_shards("sample"))]),
         output=args.output,
         model=spec,
-        batch_size=args.batch_size,
+        batch_size=resolve_batch_size(args, spec, args.actors, args.gpus_per_actor),
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,

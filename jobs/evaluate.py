@@ -48,6 +48,7 @@ from pipeline.evaluate import (
     metrics_json,
 )
 from pipeline.modes import GROUND_ANSWERS
+from pipeline.plan import add_plan_args, resolve_batch_size
 from pipeline.spec import ModelSpec, add_model_args, model_spec
 from toyworld.models import toy_model_spec
 from toyworld.shards import toy_shards
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--shards", action="append", help="[name=]dir or .tar (repeatable; default: toy)"
     )
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward")
+    add_plan_args(p, default=8)
     p.add_argument("--limit", type=int, help="at most this many samples read per eval set")
     p.add_argument("--protocol", default="all", choices=[*ALL_PROTOCOLS, "all"])
     p.add_argument("--output", type=Path, default=Path("out/evaluate/metrics.json"))
@@ -101,6 +102,11 @@ def spec_of(args: argparse.Namespace) -> ModelSpec:
     return spec
 
 
+def on_gpu(spec: ModelSpec) -> bool:
+    """Whether this process will run the model on a GPU (the memory plan's device)."""
+    return spec.resolved_device().type == "cuda"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,7 +117,7 @@ def main(argv=None) -> None:
             sets=tuple(eval_sets(specs)),
             model=model,
             protocols=None if args.protocol == "all" else (args.protocol,),
-            batch_size=args.batch_size,
+            batch_size=resolve_batch_size(args, model, 1, float(on_gpu(model))),
             limit=args.limit,
             output=args.output,
             ground_answer=args.ground_answer,
