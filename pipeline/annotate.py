@@ -315,16 +315,25 @@ def fitted(
 
 class ModelStage:
     """The model stage's actor: ``pipeline.grounding.GroundingActor``, imported and built in the
-    actor's process. The driver never imports the model code (torch's model libraries took 4 of
-    the driver's 5.7 s of imports, all before Ray could start: bench/NOTES.md)."""
+    actor's process, so that the driver never imports the model code (torch's model libraries
+    took 4 of the driver's 5.7 s of imports, all before Ray could start: bench/NOTES.md).
+
+    Every torch call of the actor, the model's build included, runs in one thread of its own:
+    Ray Data builds a UDF in the actor's main thread and calls it from another, and two threads
+    that each ran torch ops keep two OpenMP teams whose idle threads spin against each other (an
+    actor of 2 threads on 2 cores: 45 ms per image when build and calls share a thread, 75 ms
+    when they do not; bench/NOTES.md)."""
 
     def __init__(self, **kwargs):
+        from concurrent.futures import ThreadPoolExecutor
+
         from pipeline.grounding import GroundingActor
 
-        self.actor = GroundingActor(**kwargs)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.actor = self.thread.submit(GroundingActor, **kwargs).result()
 
     def __call__(self, batch):
-        return self.actor(batch)
+        return self.thread.submit(self.actor, batch).result()
 
 
 def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> ray.data.Dataset:
