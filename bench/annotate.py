@@ -25,8 +25,8 @@ it; that side is gone (git history has it).
 
 Reported: seconds and images/s per side (median and spread of ``--repeats``; the sides
 alternate so that load drifts hit all), the job's end-to-end ratio over each script, where the
-job's time went (its own clock from the output's lock to the last commit, against the process's
-wall: the rest is interpreter start, imports and Ray's start), the job's stage split (summed
+job's time went (its own clock from the output's lock to the last commit, Ray's start included,
+against the process's wall: the rest is interpreter start and imports), the job's stage split (summed
 over its done markers), and the masks' agreement of every side with the job (IoU per phrase).
 """
 
@@ -224,8 +224,9 @@ def print_report(res: dict) -> None:
         )
     own = res["job_own_s"]
     print(
-        f"job: its own clock {own:.1f} s of {job['seconds']:.1f} s wall (the rest: interpreter, "
-        f"imports, Ray's start); actor busy {res['job_model_s']:.1f} s"
+        f"job: its own clock (from its lock, Ray's start included) {own:.1f} s of "
+        f"{job['seconds']:.1f} s wall (the rest: interpreter start, imports); actor busy "
+        f"{res['job_model_s']:.1f} s"
     )
     print("| job stage (s, summed) | " + " | ".join(s.removesuffix("_s") for s in STAGES) + " |")
     print("|---|" + "---:|" * len(STAGES))

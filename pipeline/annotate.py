@@ -24,6 +24,7 @@ initialised by the caller (``jobs/annotate.py`` does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections import Counter
@@ -99,6 +100,10 @@ class AnnotateConfig:
     cot_margin: float = CropConfig.margin
     cot_view: str = CropConfig.view
     torch_threads: int = 0
+    # rows per block between decoding and the model (at least batch_size): each block costs a model
+    # task, a writer task and a manifest, and the actor cuts it into batches (blocks of 4 rows: the
+    # job at 0.53× a plain script, of 32: 0.66×, bench/NOTES.md)
+    block_rows: int = 32
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
     fail_first_write: tuple[str, ...] = ()
@@ -114,7 +119,7 @@ class AnnotateConfig:
         check_ground_answer(self.ground_answer)
         check_cot(self.cot, self.ground_answer)
         CropConfig(self.cot_margin, view=self.cot_view)  # (raises on a bad margin or view)
-        for name in ("batch_size", "actors"):
+        for name in ("batch_size", "actors", "block_rows"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be at least 1, not {getattr(self, name)}")
@@ -352,7 +357,7 @@ def _dataset(todo: list[str], uris: dict[str, str], config: AnnotateConfig) -> r
         num_cpus=READ_CPUS,
         fn_kwargs={"describe": config.describe, "question": config.question},
     )
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.repartition(target_num_rows_per_block=max(config.batch_size, config.block_rows))
     kwargs = {
         "spec": config.model,
         "threshold": config.threshold,
@@ -546,13 +551,15 @@ def _done_marker(name, buffer: _ShardBuffer, counts: dict, model_id: str, elapse
             "finished_after_s": elapsed,
         },
         "model": model_id,
-        "versions": versions(),
+        "versions": dict(versions()),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
+@functools.cache
 def versions() -> dict[str, str]:
-    """Versions of the project and the libraries that shape the output."""
+    """Versions of the project and the libraries that shape the output (looked up once: six
+    metadata lookups cost the driver 3.7 ms per done marker, bench/NOTES.md)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": sys.version.split()[0]}

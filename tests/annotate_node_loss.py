@@ -45,7 +45,9 @@ def main(shards: str, out: str, llava: str) -> None:
             cluster.remove_node(node, allow_graceful=False)
             removed.update(node=node_id, done_before=len(list(Path(out, "_done").glob("*"))))
 
-        config = AnnotateConfig((shards,), out, ModelSpec(llava, "tiny"), batch_size=1)
+        # one row per block: many model tasks, so that the node's loss lands mid-run
+        config = AnnotateConfig((shards,), out, ModelSpec(llava, "tiny"), batch_size=1,
+                                block_rows=1)  # fmt: skip
         summary = run_annotation(config, on_shard=remove_actor_node)
         result = {"done": summary.done, "failed": summary.failed, "removed": removed}
         print("RESULT " + json.dumps(result), flush=True)  # Ray may log to stdout after it

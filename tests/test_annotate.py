@@ -234,7 +234,9 @@ def grounding_actors() -> dict[str, dict]:
 
 def test_a_killed_actor_is_restarted_and_every_key_still_appears_once(ray_session, spec, tmp_path):
     paths = write_good_shards(tmp_path / "in", 4, 3)
-    config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1)
+    # one row per block: many model tasks, so that the kill lands mid-run
+    config = AnnotateConfig((str(tmp_path / "in"),), str(tmp_path / "out"), spec, batch_size=1,
+                            block_rows=1)  # fmt: skip
     killed: dict[str, int] = {}
 
     def kill_actor_once(name, done, summary):
