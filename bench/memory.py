@@ -30,7 +30,7 @@ from flmm.heads import save_heads
 from flmm.lmm import FrozenLMM
 from flmm.memory import Workload, estimate
 from flmm.peak import measure, module_bytes
-from flmm.selector import KeywordSelector, SelectorConfig
+from flmm.selector import SelectorConfig, tagging_every_token
 from flmm.shapes import model_shapes
 from flmm.tiny_lmms import MODEL_TYPES, TinyLMMConfig, write_tiny_lmm
 from pipeline.grounding import GroundingActor
@@ -70,10 +70,7 @@ def tiny_spec(model_type: str, out: Path, size: str = "tiny", device: str = "cpu
     sam = build_sam(sam_config("tiny"))
     lmm = FrozenLMM.from_pretrained(str(lmm_dir))
     heads = build_flmm(lmm, sam).heads
-    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
-    with torch.no_grad():
-        heads.selector.classify.weight.zero_()
-        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    heads.selector = tagging_every_token(SelectorConfig(lmm.num_layers, lmm.hidden_size))
     path = save_heads(heads, out / f"{model_type}.safetensors")
     return ModelSpec(str(lmm_dir), "tiny", heads=str(path), device=device)
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from flmm.build import build_flmm, build_sam, sam_config
 from flmm.heads import save_heads
 from flmm.lmm import FrozenLMM
-from flmm.selector import KeywordSelector, SelectorConfig
+from flmm.selector import SelectorConfig, tagging_every_token
 from pipeline.spec import ModelSpec
 
 
@@ -22,10 +22,7 @@ def every_token_selector_spec(lmm_dir: Path, out: Path) -> ModelSpec:
     save_file(sam.state_dict(), str(out / "sam.safetensors"))
     lmm = FrozenLMM.from_pretrained(str(lmm_dir))
     heads = build_flmm(lmm, sam).heads
-    heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
-    with torch.no_grad():
-        heads.selector.classify.weight.zero_()
-        heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    heads.selector = tagging_every_token(SelectorConfig(lmm.num_layers, lmm.hidden_size))
     heads = save_heads(heads, out / "heads.safetensors")
     return ModelSpec(str(lmm_dir), "tiny", str(out / "sam.safetensors"), str(heads))
 

@@ -24,6 +24,7 @@ from flmm.selector import (
     span_f1,
     split_selector,
     tag_loss,
+    tagging_every_token,
 )
 
 
@@ -148,10 +149,7 @@ def test_spans_of_punctuation_only_never_become_phrases(tiny_llava_dir):
     (and spaces) only are selected too, and no phrase comes of them."""
     lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
     model = build_flmm(lmm, build_sam(sam_config("tiny")))
-    model.heads.selector = KeywordSelector(SelectorConfig(lmm.num_layers, lmm.hidden_size))
-    with torch.no_grad():
-        model.heads.selector.classify.weight.zero_()
-        model.heads.selector.classify.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    model.heads.selector = tagging_every_token(SelectorConfig(lmm.num_layers, lmm.hidden_size))
     text = 'the red circle , "a star" ... and (the square) !'
     x = model.prepare_text(torch.zeros(32, 32, 3, dtype=torch.uint8), text)
     pieces = [text[s:e] for s, e in x.text_offsets]
