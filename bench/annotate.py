@@ -93,7 +93,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def run_job(shards: Path, out: Path, batch_size: int, actors: int, extra: list[str]) -> dict:
     """``jobs/annotate.py`` on ``shards``; wall seconds, its own clock, its stage split."""
-    from pipeline.writer import OutputDir
+    from pipeline.writer import DONE, OutputDir
 
     cmd = [sys.executable, "jobs/annotate.py", "--input", str(shards), "--output", str(out)]
     cmd += ["--batch-size", str(batch_size), "--actors", str(actors), "--preview-images", "0"]
@@ -101,7 +101,7 @@ def run_job(shards: Path, out: Path, batch_size: int, actors: int, extra: list[s
     line = stdout.strip().splitlines()[-1]  # "annotate: … | 12.3 images/s over 45.6 s | …"
     own = float(line.split(" over ")[1].split(" s")[0])
     output = OutputDir(str(out))
-    names = [n.removesuffix(".json") for n in output.names("_done", suffix=".json")]
+    names = [n.removesuffix(".json") for n in output.names(DONE, suffix=".json")]
     timings = [output.read_done(n)["timings"] for n in names]
     split = {s: sum(t.get(s, 0.0) for t in timings) for s in STAGES}
     return {"seconds": seconds, "own_s": own, "stages_s": split,

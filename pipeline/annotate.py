@@ -101,8 +101,8 @@ class AnnotateConfig:
     cot_view: str = CropConfig.view
     torch_threads: int = 0
     # rows per block between decoding and the model (at least batch_size): each block costs a model
-    # task, a writer task and a manifest, and the actor cuts it into batches (blocks of 4 rows: the
-    # job at 0.53× a plain script, of 32: 0.66×, bench/NOTES.md)
+    # task, a writer task and a manifest, and the actor cuts it into batches (400 images, blocks of
+    # 4 rows: the job at 0.53× a plain script; of 32: 0.63×, bench/NOTES.md)
     block_rows: int = 32
     # fault injection, for tests: the first write attempt of every part of these shards raises
     # OSError (the writers retry; the summary counts the retries)
